@@ -1,0 +1,7 @@
+"""The `fapm-merge` command."""
+import click
+
+
+@click.group()
+def main():
+    """fapm-merge: FAPM for mergekit."""

@@ -1,0 +1,208 @@
+"""mergekit merge methods backed by the FAPM core: thin glue, specs declared as data.
+
+Importing this module registers the methods with mergekit (idempotently), which is
+what the start-up hook does the moment ``mergekit.merge_methods`` is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Optional
+
+import torch
+from pydantic import BeforeValidator
+from typing_extensions import Annotated
+
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethod,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+
+from fapm_merge.core import (
+    DEFAULT_SPARSITY,
+    FapmInputError,
+    fapm_merge,
+    keep_count,
+)
+
+PAPER_URL = "https://arxiv.org/abs/2509.08255"
+
+DEFAULT_LORA_SPARSITY = 0.1
+"""The paper's advice for LoRA task vectors (already low rank): prune only ~10%."""
+
+
+def _number(name: str, low: Optional[float] = None, high: Optional[float] = None):
+    """A pydantic pre-validator whose message names the parameter and its range.
+
+    mergekit validates every parameter value while planning, before any tensor is
+    read, so a bad recipe fails in the first second with this message.
+    """
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"fapm parameter {name!r} must be a number, got {value!r}"
+                ) from None
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"fapm parameter {name!r} must be finite, got {value!r}")
+        if low is not None and value < low or high is not None and value > high:
+            bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(
+                f"fapm parameter {name!r} must be {bounds}, got {value!r}"
+                + (" (density = 1 - sparsity)" if name in ("sparsity", "density") else "")
+            )
+        return value
+
+    return BeforeValidator(check)
+
+
+def _share(name: str):
+    return Annotated[Optional[float], _number(name, 0.0, 1.0)]
+
+
+FAPM_PARAMETERS = (
+    ParameterSpec(
+        "sparsity",
+        _share("sparsity"),
+        ParameterScope.NON_BASE,
+        default=None,
+        description=(
+            f"share of the task vector reset to the base (default {DEFAULT_SPARSITY}; "
+            f"{DEFAULT_LORA_SPARSITY} for `base+adapter` models)"
+        ),
+    ),
+    ParameterSpec(
+        "density",
+        _share("density"),
+        ParameterScope.NON_BASE,
+        default=None,
+        description="share kept, 1 - sparsity (ties/dare spelling); not with sparsity",
+    ),
+    ParameterSpec(
+        "weight",
+        Annotated[float, _number("weight")],
+        ParameterScope.NON_BASE,
+        default=1.0,
+        description="weight of this model's pruned task vector",
+    ),
+    ParameterSpec(
+        "beta",
+        Annotated[float, _number("beta", 0.0)],
+        ParameterScope.SHARED,
+        default=1.0,
+        description="balance factor of the score; 0 is magnitude pruning",
+    ),
+    ParameterSpec(
+        "lambda",
+        Annotated[float, _number("lambda")],
+        ParameterScope.SHARED,
+        default=1.0,
+        description="scale of the summed pruned task vectors",
+    ),
+    ParameterSpec(
+        "normalize",
+        bool,
+        ParameterScope.SHARED,
+        default=False,
+        description="divide the sum by the sum of weights",
+    ),
+    ParameterSpec(
+        "rescale",
+        bool,
+        ParameterScope.SHARED,
+        default=False,
+        description="rescale each kept delta to the L1 norm of its full delta",
+    ),
+)
+
+
+def default_sparsity_for(model_id: Any) -> float:
+    """0.9 for full fine-tunes; 0.1 for mergekit `base+adapter` (LoRA) references."""
+    return DEFAULT_LORA_SPARSITY if getattr(model_id, "lora", None) else DEFAULT_SPARSITY
+
+
+def keep_counts_for(group: TensorGroup, parameters: dict) -> list:
+    """Per fine-tuned model, the exact number of entries kept in this tensor."""
+    counts = []
+    numel = group.base.tensor.numel()
+    for entry in group.non_base:
+        sparsity = parameters["sparsity"][entry.id]
+        density = parameters["density"][entry.id]
+        if sparsity is None and density is None:
+            sparsity = default_sparsity_for(entry.id)
+        try:
+            counts.append(keep_count(numel, sparsity=sparsity, density=density))
+        except FapmInputError as error:
+            raise FapmInputError(
+                f"fapm: model {entry.id}, tensor {group.metadata.name!r}: {error}"
+            ) from None
+    return counts
+
+
+class FapmMerge(GroupMergeMethod):
+    """FAPM: reset the task-vector entries most likely to cause forgetting.
+
+    Per tensor and per fine-tuned model, ``S = |dW| - beta * mean(|W_pre|) * |dW| /
+    |W_pre|``; the top ``1 - sparsity`` share of ``S`` is kept and the rest goes back
+    to the pre-trained value (https://arxiv.org/abs/2509.08255).
+    """
+
+    spec = MergeMethodSpec(
+        name="fapm",
+        pretty_name="FAPM (Forgetting-Aware Pruning)",
+        reference_url=PAPER_URL,
+        parameters=FAPM_PARAMETERS,
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+    )
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        base = group.base.tensor
+        return fapm_merge(
+            base,
+            [entry.tensor for entry in group.non_base],
+            keep_counts=keep_counts_for(group, parameters),
+            weights=[parameters["weight"][entry.id] for entry in group.non_base],
+            beta=parameters["beta"],
+            lambda_=parameters["lambda"],
+            normalize=parameters["normalize"],
+            rescale=parameters["rescale"],
+            name=group.metadata.name,
+        ).to(base.dtype)
+
+
+fapm_method = FapmMerge()
+
+METHODS: tuple = (fapm_method,)
+_lock = threading.Lock()
+
+
+def register_methods() -> None:
+    """Make every fapm-merge method known to mergekit by name; safe to call again."""
+    with _lock:
+        known = {method.spec.name for method in registry.registered_methods()}
+        for method in METHODS:
+            if method.spec.name not in known:
+                registry.register(method)
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method object for ``name`` (after registering ours)."""
+    register_methods()
+    return registry.get(name)
+
+
+register_methods()
