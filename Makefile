@@ -1,0 +1,27 @@
+# fapm-merge: `make demo` and `make test` each build their own virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines get the CPU build of torch (2.13.0 is the build these machines carry
+# locally; elsewhere override TORCH_SPEC, e.g. with a CPU index). Where an NVIDIA
+# GPU answers, the regular CUDA build is installed instead.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench bench-gpu experiment clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,plot]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/fapm-merge demo build/demo
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .hypothesis
