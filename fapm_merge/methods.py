@@ -31,6 +31,7 @@ from fapm_merge.core import (
     FapmInputError,
     fapm_merge,
     keep_count,
+    resolve_density,
 )
 
 PAPER_URL = "https://arxiv.org/abs/2509.08255"
@@ -127,6 +128,18 @@ FAPM_PARAMETERS = (
         default=False,
         description="rescale each kept delta to the L1 norm of its full delta",
     ),
+    # --- DARE-style rescale (issue 5): next to the L1 `rescale` on purpose -------
+    ParameterSpec(
+        "density_rescale",
+        bool,
+        ParameterScope.SHARED,
+        default=False,
+        description=(
+            "multiply each kept delta by 1/density, as DARE does after random "
+            "dropping (https://arxiv.org/abs/2311.03099); not with rescale"
+        ),
+    ),
+    # --- end DARE-style rescale ---------------------------------------------------
 )
 
 
@@ -153,6 +166,57 @@ def keep_counts_for(group: TensorGroup, parameters: dict) -> list:
     return counts
 
 
+# --- DARE-style rescale (issue 5) ---------------------------------------------------
+def delta_scales_for(group: TensorGroup, parameters: dict) -> list:
+    """Per fine-tuned model, the factor ``density_rescale`` puts on its kept delta.
+
+    ``1 / density`` with ``density_rescale: true`` (DARE's unbiased-expectation
+    correction, https://arxiv.org/abs/2311.03099, applied to FAPM's deterministic
+    mask), else 1.0. A model with density 0 keeps nothing, so its factor is 1.0.
+    Raises FapmInputError when both ``rescale`` (L1) and ``density_rescale`` are on:
+    each one alone fixes the scale of the kept delta, so the pair is ambiguous.
+    """
+    if not parameters.get("density_rescale"):
+        return [1.0] * len(group.non_base)
+    if parameters.get("rescale"):
+        raise FapmInputError(
+            f"tensor {group.metadata.name!r}: choose one of rescale (L1 norm of the "
+            "full delta) and density_rescale (1/density, DARE-style), not both"
+        )
+    factors = []
+    for entry in group.non_base:
+        sparsity = parameters["sparsity"][entry.id]
+        density = parameters["density"][entry.id]
+        if sparsity is None and density is None:
+            sparsity = default_sparsity_for(entry.id)
+        share = resolve_density(sparsity=sparsity, density=density)
+        factors.append(float(1 / share) if share > 0 else 1.0)
+    return factors
+
+
+def _fold_delta_scales(group: TensorGroup, parameters: dict) -> dict:
+    """fapm_merge arguments with the density_rescale factors folded into the weights.
+
+    The factors scale the deltas, not the normalisation, so ``normalize`` still
+    divides by ``sum(weight_i)`` (as mergekit's dare_ties does); folding keeps the
+    core unchanged.
+    """
+    weights = [parameters["weight"][entry.id] for entry in group.non_base]
+    scales = delta_scales_for(group, parameters)
+    if all(scale == 1.0 for scale in scales):
+        return dict(weights=weights, lambda_=parameters["lambda"],
+                    normalize=parameters["normalize"])
+    divisor = sum(weights) if parameters["normalize"] else 1.0
+    if abs(divisor) < 1e-8:  # the core's (and mergekit's) guard
+        divisor = 1.0
+    return dict(
+        weights=[w * s for w, s in zip(weights, scales)],
+        lambda_=parameters["lambda"] / divisor,
+        normalize=False,
+    )
+# --- end DARE-style rescale ---------------------------------------------------------
+
+
 class FapmMerge(GroupMergeMethod):
     """FAPM: reset the task-vector entries most likely to cause forgetting.
 
@@ -175,11 +239,9 @@ class FapmMerge(GroupMergeMethod):
             base,
             [entry.tensor for entry in group.non_base],
             keep_counts=keep_counts_for(group, parameters),
-            weights=[parameters["weight"][entry.id] for entry in group.non_base],
             beta=parameters["beta"],
-            lambda_=parameters["lambda"],
-            normalize=parameters["normalize"],
             rescale=parameters["rescale"],
+            **_fold_delta_scales(group, parameters),
             name=group.metadata.name,
         ).to(base.dtype)
 
@@ -192,9 +254,15 @@ _lock = threading.Lock()
 
 def register_methods() -> None:
     """Make every fapm-merge method known to mergekit by name; safe to call again."""
+    # fapm_ties imports this module, so it is imported here, late, and outside the
+    # lock (its own import calls this function); while it is the module being
+    # imported (partially initialised) it registers itself at its end.
+    from fapm_merge import fapm_ties
+
+    extra = getattr(fapm_ties, "fapm_ties_method", None)
     with _lock:
         known = {method.spec.name for method in registry.registered_methods()}
-        for method in METHODS:
+        for method in METHODS + ((extra,) if extra is not None else ()):
             if method.spec.name not in known:
                 registry.register(method)
 
