@@ -260,9 +260,15 @@ def register_methods() -> None:
     from fapm_merge import fapm_ties
 
     extra = getattr(fapm_ties, "fapm_ties_method", None)
+    # -- issue 4: fapm_lora (native LoRA adapter path), same late-import pattern --
+    from fapm_merge import lora_method
+
+    lora = getattr(lora_method, "fapm_lora_method", None)
+    # -- end issue 4 --
     with _lock:
         known = {method.spec.name for method in registry.registered_methods()}
-        for method in METHODS + ((extra,) if extra is not None else ()):
+        late = tuple(m for m in (extra, lora) if m is not None)
+        for method in METHODS + late:
             if method.spec.name not in known:
                 registry.register(method)
 
