@@ -80,3 +80,49 @@ def demo(out_dir: Path, sparsity: float, overwrite: bool):
         f"total {time.perf_counter() - started:.1f} s"
     )
     console.print(f"model card: {merged / 'README.md'}")
+
+
+# --- issue 6: choosing the sparsity (analyze, sweep, eval, tradeoff); logic in the library ---
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--sparsity", "sparsity", default=None, help="Comma-separated shares reset to the base, e.g. 0.5,0.7,0.9,0.95.")
+@click.option("--density", "density", default=None, help="Comma-separated kept shares instead (density = 1 - sparsity).")
+@click.option("--baselines", default="", help="Comma-separated: magnitude (FAPM beta 0), dare (dare_linear), wiseft (task_arithmetic, W_pre + alpha*dW).")
+@click.option("--alpha", "alphas", default=None, help="WiSE-FT strengths (default: the densities of the sweep).")
+@click.option("--seed", default=0, show_default=True, help="DARE seed (same stream as mergekit-yaml --random-seed SEED).")
+@click.option("--device", default="cpu", show_default=True, help="Math device, e.g. cuda.")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the base model's tokenizer into every output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
+def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, copy_tokenizer, overwrite):
+    """Write one merged model per value into OUT_DIR, reading every input tensor once.
+
+    RECIPE is a mergekit recipe with merge_method: fapm and a base_model. Each
+    output folder OUT_DIR/<method>-s<value> equals `mergekit-yaml` run on the
+    mergekit_config.yml written inside it, bit for bit; OUT_DIR/sweep.json lists
+    the outputs. OUT_DIR appears only when every output is complete.
+    """
+    from rich.console import Console
+
+    from fapm_merge.sweep import SweepError, build_variants, load_recipe, parse_values, run_sweep
+
+    console = Console(stderr=True)
+    try:
+        variants = build_variants(
+            load_recipe(recipe),
+            sparsities=parse_values(sparsity, "--sparsity") if sparsity else None,
+            densities=parse_values(density, "--density") if density else None,
+            baselines=[b.strip() for b in baselines.split(",") if b.strip()],
+            alphas=parse_values(alphas, "--alpha") if alphas else None,
+            seed=seed,
+        )
+        result = run_sweep(variants, out_dir, overwrite=overwrite, device=device, copy_tokenizer=copy_tokenizer)
+    except (SweepError, FileExistsError) as error:
+        raise click.ClickException(str(error)) from None
+    console.print(
+        f"{len(variants)} models, {result.tensors} tensors each, in {result.seconds:.1f} s: "
+        + ", ".join(v.name for v in variants)
+    )
+    console.print(f"manifest: {result.out_dir / 'sweep.json'}")
