@@ -126,3 +126,81 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
         + ", ".join(v.name for v in variants)
     )
     console.print(f"manifest: {result.out_dir / 'sweep.json'}")
+
+
+@main.command(name="eval")
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text file: mean token loss and perplexity (general ability).")
+@click.option("--task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL of {prompt, answer} (greedy exact match) or {prompt, choices, answer} (log-likelihood).")
+@click.option("--out", "results", type=click.Path(dir_okay=False, path_type=Path), default=Path("results.jsonl"), show_default=True, help="Results file; one JSON line is appended per model.")
+@click.option("--tokenizer", default=None, help="Tokenizer folder (default: each model's own), or 'bytes' for tokenizer-less toy models.")
+@click.option("--window", default=256, show_default=True, help="Tokens per perplexity window (non-overlapping).")
+@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of --text.")
+@click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend the tokenizer's BOS token to each window and prompt.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", default="float32", show_default=True, help="Model dtype for evaluation.")
+@click.option("--lm-eval", "lm_eval_tasks", default=None, help="Comma-separated lm-evaluation-harness tasks (needs the 'eval' extra).")
+@click.option("--lm-eval-limit", type=int, default=None, help="Examples per lm-eval task (for quick runs).")
+def eval_command(models, text, task, results, tokenizer, window, batch_size, max_tokens, bos, device, dtype, lm_eval_tasks, lm_eval_limit):
+    """Evaluate MODEL folders; append one JSON line per model to --out.
+
+    A MODEL that is a sweep folder (it holds sweep.json) stands for all its
+    outputs. Each line carries the model's mergekit_config.yml when present, so
+    `fapm-merge tradeoff` knows the method and strength of every point.
+    """
+    from rich.console import Console
+
+    from fapm_merge.evaluate import EvalInputError, EvalSettings, append_result, evaluate_model, expand_models
+
+    console = Console(stderr=True)
+    settings = EvalSettings(
+        text=text, task=task, tokenizer=tokenizer, window=window, batch_size=batch_size,
+        max_tokens=max_tokens, use_bos=bos, device=device, dtype=dtype,
+        lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit,
+    )
+    folders = expand_models(models)
+    for number, folder in enumerate(folders, 1):
+        try:
+            with console.status(f"[{number}/{len(folders)}] evaluating {folder}"):
+                record = evaluate_model(folder, settings)
+        except EvalInputError as error:
+            raise click.ClickException(f"{folder}: {error}") from None
+        append_result(results, record)
+        metrics = record["metrics"]
+        parts = []
+        if "text" in metrics:
+            parts.append(f"loss {metrics['text']['loss']:.4f} (ppl {metrics['text']['perplexity']:.2f})")
+        if "task" in metrics:
+            parts.append(f"task accuracy {metrics['task']['accuracy']:.2%} of {metrics['task']['examples']}")
+        if "lm_eval" in metrics:
+            parts.append(f"lm-eval: {', '.join(metrics['lm_eval'])}")
+        console.print(f"[{number}/{len(folders)}] {folder.name}: " + "; ".join(parts) + f" ({record['seconds']:.1f} s)")
+    console.print(f"appended {len(folders)} line(s) to {results}")
+
+
+# --- verify (issue 8) ----------------------------------------------------------------
+@main.command()
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The YAML recipe OUT_DIR was made from: also check presence and FAPM invariants.")
+def verify(out_dir: Path, recipe):
+    """Check a merged model folder before using it.
+
+    Every shard opens, the index matches the shards, every tensor is finite; with
+    --recipe, every base tensor is present with its shape, recipe keys mergekit
+    ignores are flagged, and one-model fapm outputs are recomputed bit for bit.
+    Exit status 1 when anything is wrong. Also useful on an input folder, to find
+    a truncated download.
+    """
+    from fapm_merge.verify import format_report, load_recipe, verify_output
+
+    try:
+        parsed = load_recipe(recipe) if recipe else None
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    report = verify_output(out_dir, parsed)
+    click.echo(format_report(report))
+    if not report.ok:
+        raise SystemExit(1)
+# --- end verify ----------------------------------------------------------------------
