@@ -381,18 +381,21 @@ class BoundAdapter:
         if update is None and start_key is None:
             return None
         # Loading a state dict copies saved tensors into the model's dtype.
+        device = pre.device  # with --cuda the base arrives on the GPU
         result = (
-            self.adapter.tensor(start_key).to(pre.dtype) if start_key else pre.clone()
+            self.adapter.tensor(start_key).to(device=device, dtype=pre.dtype)
+            if start_key
+            else pre.clone()
         )
         for f in (update.factors if update else ()):
-            result += self._delta(f)  # peft: base_layer.weight.data += delta_weight
+            result += self._delta(f, device)  # peft: base_layer.weight.data += delta_weight
         for f in (update.bias_of if update else ()):
-            result += _adapter_dtype(self.adapter.tensor(f.bias_key)) * f.scale
+            result += _adapter_dtype(self.adapter.tensor(f.bias_key).to(device)) * f.scale
         return result
 
-    def _delta(self, f: LoraFactors) -> torch.Tensor:
-        a = _adapter_dtype(self.adapter.tensor(f.a_key))
-        b = _adapter_dtype(self.adapter.tensor(f.b_key))
+    def _delta(self, f: LoraFactors, device: torch.device) -> torch.Tensor:
+        a = _adapter_dtype(self.adapter.tensor(f.a_key).to(device))
+        b = _adapter_dtype(self.adapter.tensor(f.b_key).to(device))
         product = b @ a
         return (product.T if f.transpose else product) * f.scale
 
