@@ -1,0 +1,443 @@
+"""Offline evaluation of merged models: general ability (text loss) and task accuracy.
+
+Definitions (docs/choosing-sparsity.md repeats them):
+
+* **Mean token loss / perplexity** on a text file. The whole file is tokenized once
+  (no special tokens), optionally cut to ``max_tokens``, and split into consecutive
+  non-overlapping windows of ``window`` tokens (the last may be shorter). With a
+  BOS token (default when the tokenizer has one) each window is fed as
+  ``[BOS] + window`` and every token of the file is predicted exactly once;
+  without one, the first token of each window is context only. The loss is the
+  token-weighted mean negative log-likelihood (natural log) over all predicted
+  tokens; perplexity is ``exp(loss)``.
+* **Task accuracy** on a JSONL file, one object per line:
+  ``{"prompt": ..., "answer": "..."}`` is scored by exact match: greedy decoding
+  of as many tokens as the answer has, decoded, compared with the answer after
+  stripping surrounding whitespace. ``{"prompt": ..., "choices": [...],
+  "answer": index-or-choice-text}`` is scored by log-likelihood: the choice with
+  the highest summed log-probability of its tokens after the prompt (the first
+  on ties) must be the answer. Prompt and continuation are tokenized separately
+  and concatenated (BOS before the prompt as above).
+
+Everything runs under ``torch.inference_mode`` in batches; CPU by default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+DEFAULT_WINDOW = 256
+DEFAULT_BATCH_SIZE = 8
+
+
+class EvalInputError(ValueError):
+    """A model, tokenizer or data file that cannot be evaluated; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# tokenizers
+# ---------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255 (for tokenizer-less toy models, vocab >= 256)."""
+
+    bos_token_id: Optional[int] = None
+    name = "bytes"
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A transformers tokenizer, used without automatic special tokens."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(path)
+        except Exception as error:
+            raise EvalInputError(
+                f"no tokenizer could be loaded from {path} ({type(error).__name__}); "
+                "pass --tokenizer PATH (e.g. the base model) or --tokenizer bytes for toy models"
+            ) from None
+        self.bos_token_id = self._tok.bos_token_id
+        self.name = str(path)
+
+    def encode(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(spec: Optional[str], model_dir: Path):
+    """``"bytes"``, a tokenizer path, or None for the model folder's own tokenizer."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    return HFTokenizer(str(spec or model_dir))
+
+
+def load_model(path: Path, *, device: str = "cpu", dtype: str = "float32"):
+    """A causal LM from a local folder, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise EvalInputError(f"{path} is not a model folder (no config.json)")
+    try:
+        torch_dtype = getattr(torch, dtype)
+    except AttributeError:
+        raise EvalInputError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16") from None
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------
+
+
+def _bos(tokenizer, use_bos: bool) -> List[int]:
+    return [tokenizer.bos_token_id] if use_bos and tokenizer.bos_token_id is not None else []
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def _sequence_logprobs(model, sequences: List[List[int]], starts: List[int]) -> List[List[float]]:
+    """Per sequence, log p(token_j | tokens_<j) for j >= starts[i] (right-padded batch)."""
+    device = _device_of(model)
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    attention = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for row, (seq, start) in enumerate(zip(sequences, starts)):
+        targets = torch.tensor(seq[start:], device=device)
+        positions = torch.arange(start - 1, len(seq) - 1, device=device)
+        out.append(logprobs[row, positions, targets].double().tolist())
+    return out
+
+
+def text_windows(ids: Sequence[int], window: int, bos: List[int]) -> List[List[int]]:
+    """The model inputs of the loss: consecutive windows, each ``bos + chunk``.
+
+    Windows with nothing to predict (a single token and no BOS) are dropped.
+    """
+    if window < 1:
+        raise EvalInputError(f"--window must be >= 1, got {window}")
+    chunks = [list(ids[i : i + window]) for i in range(0, len(ids), window)]
+    return [bos + c for c in chunks if len(bos) + len(c) >= 2]
+
+
+def mean_token_loss(
+    model,
+    tokenizer,
+    text: str,
+    *,
+    window: int = DEFAULT_WINDOW,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_tokens: Optional[int] = None,
+    use_bos: bool = True,
+) -> Dict[str, Any]:
+    """Token-weighted mean NLL and perplexity of ``text`` (see the module docstring).
+
+    Args:
+        model: a transformers causal LM.
+        tokenizer: ``ByteTokenizer`` or ``HFTokenizer``.
+        text (`str`): the evaluation text.
+        window (`int`, defaults to 256): tokens per window (without BOS).
+        batch_size (`int`, defaults to 8): windows per forward pass.
+        max_tokens (`int`, *optional*): use only the first ``max_tokens`` tokens.
+        use_bos (`bool`, defaults to True): prepend BOS to every window if the
+            tokenizer has one.
+    """
+    ids = tokenizer.encode(text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    bos = _bos(tokenizer, use_bos)
+    windows = text_windows(ids, window, bos)
+    if not windows:
+        raise EvalInputError("the text file has fewer than 2 tokens: nothing to predict")
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        for values in _sequence_logprobs(model, batch, [1] * len(batch)):
+            total -= math.fsum(values)
+            count += len(values)
+    loss = total / count
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "tokens": count,
+        "windows": len(windows),
+        "window": window,
+        "bos": bool(bos),
+    }
+
+
+def load_task(path: Path) -> List[dict]:
+    """Read and check a task JSONL file (see the module docstring for the format)."""
+    items = []
+    path = Path(path)
+    if not path.exists():
+        raise EvalInputError(f"task file {path} not found")
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EvalInputError(f"{path}:{number}: not JSON ({error})") from None
+        where = f"{path}:{number}"
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "answer" not in item:
+            raise EvalInputError(f"{where}: each line needs a string 'prompt' and an 'answer'")
+        if "choices" in item:
+            choices = item["choices"]
+            if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
+                raise EvalInputError(f"{where}: 'choices' must be a list of at least two strings")
+            answer = item["answer"]
+            if isinstance(answer, str):
+                if answer not in choices:
+                    raise EvalInputError(f"{where}: answer {answer!r} is not one of the choices")
+                answer = choices.index(answer)
+            if not (isinstance(answer, int) and 0 <= answer < len(choices)):
+                raise EvalInputError(f"{where}: answer must be a choice index or a choice's text")
+            items.append({"prompt": item["prompt"], "choices": choices, "answer": answer})
+        elif isinstance(item["answer"], str) and item["answer"].strip():
+            items.append({"prompt": item["prompt"], "answer": item["answer"]})
+        else:
+            raise EvalInputError(f"{where}: 'answer' must be a non-empty string (or add 'choices')")
+    if not items:
+        raise EvalInputError(f"task file {path} has no examples")
+    return items
+
+
+def _cache_argument(model, output) -> Dict[str, Any]:
+    """The KV cache of ``output`` as the keyword this transformers version takes
+    (``cache`` since transformers 5.2x, ``past_key_values`` before)."""
+    import inspect
+
+    if "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": output.cache}
+    return {"past_key_values": output.past_key_values}
+
+
+@torch.inference_mode()
+def greedy_continuation(model, prompt_ids: List[int], steps: int) -> List[int]:
+    """``steps`` tokens of greedy decoding after ``prompt_ids`` (KV cache, batch 1)."""
+    device = _device_of(model)
+    ids = torch.tensor([prompt_ids], device=device)
+    output = model(input_ids=ids, use_cache=True)
+    generated: List[int] = []
+    for step in range(steps):
+        token = int(output.logits[0, -1].float().argmax())
+        generated.append(token)
+        if step + 1 < steps:
+            output = model(
+                input_ids=torch.tensor([[token]], device=device),
+                use_cache=True,
+                **_cache_argument(model, output),
+            )
+    return generated
+
+
+def task_accuracy(model, tokenizer, items: List[dict], *, use_bos: bool = True) -> Dict[str, Any]:
+    """Accuracy on the examples of :func:`load_task` (exact match or log-likelihood)."""
+    bos = _bos(tokenizer, use_bos)
+    correct = {"generate": 0, "choices": 0}
+    seen = {"generate": 0, "choices": 0}
+    for item in items:
+        prompt = bos + tokenizer.encode(item["prompt"])
+        if not prompt:
+            raise EvalInputError("an empty prompt without BOS cannot be scored; add BOS or text")
+        if "choices" in item:
+            sequences = [prompt + tokenizer.encode(choice) for choice in item["choices"]]
+            scores = [math.fsum(v) for v in _sequence_logprobs(model, sequences, [len(prompt)] * len(sequences))]
+            best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+            kind, ok = "choices", best == item["answer"]
+        else:
+            answer_ids = tokenizer.encode(item["answer"])
+            generated = greedy_continuation(model, prompt, len(answer_ids))
+            kind, ok = "generate", tokenizer.decode(generated).strip() == item["answer"].strip()
+        seen[kind] += 1
+        correct[kind] += int(ok)
+    total = sum(seen.values())
+    return {
+        "accuracy": sum(correct.values()) / total,
+        "examples": total,
+        "correct": sum(correct.values()),
+        "by_kind": {k: {"examples": seen[k], "correct": correct[k]} for k in seen if seen[k]},
+    }
+
+
+def run_lm_eval(model_path: Path, tasks: str, *, device: str, dtype: str, batch_size: int, limit: Optional[int]) -> dict:
+    """lm-evaluation-harness tasks on a local model (optional extra ``eval``)."""
+    try:
+        import lm_eval
+    except ImportError:
+        raise EvalInputError(
+            "--lm-eval needs lm-evaluation-harness: pip install 'fapm-merge[eval]' "
+            "(its tasks usually download datasets; run them where the hub is reachable "
+            "or with a local HF_DATASETS cache)"
+        ) from None
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={model_path},dtype={dtype}",
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        device=device,
+        batch_size=batch_size,
+        limit=limit,
+    )
+    return json.loads(json.dumps(results.get("results", {}), default=str))
+
+
+# ---------------------------------------------------------------------------
+# one model, one JSON line
+# ---------------------------------------------------------------------------
+
+
+def read_recipe(model_dir: Path) -> Optional[dict]:
+    """The model folder's mergekit_config.yml as a dict, or None (base, fine-tune)."""
+    import yaml
+
+    path = Path(model_dir) / "mergekit_config.yml"
+    if not path.exists():
+        return None
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+@dataclass
+class EvalSettings:
+    """What to measure. Attributes mirror the ``fapm-merge eval`` options."""
+
+    text: Optional[Path] = None
+    task: Optional[Path] = None
+    tokenizer: Optional[str] = None
+    window: int = DEFAULT_WINDOW
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_tokens: Optional[int] = None
+    use_bos: bool = True
+    device: str = "cpu"
+    dtype: str = "float32"
+    lm_eval_tasks: Optional[str] = None
+    lm_eval_limit: Optional[int] = None
+
+
+def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
+    """Evaluate one model folder; the result is one JSON-serialisable record."""
+    model_dir = Path(model_dir).absolute()
+    if settings.text is None and settings.task is None and not settings.lm_eval_tasks:
+        raise EvalInputError("nothing to measure: give --text, --task and/or --lm-eval")
+    started = time.perf_counter()
+    record: Dict[str, Any] = {
+        "model": str(model_dir),
+        "name": model_dir.name,
+        "recipe": read_recipe(model_dir),
+        "metrics": {},
+    }
+    if settings.text is not None or settings.task is not None:
+        model = load_model(model_dir, device=settings.device, dtype=settings.dtype)
+        tokenizer = load_tokenizer(settings.tokenizer, model_dir)
+        vocab = model.get_input_embeddings().num_embeddings
+        if isinstance(tokenizer, ByteTokenizer) and vocab < 256:
+            raise EvalInputError(
+                f"--tokenizer bytes needs a vocabulary of at least 256 tokens; this model has {vocab}"
+            )
+        if settings.text is not None:
+            text = Path(settings.text).read_text(encoding="utf-8")
+            record["metrics"]["text"] = {
+                "file": str(Path(settings.text).absolute()),
+                **mean_token_loss(
+                    model,
+                    tokenizer,
+                    text,
+                    window=settings.window,
+                    batch_size=settings.batch_size,
+                    max_tokens=settings.max_tokens,
+                    use_bos=settings.use_bos,
+                ),
+            }
+        if settings.task is not None:
+            record["metrics"]["task"] = {
+                "file": str(Path(settings.task).absolute()),
+                **task_accuracy(model, tokenizer, load_task(settings.task), use_bos=settings.use_bos),
+            }
+        del model
+    if settings.lm_eval_tasks:
+        record["metrics"]["lm_eval"] = run_lm_eval(
+            model_dir,
+            settings.lm_eval_tasks,
+            device=settings.device,
+            dtype=settings.dtype,
+            batch_size=settings.batch_size,
+            limit=settings.lm_eval_limit,
+        )
+    record["settings"] = {
+        "tokenizer": settings.tokenizer or "model",
+        "window": settings.window,
+        "max_tokens": settings.max_tokens,
+        "bos": settings.use_bos,
+        "device": settings.device,
+        "dtype": settings.dtype,
+    }
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return record
+
+
+def expand_models(paths: Sequence[Path]) -> List[Path]:
+    """Model folders; a sweep folder (with sweep.json) stands for its outputs."""
+    from fapm_merge.sweep import SWEEP_MANIFEST
+
+    folders: List[Path] = []
+    for path in paths:
+        path = Path(path).absolute()
+        manifest = path / SWEEP_MANIFEST
+        if manifest.exists():
+            names = [v["name"] for v in json.loads(manifest.read_text())["variants"]]
+            folders.extend(path / name for name in names)
+        else:
+            folders.append(path)
+    return folders
+
+
+def append_result(path: Path, record: Dict[str, Any]) -> None:
+    """Append one JSON line (results files collect runs over time)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=False) + "\n")
+
+
+__all__ = [
+    "ByteTokenizer",
+    "EvalInputError",
+    "EvalSettings",
+    "append_result",
+    "evaluate_model",
+    "expand_models",
+    "greedy_continuation",
+    "load_task",
+    "mean_token_loss",
+    "task_accuracy",
+    "text_windows",
+]
