@@ -293,6 +293,29 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
         resolve_adapter_path("some-org/some-lora-adapter")
 
 
+def test_hub_id_is_resolved_with_huggingface_hub(case_runs, lora_root, monkeypatch):
+    """`adapter: org/name` goes through huggingface_hub.snapshot_download; offline it
+    is served from the hub cache, laid out here exactly as huggingface_hub writes it."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    run = case_runs("llama-embed-mts-patterns")
+    cache = lora_root / "hub-cache"
+    repo = cache / "models--some-org--medqa-lora"
+    shutil.copytree(run["adapter"], repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    out = load_state(run_merge_in_process(
+        {**native_recipe(run["base"], "some-org/medqa-lora"), "dtype": "float32"},
+        lora_root / "native-hub-id",
+    ))
+    assert set(out) == set(run["native"])
+    for name in out:
+        assert torch.equal(out[name], run["native"][name]), name
+
+
 def test_retrained_adapter_at_same_path_is_reread(llama_base, lora_root):
     """Regression guard: mergekit's lora cache is keyed by path strings only and goes
     stale when an adapter is retrained in place; the native reader must not."""
