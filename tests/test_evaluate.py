@@ -1,0 +1,215 @@
+"""fapm-merge eval: the metrics against values computed by hand from a tiny model's logits."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from fapm_merge.cli import main
+from fapm_merge.evaluate import (
+    ByteTokenizer,
+    EvalInputError,
+    greedy_continuation,
+    load_model,
+    load_task,
+    mean_token_loss,
+    task_accuracy,
+    text_windows,
+)
+from fapm_merge.toy_models import TINY_CONFIGS, save_pair
+
+TEXT = "abcdefghij klmnopqrstuvwxyz, the end. " * 2  # 76 bytes
+
+
+class Latin1Tokenizer(ByteTokenizer):
+    """Bytes that always round-trip (any model output decodes to the same ids)."""
+
+    def encode(self, text):
+        return list(text.encode("latin-1"))
+
+    def decode(self, ids):
+        return bytes(int(i) for i in ids).decode("latin-1")
+
+
+class BosTokenizer(ByteTokenizer):
+    bos_token_id = 0
+
+
+@pytest.fixture(scope="module")
+def pair256(tmp_path_factory):
+    """A tiny Llama pair with a 256-token vocabulary (byte tokens)."""
+    return save_pair(dict(TINY_CONFIGS["llama"], vocab_size=256), tmp_path_factory.mktemp("p256"))
+
+
+@pytest.fixture(scope="module")
+def model(pair256):
+    return load_model(pair256[0])
+
+
+def hand_nll(logits_row, target):
+    """-log softmax(logits)[target], written out with Python floats."""
+    values = [float(x) for x in logits_row]
+    top = max(values)
+    return math.log(sum(math.exp(v - top) for v in values)) + top - values[target]
+
+
+def hand_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].double()
+
+
+@pytest.mark.parametrize("tokenizer_class, window", [(ByteTokenizer, 25), (BosTokenizer, 25), (ByteTokenizer, 7)])
+def test_text_loss_equals_hand_computation(model, tokenizer_class, window):
+    tokenizer = tokenizer_class()
+    ids = tokenizer.encode(TEXT)
+    bos = [0] if tokenizer.bos_token_id is not None else []
+    total, count = 0.0, 0
+    for start in range(0, len(ids), window):
+        chunk = bos + ids[start : start + window]
+        if len(chunk) < 2:
+            continue  # 76 = 3*25 + 1: without BOS the last single byte predicts nothing
+        logits = hand_logits(model, chunk)
+        for position in range(1, len(chunk)):
+            total += hand_nll(logits[position - 1], chunk[position])
+            count += 1
+    result = mean_token_loss(model, tokenizer, TEXT, window=window, batch_size=3)
+    assert result["tokens"] == count
+    assert result["windows"] == math.ceil(len(ids) / window) - (not bos and len(ids) % window == 1)
+    assert result["loss"] == pytest.approx(total / count, rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-6)
+
+
+def test_windows_are_consecutive_and_cover_the_text():
+    assert text_windows(list(range(7)), 3, []) == [[0, 1, 2], [3, 4, 5]]  # [6] predicts nothing
+    assert text_windows(list(range(7)), 3, [9]) == [[9, 0, 1, 2], [9, 3, 4, 5], [9, 6]]
+    with pytest.raises(EvalInputError, match="--window"):
+        text_windows([1, 2], 0, [])
+
+
+def test_max_tokens_cuts_the_text(model):
+    tokenizer = ByteTokenizer()
+    cut = mean_token_loss(model, tokenizer, TEXT, window=10, max_tokens=20)
+    same = mean_token_loss(model, tokenizer, TEXT[:20], window=10)
+    assert cut == same and cut["tokens"] == 18
+
+
+def hand_greedy(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(hand_logits(model, ids)[-1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_greedy_exact_match(model):
+    tokenizer = Latin1Tokenizer()
+    examples = []
+    for prompt in ("hello", "the cat", "abc", "xyz", "0123", "ok, "):
+        generated = hand_greedy(model, tokenizer.encode(prompt), 3)
+        assert greedy_continuation(model, tokenizer.encode(prompt), 3) == generated
+        text = tokenizer.decode(generated)
+        if text == text.strip():  # answers are compared after strip()
+            examples.append((prompt, text))
+    assert len(examples) >= 2
+    (p1, right), (p2, other) = examples[:2]
+    wrong = "".join(chr(ord(c) ^ 1) for c in other)  # same length, differs everywhere
+    items = [{"prompt": p1, "answer": right}, {"prompt": p2, "answer": wrong}]
+    result = task_accuracy(model, tokenizer, items)
+    assert result["accuracy"] == 0.5 and result["correct"] == 1 and result["examples"] == 2
+    assert result["by_kind"] == {"generate": {"examples": 2, "correct": 1}}
+
+
+def hand_choice_scores(model, tokenizer, prompt, choices):
+    prompt_ids = tokenizer.encode(prompt)
+    scores = []
+    for choice in choices:
+        ids = prompt_ids + tokenizer.encode(choice)
+        logits = hand_logits(model, ids)
+        scores.append(-sum(hand_nll(logits[j - 1], ids[j]) for j in range(len(prompt_ids), len(ids))))
+    return scores
+
+
+def test_choices_log_likelihood(model):
+    tokenizer = ByteTokenizer()
+    choices = [" red", " green", " a much longer choice", " b"]
+    items = []
+    for prompt in ("colour:", "pick one:"):
+        scores = hand_choice_scores(model, tokenizer, prompt, choices)
+        best = max(range(4), key=scores.__getitem__)
+        worst = min(range(4), key=scores.__getitem__)
+        assert best != worst
+        items.append((prompt, best, worst))
+    data = [
+        {"prompt": items[0][0], "choices": choices, "answer": items[0][1]},  # right
+        {"prompt": items[1][0], "choices": choices, "answer": items[1][2]},  # wrong
+    ]
+    result = task_accuracy(model, tokenizer, data)
+    assert result["accuracy"] == 0.5 and result["by_kind"] == {"choices": {"examples": 2, "correct": 1}}
+
+
+def test_task_file_errors_name_the_line(tmp_path):
+    path = tmp_path / "task.jsonl"
+    cases = [
+        ('{"prompt": "a"}', "needs a string 'prompt' and an 'answer'"),
+        ('{"prompt": "a", "choices": ["x", "y"], "answer": "z"}', "not one of the choices"),
+        ('{"prompt": "a", "choices": ["x"], "answer": 0}', "at least two strings"),
+        ('{"prompt": "a", "answer": ""}', "non-empty string"),
+        ("not json", "not JSON"),
+    ]
+    for line, message in cases:
+        path.write_text('{"prompt": "p", "answer": "q"}\n' + line + "\n")
+        with pytest.raises(EvalInputError, match=message) as info:
+            load_task(path)
+        assert f"{path}:2" in str(info.value)
+    path.write_text('{"prompt": "p", "choices": ["x", "y"], "answer": "y"}\n')
+    assert load_task(path) == [{"prompt": "p", "choices": ["x", "y"], "answer": 1}]
+
+
+def test_cli_appends_one_line_per_model_with_recipe(pair256, tmp_path):
+    base, finetuned = pair256
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    for item in finetuned.iterdir():
+        (merged / item.name).write_bytes(item.read_bytes())
+    recipe = {"merge_method": "fapm", "base_model": str(base), "models": [{"model": str(finetuned)}]}
+    (merged / "mergekit_config.yml").write_text(yaml.safe_dump(recipe))
+    text, task = tmp_path / "text.txt", tmp_path / "task.jsonl"
+    text.write_text(TEXT)
+    task.write_text(json.dumps({"prompt": "x", "choices": [" a", " b"], "answer": 0}) + "\n")
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"earlier": true}\n')
+    args = ["eval", str(base), str(merged), "--text", str(text), "--task", str(task),
+            "--tokenizer", "bytes", "--window", "25", "--out", str(results)]
+    outcome = CliRunner().invoke(main, args)
+    assert outcome.exit_code == 0, outcome.output
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert lines[0] == {"earlier": True} and len(lines) == 3
+    assert lines[1]["model"] == str(base) and lines[1]["recipe"] is None
+    assert lines[2]["recipe"] == recipe
+    expected = mean_token_loss(load_model(merged), ByteTokenizer(), TEXT, window=25)
+    assert lines[2]["metrics"]["text"]["loss"] == pytest.approx(expected["loss"], rel=1e-9)
+    assert lines[2]["metrics"]["task"]["examples"] == 1
+
+
+def test_bytes_tokenizer_needs_256_tokens(llama_pair, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    outcome = CliRunner().invoke(main, ["eval", str(llama_pair[0]), "--text", str(text), "--tokenizer", "bytes", "--out", str(tmp_path / "r.jsonl")])
+    assert outcome.exit_code != 0 and "at least 256 tokens; this model has 64" in outcome.output
+
+
+def test_model_without_tokenizer_is_a_clear_error(pair256, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    outcome = CliRunner().invoke(main, ["eval", str(pair256[0]), "--text", str(text), "--out", str(tmp_path / "r.jsonl")])
+    assert outcome.exit_code != 0 and "--tokenizer bytes" in outcome.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
+def test_lm_eval_absent_is_a_clear_message(pair256, tmp_path):
+    outcome = CliRunner().invoke(main, ["eval", str(pair256[0]), "--lm-eval", "hellaswag", "--out", str(tmp_path / "r.jsonl")])
+    assert outcome.exit_code != 0
+    assert "pip install 'fapm-merge[eval]'" in outcome.output
