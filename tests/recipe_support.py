@@ -167,3 +167,18 @@ def run_stages_by_hand(
         run_merge_in_process(config, target, **options)
         written[name] = target
     return written
+
+
+def substitute_text(text: str, mapping: Dict[str, str]) -> str:
+    """Replace model names in a recipe's text, keeping its comments (longest first,
+    so no name is replaced inside a longer one)."""
+    for name in sorted(mapping, key=len, reverse=True):
+        text = text.replace(name, mapping[name])
+    return text
+
+
+def card_yaml(readme: Path) -> str:
+    """The YAML block a mergekit model card shows under 'Configuration'."""
+    text = Path(readme).read_text()
+    start = text.index("```yaml\n") + len("```yaml\n")
+    return text[start : text.index("\n```", start)]
