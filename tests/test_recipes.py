@@ -16,6 +16,7 @@ import yaml
 from conftest import load_state, run_merge_in_process
 from fapm_merge.toy_models import TINY_CONFIGS
 from recipe_support import (
+    RECIPES_DIR,
     build_family,
     family_mapping,
     load_documents,
@@ -144,9 +145,12 @@ def test_recipe_header_documents_it(path):
     for word in ("what it is for", "parameters" if "multi-" not in path.name else "stages",
                  "expected effect", "https://arxiv.org/abs/"):
         assert word in text, f"{path.name}: header lacks {word!r}"
-    assert "docs/recipes.md" in text or path.name in (
-        (path.parent.parent / "docs" / "recipes.md").read_text()
-    )
+
+
+def test_docs_index_links_every_recipe():
+    index = (RECIPES_DIR.parent / "docs" / "recipes.md").read_text()
+    for path in recipe_paths(include_lora=True):
+        assert f"(../recipes/{path.name})" in index, f"docs/recipes.md does not list {path.name}"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
