@@ -1,0 +1,354 @@
+"""Bad inputs and faults: what a user sees, and that nothing is lost or corrupted.
+
+Each test here is one row of the table in docs/reliability.md (issue 8). Real
+parts only: tiny real transformers checkpoints, mergekit's Python API for most
+rows, the unmodified ``mergekit-yaml`` in a subprocess for the rows about what
+the command line prints and leaves on disk.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from conftest import fapm_recipe, load_state, run_merge_in_process, run_mergekit_yaml
+from fapm_merge import core
+from fapm_merge.atomic import atomic_output_dir
+from fapm_merge.cli import main as cli
+from fapm_merge.verify import lint_recipe, verify_output
+from reference import reference_fapm
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fapm_merge"
+DOWN = "model.layers.1.mlp.down_proj.weight"
+
+
+def variant(source: Path, target: Path, edit=None, dtype=None) -> Path:
+    """A copy of a model folder with its state dict edited (real safetensors file)."""
+    shutil.copytree(source, target)
+    path = target / "model.safetensors"
+    state = load_file(path)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    if edit is not None:
+        edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+    return target
+
+
+def assert_no_nan_written(out_dir: Path) -> None:
+    """Whatever mergekit managed to write before failing holds no NaN/Inf."""
+    for shard in Path(out_dir).glob("*.safetensors"):
+        for name, tensor in load_file(shard).items():
+            assert torch.isfinite(tensor).all(), f"{name} in {shard} is not finite"
+
+
+# ------------------------------------------------------------- recipe parameters
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"sparsity": 1.5}, r"fapm parameter 'sparsity' must be \[0\.0, 1\.0\], got 1\.5"),
+        ({"density": -0.1}, r"fapm parameter 'density' must be \[0\.0, 1\.0\], got -0\.1"),
+        ({"sparsity": "lots"}, r"fapm parameter 'sparsity' must be a number, got 'lots'"),
+        ({"weight": float("nan")}, r"fapm parameter 'weight' must be finite"),
+        ({"sparsity": 0.5, "density": 0.5},
+         r"fapm: model .*finetuned, tensor '[^']+': give either sparsity \(0\.5\) or "
+         r"density \(0\.5\), not both"),
+    ],
+    ids=["sparsity>1", "density<0", "non-numeric", "nan-weight", "both"],
+)
+def test_bad_per_model_parameter_fails_before_writing(llama_pair, tmp_path, parameters, message):
+    base, ft = llama_pair
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match=message):
+        run_merge_in_process(fapm_recipe(base, ft, **parameters), out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_negative_beta_names_the_parameter(llama_pair, tmp_path):
+    base, ft = llama_pair
+    recipe = dict(fapm_recipe(base, ft), parameters={"beta": -1})
+    with pytest.raises(Exception, match=r"fapm parameter 'beta' must be >= 0\.0, got -1\.0"):
+        run_merge_in_process(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_base_model_fails_at_plan_time(llama_pair, tmp_path):
+    base, ft = llama_pair
+    recipe = {"merge_method": "fapm", "dtype": "float32",
+              "models": [{"model": str(ft)}, {"model": str(base)}]}
+    with pytest.raises(ValueError, match="Merge method requires a base input"):
+        run_merge_in_process(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_finetuned_model_fails_at_plan_time(llama_pair, tmp_path):
+    base, _ = llama_pair
+    recipe = {"merge_method": "fapm", "dtype": "float32", "base_model": str(base),
+              "models": [{"model": str(base)}]}
+    with pytest.raises(ValueError, match="requires at least 1 non-base inputs"):
+        run_merge_in_process(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_parameter_is_silently_dropped_by_mergekit_and_caught_by_lint(llama_pair, tmp_path):
+    # mergekit 0.1.5 quirk: unknown keys under `parameters:` are ignored, so a typo
+    # merges at the default sparsity. The merge "succeeds"; verify --recipe catches it.
+    base, ft = llama_pair
+    recipe = dict(fapm_recipe(base, ft), parameters={"spasity": 0.5})
+    out = run_merge_in_process(recipe, tmp_path / "out")
+    default = load_state(run_merge_in_process(fapm_recipe(base, ft), tmp_path / "default"))
+    assert all(torch.equal(t, default[n]) for n, t in load_state(out).items())
+    problems = lint_recipe(recipe)
+    assert [p.where for p in problems] == ["parameters.spasity"]
+    assert "unknown parameter for fapm (mergekit ignores it silently)" in problems[0].message
+
+
+def test_shared_parameter_written_per_model_is_caught_by_lint(llama_pair):
+    base, ft = llama_pair
+    problems = lint_recipe(fapm_recipe(base, ft, beta=0.5, sparsity=0.5, density=0.5))
+    text = [str(p) for p in problems]
+    assert any("models[0].parameters.beta" in t and "move it to the top-level" in t for t in text)
+    assert any("either sparsity or density" in t for t in text)
+
+
+def test_mergekit_yaml_prints_parameter_error_and_writes_nothing(llama_pair, tmp_path):
+    base, ft = llama_pair
+    out = tmp_path / "out"
+    result = run_mergekit_yaml(fapm_recipe(base, ft, sparsity=1.5), out, check=False)
+    assert result.returncode != 0
+    assert "fapm parameter 'sparsity' must be [0.0, 1.0], got 1.5 (density = 1 - sparsity)" in result.stderr
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------ inputs
+
+
+@pytest.mark.parametrize("side", ["finetuned", "base"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_names_the_tensor_and_writes_no_nan(llama_pair, tmp_path, side, value):
+    base, ft = llama_pair
+
+    def poison(state):
+        state[DOWN][3, 4] = value
+
+    broken = variant(ft if side == "finetuned" else base, tmp_path / "broken", poison)
+    recipe = fapm_recipe(broken, ft) if side == "base" else fapm_recipe(base, broken)
+    label = "fine-tuned weight" if side == "finetuned" else r"base \(pre-trained\) weight"
+    with pytest.raises(core.FapmInputError, match=f"{label} holds NaN or Inf in tensor '{DOWN}'"):
+        run_merge_in_process(recipe, tmp_path / "out")
+    assert_no_nan_written(tmp_path / "out")
+
+
+def test_resized_vocabulary_says_how_to_align_tokenizers(llama_pair, tmp_path):
+    base, ft = llama_pair
+
+    def grow(state):
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            state[name] = torch.cat([state[name], torch.zeros(8, state[name].shape[1])])
+
+    resized = variant(ft, tmp_path / "resized", grow)
+    with pytest.raises(ValueError, match=r"Tensor size mismatch for (lm_head|model\.embed_tokens)"
+                       r"\.weight: \[\(72, 32\), \(64, 32\)\]\. Align vocabulary axes with "
+                       r"tokenizer configuration"):
+        run_merge_in_process(fapm_recipe(base, resized), tmp_path / "out")
+
+
+def test_shape_mismatch_in_the_core_names_the_tensor():
+    with pytest.raises(core.FapmInputError, match=r"shape mismatch in tensor 'a\.b': base \(2, 3\) vs fine-tuned \(3, 2\)"):
+        core.fapm_merge(torch.zeros(2, 3), [torch.zeros(3, 2)], keep_counts=[1], name="a.b")
+
+
+def test_tensor_missing_on_one_side_names_tensor_and_model(llama_pair, tmp_path):
+    base, ft = llama_pair
+    missing = variant(ft, tmp_path / "missing", lambda s: s.pop(DOWN))
+    with pytest.raises(RuntimeError, match=f"Tensor {re.escape(DOWN)} required but not present "
+                       f"in model {re.escape(str(missing))}"):
+        run_merge_in_process(fapm_recipe(base, missing), tmp_path / "out")
+
+
+def test_truncated_safetensors_input_is_found_by_verify(llama_pair, tmp_path):
+    base, ft = llama_pair
+    truncated = shutil.copytree(ft, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    # mergekit's own message does not name the file ...
+    with pytest.raises(Exception, match="incomplete metadata, file not fully covered"):
+        run_merge_in_process(fapm_recipe(base, truncated), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # ... so troubleshooting.md says: run fapm-merge verify on each input folder.
+    result = CliRunner().invoke(cli, ["verify", str(truncated)])
+    assert result.exit_code == 1
+    assert "PROBLEM model.safetensors: cannot be opened" in result.output
+    assert "truncated or corrupt" in result.output
+
+
+def test_identical_base_and_finetuned_gives_the_base(llama_pair, tmp_path):
+    base, _ = llama_pair
+    twin = shutil.copytree(base, tmp_path / "twin")
+    out = load_state(run_merge_in_process(fapm_recipe(base, twin), tmp_path / "out"))
+    pre = load_state(base)
+    assert out.keys() == pre.keys()
+    assert all(torch.equal(out[name], pre[name]) for name in pre)
+
+
+def test_mixed_dtypes_bf16_base_fp32_finetune(llama_pair, tmp_path):
+    base, ft = llama_pair
+    base16 = variant(base, tmp_path / "base-bf16", dtype=torch.bfloat16)
+    recipe = dict(fapm_recipe(base16, ft))
+    recipe.pop("dtype")  # let mergekit promote: bf16 vs fp32 computes in fp32
+    out = load_state(run_merge_in_process(recipe, tmp_path / "out"))
+    pre, post = load_state(base16), load_state(ft)
+    # mergekit promotes each group to fp32 before the kernel, so fp32 is written;
+    # every bf16 base value is exact in fp32, so pruned entries are still W_pre.
+    assert {t.dtype for t in out.values()} == {torch.float32}
+    expected, _ = reference_fapm(pre[DOWN].float(), post[DOWN], sparsity=0.9)
+    assert torch.equal(out[DOWN], expected)
+    assert verify_output(tmp_path / "out", recipe).ok
+
+
+def test_tied_embeddings_merge_and_verify(model_pairs, tmp_path):
+    base, ft = model_pairs["qwen2"]  # tie_word_embeddings: no lm_head.weight stored
+    recipe = fapm_recipe(base, ft, sparsity=0.8)
+    out = load_state(run_merge_in_process(recipe, tmp_path / "out"))
+    assert "lm_head.weight" not in out and "model.embed_tokens.weight" in out
+    report = verify_output(tmp_path / "out", recipe)
+    assert report.ok, report.problems
+    assert report.invariants_checked == len(out)
+
+
+def test_integer_buffer_and_zero_size_tensors_pass_through():
+    ids = torch.arange(12, dtype=torch.int64).view(1, 12)
+    assert torch.equal(core.fapm_merge(ids, [ids.clone()], keep_counts=[1]), ids)
+    assert core.fapm_merge(ids, [ids.clone()], keep_counts=[1]).dtype == torch.int64
+    empty = torch.zeros(0, 4, dtype=torch.bfloat16)
+    out = core.fapm_merge(empty, [empty.clone()], keep_counts=[0])
+    assert out.shape == (0, 4) and out.dtype == torch.bfloat16
+
+
+# -------------------------------------------------------------- output integrity
+
+
+def test_plain_mergekit_yaml_leaves_a_partial_folder_that_verify_rejects(llama_pair, tmp_path):
+    # Documented behaviour of mergekit 0.1.5: shards are written as they fill, the
+    # index and config.json only at the end; a failure mid-run leaves the shards.
+    base, ft = llama_pair
+    broken = variant(ft, tmp_path / "nan", lambda s: s[DOWN].__setitem__((0, 0), float("nan")))
+    out = tmp_path / "out"
+    result = run_mergekit_yaml(fapm_recipe(base, broken), out, "--out-shard-size", "20K",
+                               check=False)
+    assert result.returncode == 1
+    assert f"holds NaN or Inf in tensor '{DOWN}'" in result.stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert left and all(name.endswith(".safetensors") for name in left)  # partial shards
+    assert_no_nan_written(out)
+    result = CliRunner().invoke(cli, ["verify", str(out)])
+    assert result.exit_code == 1
+    assert "config.json: missing: the merge did not finish" in result.output
+    assert "shards but no model.safetensors.index.json" in result.output
+
+
+def test_atomic_output_dir_leaves_nothing_on_failure_and_keeps_old_output(tmp_path):
+    target = tmp_path / "merged"
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(target) as work:
+            (work / "model-1.safetensors").write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(target, overwrite=True) as work:
+            (work / "config.json").write_text("new")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    assert (target / "config.json").read_text() == "{}"
+    with pytest.raises(FileExistsError, match="exists and is not empty; choose another path or pass --overwrite"):
+        with atomic_output_dir(target):
+            pass
+
+
+@pytest.fixture(scope="module")
+def good_output(llama_pair, tmp_path_factory):
+    base, ft = llama_pair
+    recipe = fapm_recipe(base, ft, sparsity=0.7)
+    out = run_merge_in_process(recipe, tmp_path_factory.mktemp("verify") / "out")
+    return recipe, out
+
+
+def test_verify_accepts_a_good_output_and_recomputes_every_tensor(good_output, tmp_path):
+    recipe, out = good_output
+    report = verify_output(out, recipe)
+    assert report.ok, report.problems
+    assert report.tensors == report.invariants_checked == len(load_state(out))
+    recipe_file = tmp_path / "recipe.yml"
+    recipe_file.write_text(json.dumps(recipe))  # JSON is YAML
+    result = CliRunner().invoke(cli, ["verify", str(out), "--recipe", str(recipe_file)])
+    assert result.exit_code == 0 and result.output.strip().endswith("OK")
+
+
+@pytest.mark.parametrize("fault", ["one_entry", "nan", "missing", "truncated", "wrong_sparsity"])
+def test_verify_rejects_a_damaged_output(good_output, tmp_path, fault):
+    recipe, out = good_output
+    damaged = shutil.copytree(out, tmp_path / "damaged")
+    weights = damaged / "model.safetensors"
+    state = load_file(weights)
+    if fault == "one_entry":
+        state[DOWN][1, 2] += 1e-3
+    elif fault == "nan":
+        state[DOWN][1, 2] = float("nan")
+    elif fault == "missing":
+        del state[DOWN]
+    if fault != "wrong_sparsity":
+        save_file(state, weights, metadata={"format": "pt"})
+    if fault == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    if fault == "wrong_sparsity":
+        recipe = fapm_recipe(Path(recipe["base_model"]), Path(recipe["models"][0]["model"]),
+                             sparsity=0.9)
+    report = verify_output(damaged, recipe)
+    text = "\n".join(map(str, report.problems))
+    expected = {
+        "one_entry": f"{DOWN}: 1 entries equal neither the base nor the fine-tuned value",
+        "nan": f"{DOWN}: 1 NaN/Inf entries: do not use this output",
+        "missing": f"{DOWN}: in the base model but missing from the output",
+        "truncated": "model.safetensors: cannot be opened",
+        "wrong_sparsity": "entries differ from the FAPM selection of k=",
+    }[fault]
+    assert not report.ok and expected in text, text
+
+
+# ------------------------------------------------------------------ supply chain
+
+
+def test_weights_are_read_through_safetensors_only():
+    # Every torch.load in the package must be the adapter reader's opt-in branch,
+    # with weights_only=True; nothing passes trust_remote_code=True on its own.
+    loads = []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"trust_remote_code\s*=\s*True", text), path
+        assert "pickle.load" not in text and "import pickle" not in text, path
+        loads += [(path.name, line) for line in text.splitlines() if "torch.load(" in line]
+    assert all("weights_only=True" in line for _, line in loads), loads
+    assert {name for name, _ in loads} <= {"lora.py"}
+
+
+def test_trust_remote_code_is_only_ever_forwarded_from_mergekit_options():
+    uses = [
+        (path.name, line.strip())
+        for path in PACKAGE.rglob("*.py")
+        for line in path.read_text().splitlines()
+        if "trust_remote_code" in line
+    ]
+    assert all(re.search(r"trust_remote_code\s*=\s*(options|self\.options|opts?)\.trust_remote_code"
+                         r"|trust_remote_code\s*=\s*trust_remote_code|trust_remote_code:\s*bool",
+                         line) for _, line in uses), uses
