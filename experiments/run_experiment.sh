@@ -15,28 +15,38 @@ R=$W/results
 mkdir -p "$R"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SEED=0
-SPARSITIES=0.5,0.7,0.8,0.9,0.95,0.99
-ALPHAS=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9
-LORA_SPARSITIES="0.0 0.1 0.3 0.5 0.7 0.9"
-# Evaluation sizes, chosen for the CPU budget (docs/experiments.md, "Caveats"):
-# 150 test prompts scored by exact match of the greedy answer token, and the
-# first 3 windows of 512 tokens of each general text.
-EVAL_TEXT=(--window 512 --max-tokens 1536 --batch-size 3 --no-bos)
-EVAL_TASK=(--task "$D/rt_test_eval.jsonl" --no-bos)
+# The grid of issue 7; each can be overridden from the environment for a quick look.
+SPARSITIES=${SPARSITIES:-0.5,0.7,0.8,0.9,0.95,0.99}
+ALPHAS=${ALPHAS:-0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9}
+DARE_SEEDS=${DARE_SEEDS:-0 1 2}
+LORA_SPARSITIES=${LORA_SPARSITIES:-0.0 0.1 0.3 0.5 0.7 0.9}
+# Evaluation sizes, chosen for a shared 2-core CPU (docs/experiments.md, "Caveats"):
+# the first TASK_N test prompts scored by exact match of the greedy answer token,
+# and the first TEXT_WINDOWS windows of 512 tokens of each general text.
+TASK_N=${TASK_N:-100}
+TEXT_WINDOWS=${TEXT_WINDOWS:-2}
+EVAL_TEXT=(--window 512 --max-tokens $((512 * TEXT_WINDOWS)) --batch-size 2 --no-bos)
 
 T0=$(date +%s)
 stamp() { echo "[$(date +%H:%M:%S)] +$(( $(date +%s) - T0 ))s $*"; }
 
-# evaluate MODEL... : task accuracy + Wikipedia loss in one record, Lee text in a second file
+# evaluate MODEL... : task accuracy + Wikipedia loss in main.jsonl, Lee text in lee.jsonl.
+# A model already in both files is skipped, so an interrupted run resumes per model.
 evaluate() {
-  "$FAPM" eval "$@" --text "$D/wiki.txt" "${EVAL_TASK[@]}" "${EVAL_TEXT[@]}" --out "$R/main.jsonl"
-  "$FAPM" eval "$@" --text "$D/lee.txt" "${EVAL_TEXT[@]}" --out "$R/lee.jsonl"
+  for m in "$@"; do
+    if grep -qF "\"model\": \"$m\"" "$R/main.jsonl" 2>/dev/null && grep -qF "\"model\": \"$m\"" "$R/lee.jsonl" 2>/dev/null; then
+      continue
+    fi
+    "$FAPM" eval "$m" --text "$D/wiki.txt" --task "$D/rt_test_scored.jsonl" --no-bos "${EVAL_TEXT[@]}" --out "$R/main.jsonl"
+    "$FAPM" eval "$m" --text "$D/lee.txt" "${EVAL_TEXT[@]}" --out "$R/lee.jsonl"
+  done
 }
 done_mark() { [ -f "$R/$1.done" ]; }
 mark() { echo "$(( $(date +%s) - T0 ))" > "$R/$1.done"; }
 
 stamp "stage 1: assets -> plain safetensors model and data files"
 "$PY" experiments/prepare_assets.py --work "$W" --seed $SEED
+head -n "$TASK_N" "$D/rt_test_eval.jsonl" > "$D/rt_test_scored.jsonl"
 
 stamp "stage 2: full fine-tune"
 "$PY" experiments/finetune.py --base "$W/base" --train "$D/rt_train.jsonl" --out "$W/ft_full" \
@@ -54,25 +64,17 @@ models:
 dtype: float32
 EOF
 
-stamp "stage 4: sweep FAPM, magnitude, DARE seed 0, WiSE-FT (one pass), evaluate, delete weights"
+stamp "stage 4: sweep FAPM, magnitude, DARE (seed 0), WiSE-FT in one pass; evaluate; delete weights"
+S0=$W/sweep0
 if ! done_mark sweep0; then
-  rm -rf "$W/sweep0"
-  "$FAPM" sweep "$W/fapm_full.yml" "$W/sweep0" --sparsity $SPARSITIES \
-    --baselines magnitude,dare,wiseft --alpha $ALPHAS --seed $SEED
-  evaluate "$W/sweep0"
-  rm -rf "$W/sweep0"; mark sweep0
+  [ -f "$S0/sweep.json" ] || { rm -rf "$S0"; "$FAPM" sweep "$W/fapm_full.yml" "$S0" --sparsity $SPARSITIES \
+    --baselines magnitude,dare,wiseft --alpha $ALPHAS --seed 0; }
+  # The head-to-head first (FAPM and magnitude at each sparsity), then WiSE-FT, then DARE.
+  for s in ${SPARSITIES//,/ }; do evaluate "$S0/fapm-s$s" "$S0/magnitude-s$s"; done
+  for a in ${ALPHAS//,/ }; do evaluate "$S0/wiseft-a$a"; done
+  for s in ${SPARSITIES//,/ }; do evaluate "$S0/dare-s$s"; done
+  rm -rf "$S0"; mark sweep0
 fi
-for s in 1 2; do
-  stamp "stage 4.$s: DARE seed $s"
-  if ! done_mark dare$s; then
-    rm -rf "$W/sweep$s"
-    # The sweep always writes the FAPM points too; only the DARE ones are new.
-    "$FAPM" sweep "$W/fapm_full.yml" "$W/sweep$s" --sparsity $SPARSITIES --baselines dare --seed $s
-    evaluate "$W"/sweep$s/dare-*
-    rm -rf "$W/sweep$s"; mark dare$s
-  fi
-done
-
 stamp "stage 5: LoRA fine-tune"
 "$PY" experiments/finetune.py --base "$W/base" --train "$D/rt_train.jsonl" --out "$W/ft_lora" \
   --mode lora --lr 1e-3 --steps 72 --warmup 6 --lora-r 16 --lora-alpha 32 --seed $SEED
@@ -96,7 +98,20 @@ EOF
   rm -rf "$W/$name"; mark "$name"
 done
 
-stamp "stage 7: report (table, plots)"
+stamp "stage 7: report (table, plot)"
+"$PY" experiments/report.py --work "$W" --docs docs
+
+for seed in $DARE_SEEDS; do
+  [ "$seed" = 0 ] && continue
+  stamp "stage 8.$seed: DARE seed $seed"
+  done_mark dare$seed && continue
+  S=$W/sweep$seed
+  # The sweep always writes the FAPM points too; only the DARE ones are new.
+  [ -f "$S/sweep.json" ] || { rm -rf "$S"; "$FAPM" sweep "$W/fapm_full.yml" "$S" --sparsity $SPARSITIES --baselines dare --seed $seed; }
+  for s in ${SPARSITIES//,/ }; do evaluate "$S/dare-s$s"; done
+  rm -rf "$S"; mark dare$seed
+done
+stamp "stage 9: final report"
 "$PY" experiments/report.py --work "$W" --docs docs
 stamp "done: total $(( $(date +%s) - T0 )) s"
 echo "$(( $(date +%s) - T0 ))" > "$R/total_seconds"
