@@ -36,9 +36,10 @@ score buffer (4 bytes per element; 8 for float64 inputs) plus the band.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,7 +50,15 @@ MEAN_BLOCK_ELEMENTS = 1 << 16
 """Fixed block size of the float64 accumulation of mean(|W_pre|)."""
 
 _SAMPLE_SIZE = 1 << 18
+"""Strided sample of the scores that brackets the k-th value (sorted: 1 MB)."""
+
 _DIRECT_KTHVALUE_MAX = 1 << 18
+"""Up to this many entries, ``kthvalue`` on the whole tensor is cheapest."""
+
+_BAND_MIN_LIMIT = 1 << 22
+"""Candidates gathered for the exact k-th value: at most max(this, numel // 64),
+i.e. <= 1/16 byte per element; a bigger band (heavy ties at the threshold, a
+layout that fools the sample) is narrowed by counting passes instead."""
 
 
 class FapmInputError(ValueError):
@@ -126,12 +135,27 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def mean_abs(tensor: torch.Tensor) -> float:
-    """``mean(|tensor|)`` accumulated in float64 over fixed blocks, as a Python float."""
+    """``mean(|tensor|)`` accumulated in float64 over fixed blocks, as a Python float.
+
+    Each block of ``MEAN_BLOCK_ELEMENTS`` is summed in float64 by one row reduction
+    and the block sums are added exactly (``math.fsum``), so the value never depends
+    on ``chunk_elements``. Scratch: the ``|x|`` of 16 blocks at a time.
+    """
     flat = _flat(tensor)
-    total = 0.0
-    for start, end in _chunk_bounds(flat.numel(), MEAN_BLOCK_ELEMENTS):
-        total += float(flat[start:end].abs().sum(dtype=torch.float64))
-    return total / max(flat.numel(), 1)
+    numel = flat.numel()
+    if numel == 0:
+        return 0.0
+    full = numel // MEAN_BLOCK_ELEMENTS
+    blocks = flat[: full * MEAN_BLOCK_ELEMENTS].view(full, MEAN_BLOCK_ELEMENTS)
+    # One row reduction per 16 blocks, not one Python round trip per block.
+    sums = [
+        blocks[start : start + 16].abs().sum(dim=1, dtype=torch.float64)
+        for start in range(0, full, 16)
+    ]
+    tail = flat[full * MEAN_BLOCK_ELEMENTS :]
+    if tail.numel():
+        sums.append(tail.abs().sum(dtype=torch.float64).view(1))
+    return math.fsum(torch.cat(sums).tolist()) / numel
 
 
 @dataclass(frozen=True)
@@ -149,6 +173,68 @@ class Scores:
     mean_abs_pre: float
     coefficient: float
     delta_l1: float
+
+
+class _Scorer:
+    """Computes scores chunk by chunk into caller-given views, reusing its scratch.
+
+    One instance per call (never shared between threads): the two float scratch
+    buffers are what keeps the score pass in cache instead of allocating full-size
+    temporaries.
+    """
+
+    def __init__(self, coefficient: float, dtype: torch.dtype, device, name):
+        self.coefficient, self.dtype, self.device, self.name = coefficient, dtype, device, name
+        self._pre = self._delta = torch.empty(0, dtype=dtype, device=device)
+
+    def __call__(self, pre_part: torch.Tensor, ft_part: torch.Tensor, out: torch.Tensor) -> float:
+        """Write the scores of one chunk into ``out``; return ``sum(|dW|)`` (float64)."""
+        n = out.numel()
+        if self._pre.numel() < n:
+            self._pre = torch.empty(n, dtype=self.dtype, device=self.device)
+            self._delta = torch.empty(n, dtype=self.dtype, device=self.device)
+        # copy_ converts into our own buffers: the caller's tensors are only read.
+        p, a = self._pre[:n], self._delta[:n]
+        p.copy_(pre_part)
+        a.copy_(ft_part)
+        a.sub_(p).abs_()
+        chunk_l1 = float(a.sum(dtype=torch.float64))
+        if not math.isfinite(chunk_l1):
+            raise FapmInputError(
+                f"the fine-tuned weight holds NaN or Inf{_label(self.name)} (or W_ft - W_pre "
+                "overflows); FAPM refuses to write a model from it: check the checkpoint"
+            )
+        if self.coefficient == 0.0:
+            out.copy_(a)
+            return chunk_l1
+        # Same operation order as the definition: |dW| - (c * |dW|) / |W_pre|.
+        torch.mul(a, self.coefficient, out=out)
+        out.div_(p.abs_())
+        torch.sub(a, out, out=out)
+        # Only 0/0 (dW == 0 where W_pre == 0) is NaN here; dW == 0 scores 0.
+        out.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+        return chunk_l1
+
+
+def _prepare(
+    pre: torch.Tensor, finetuned: torch.Tensor, beta: float, name: Optional[str]
+) -> Tuple[torch.dtype, float, float]:
+    """Validate a pair; return the compute dtype, ``m`` and ``c = beta * m``."""
+    if pre.shape != finetuned.shape:
+        raise FapmInputError(
+            f"shape mismatch{_label(name)}: base {tuple(pre.shape)} vs fine-tuned "
+            f"{tuple(finetuned.shape)}"
+        )
+    if not (math.isfinite(beta) and beta >= 0):
+        raise FapmInputError(f"beta must be a finite number >= 0, got {beta!r}")
+    cdtype = compute_dtype(torch.promote_types(pre.dtype, finetuned.dtype))
+    mean_pre = mean_abs(pre)
+    if not math.isfinite(mean_pre):
+        raise FapmInputError(
+            f"the base (pre-trained) weight holds NaN or Inf{_label(name)}; "
+            "FAPM refuses to write a model from it: check or re-download the base"
+        )
+    return cdtype, mean_pre, float(torch.tensor(beta * mean_pre, dtype=cdtype))
 
 
 @torch.no_grad()
@@ -174,65 +260,182 @@ def fapm_scores(
         FapmInputError: shapes differ, or an input holds NaN/Inf (or ``dW``
             overflows the compute dtype).
     """
-    if pre.shape != finetuned.shape:
-        raise FapmInputError(
-            f"shape mismatch{_label(name)}: base {tuple(pre.shape)} vs fine-tuned "
-            f"{tuple(finetuned.shape)}"
-        )
-    if not (math.isfinite(beta) and beta >= 0):
-        raise FapmInputError(f"beta must be a finite number >= 0, got {beta!r}")
-    cdtype = compute_dtype(torch.promote_types(pre.dtype, finetuned.dtype))
+    cdtype, mean_pre, coefficient = _prepare(pre, finetuned, beta, name)
     pre_flat, ft_flat = _flat(pre), _flat(finetuned)
     numel = pre_flat.numel()
     chunk = chunk_elements or default_chunk_elements(pre.device)
-
-    mean_pre = mean_abs(pre_flat)
-    if not math.isfinite(mean_pre):
-        raise FapmInputError(
-            f"the base (pre-trained) weight holds NaN or Inf{_label(name)}; "
-            "FAPM refuses to write a model from it: check or re-download the base"
-        )
-    coefficient = float(torch.tensor(beta * mean_pre, dtype=cdtype))
-
     scores = torch.empty(numel, dtype=cdtype, device=pre.device)
+    scorer = _Scorer(coefficient, cdtype, pre.device, name)
     delta_l1 = 0.0
     for start, end in _chunk_bounds(numel, chunk):
-        out = scores[start:end]
-        # .to() returns the input itself when the dtype already matches: never
-        # modify those views in place (the caller's weights would change).
-        pre_part = pre_flat[start:end].to(cdtype)
-        abs_delta = torch.sub(ft_flat[start:end].to(cdtype), pre_part).abs_()
-        chunk_l1 = float(abs_delta.sum(dtype=torch.float64))
-        if not math.isfinite(chunk_l1):
-            raise FapmInputError(
-                f"the fine-tuned weight holds NaN or Inf{_label(name)} (or W_ft - W_pre "
-                "overflows); FAPM refuses to write a model from it: check the checkpoint"
-            )
-        delta_l1 += chunk_l1
-        if coefficient == 0.0:
-            out.copy_(abs_delta)
-            continue
-        torch.mul(abs_delta, coefficient, out=out)
-        out.div_(pre_part.abs())
-        torch.sub(abs_delta, out, out=out)
-        # Only 0/0 (dW == 0 where W_pre == 0) is NaN here; dW == 0 scores 0.
-        out.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+        delta_l1 += scorer(pre_flat[start:end], ft_flat[start:end], scores[start:end])
     return Scores(scores, mean_pre, coefficient, delta_l1)
 
 
 @dataclass(frozen=True)
 class Threshold:
     """Which entries survive: all scores ``> value``, plus the first ``ties_kept``
-    scores ``== value`` in flat index order. ``above + ties_kept == k``."""
+    scores ``== value`` in flat index order. ``above + ties_kept == k``.
+
+    ``equal`` (how many scores equal ``value`` in all, when known) only lets the
+    keep pass skip the tie bookkeeping when every tie is kept.
+    """
 
     k: int
     value: float
     above: int
     ties_kept: int
+    equal: Optional[int] = None
 
 
 def _count(mask: torch.Tensor) -> int:
     return int(mask.sum())
+
+
+# Order-preserving integer keys of floats (sign-magnitude -> two's complement), so
+# the fallback can bisect the value range exactly: key(a) < key(b) iff a < b, and
+# -0.0 and +0.0 share key 0.
+_KEY_FORMATS = {torch.float32: ("<f", "<i", 0x7FFFFFFF), torch.float64: ("<d", "<q", (1 << 63) - 1)}
+
+
+def _key(value: float, dtype: torch.dtype) -> int:
+    ffmt, ifmt, mask = _KEY_FORMATS[dtype]
+    bits = struct.unpack(ifmt, struct.pack(ffmt, value))[0]
+    return bits if bits >= 0 else -(bits & mask)
+
+
+def _from_key(key: int, dtype: torch.dtype) -> float:
+    ffmt, ifmt, mask = _KEY_FORMATS[dtype]
+    unsigned = key if key >= 0 else (-key) | (mask + 1)  # set the sign bit
+    return struct.unpack(ffmt, struct.pack(ifmt.upper(), unsigned))[0]
+
+
+def _sample_step(numel: int) -> int:
+    # Odd, so the strided sample walks through the columns of row-major matrices.
+    return max(1, numel // _SAMPLE_SIZE) | 1
+
+
+def _bracket(sample: torch.Tensor, numel: int, rank: int) -> Tuple[float, float]:
+    """``[lo, hi]`` that holds the rank-th smallest score with near certainty."""
+    sample = torch.sort(sample).values
+    size = sample.numel()
+    q = rank / numel
+    margin = int(6 * math.sqrt(size * q * (1 - q))) + 32
+    centre = int(q * size)
+    lo = -math.inf if centre - margin <= 0 else float(sample[centre - margin])
+    hi = math.inf if centre + margin >= size - 1 else float(sample[centre + margin])
+    return lo, hi
+
+
+def _gather(scores: torch.Tensor, lo: Optional[float], hi: float, chunk: int) -> torch.Tensor:
+    """All scores ``lo < s <= hi`` (``lo`` None: no lower bound), in index order."""
+    parts = []
+    for start, end in _chunk_bounds(scores.numel(), chunk):
+        part = scores[start:end]
+        inside = part <= hi
+        if lo is not None:
+            inside &= part > lo
+        parts.append(part[inside])
+    return torch.cat(parts)
+
+
+def _narrow(
+    scores: torch.Tensor, k: int, lo_key: int, cnt_lo: int, hi_key: int, cnt_hi: int,
+    band: Optional[torch.Tensor], chunk: int,
+) -> Threshold:
+    """Exact k-th largest score from a key interval ``(lo_key, hi_key]`` that holds it.
+
+    ``cnt_lo``/``cnt_hi`` count the scores with key ``<= lo_key``/``<= hi_key``;
+    ``band``, when given, holds exactly the scores inside the interval. Without a
+    band, bisect the key range with counting passes (no memory beyond a bool chunk)
+    until the interval is small enough to gather or is a single value.
+    """
+    numel, dtype = scores.numel(), scores.dtype
+    rank = numel - k
+    floor_key = _key(-math.inf, dtype) - 1  # below every score: "no lower bound"
+    limit = max(_BAND_MIN_LIMIT, numel // 64)
+    while band is None:
+        if hi_key - lo_key == 1:  # the interval is one value: it is the k-th
+            return Threshold(k, _from_key(hi_key, dtype), numel - cnt_hi,
+                             k - (numel - cnt_hi), cnt_hi - cnt_lo)
+        if cnt_hi - cnt_lo <= limit:
+            lo = None if lo_key == floor_key else _from_key(lo_key, dtype)
+            band = _gather(scores, lo, _from_key(hi_key, dtype), chunk)
+            break
+        mid_key = (lo_key + hi_key) // 2
+        mid = _from_key(mid_key, dtype)
+        cnt_mid = sum(_count(scores[s:e] <= mid) for s, e in _chunk_bounds(numel, chunk))
+        if cnt_mid > rank:
+            hi_key, cnt_hi = mid_key, cnt_mid
+        else:
+            lo_key, cnt_lo = mid_key, cnt_mid
+    value = float(torch.kthvalue(band, rank - cnt_lo + 1).values)
+    above = numel - cnt_hi + _count(band > value)
+    return Threshold(k, value, above, k - above, _count(band == value))
+
+
+def _threshold(
+    scores: torch.Tensor,
+    k: int,
+    chunk: int,
+    fill: Optional[Callable[[int, int], None]] = None,
+    sample: Optional[torch.Tensor] = None,
+) -> Threshold:
+    """The selection engine behind `find_threshold` and the fused `fapm_merge` path.
+
+    ``fill(start, end)``, when given, computes ``scores[start:end]`` just before the
+    counting pass reads it (while it is still in cache); ``sample`` must then be the
+    scores at ``[::_sample_step(numel)]``, computed by the caller from the inputs.
+    """
+    numel = scores.numel()
+    if not 0 <= k <= numel:
+        raise FapmInputError(f"keep count {k} outside [0, {numel}]")
+    bounds = list(_chunk_bounds(numel, chunk))
+    if fill is not None and (k == 0 or numel <= _DIRECT_KTHVALUE_MAX):
+        for start, end in bounds:
+            fill(start, end)
+        fill = None
+    if k == 0:
+        return Threshold(0, math.inf, 0, 0)
+    if scores.dtype not in _KEY_FORMATS:  # e.g. bfloat16 scores: exact in float32
+        scores = scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
+    rank = numel - k  # 0-based ascending rank of the k-th largest score
+    if numel <= _DIRECT_KTHVALUE_MAX:
+        value = float(torch.kthvalue(scores, rank + 1).values)
+        above = sum(_count(scores[s:e] > value) for s, e in bounds)
+        equal = sum(_count(scores[s:e] == value) for s, e in bounds)
+        return Threshold(k, value, above, k - above, equal)
+
+    if sample is None:
+        sample = scores[:: _sample_step(numel)]
+    lo, hi = _bracket(sample, numel, rank)
+    limit = max(_BAND_MIN_LIMIT, numel // 64)
+    above_hi = inside = 0
+    parts: Optional[List[torch.Tensor]] = []
+    for start, end in bounds:
+        if fill is not None:
+            fill(start, end)
+        part = scores[start:end]
+        outside = part > hi  # then reused as the in-band mask: one bool chunk only
+        above_hi += _count(outside)
+        in_band = torch.ge(part, lo).logical_xor_(outside)  # lo <= s <= hi
+        if parts is None:
+            inside += _count(in_band)
+            continue
+        candidates = part[in_band]
+        inside += candidates.numel()
+        parts.append(candidates)
+        if inside > limit:  # heavy ties or a fooled sample: count only, narrow later
+            parts = None
+    below = numel - above_hi - inside
+    lo_key = _key(lo, scores.dtype) - 1
+    hi_key = _key(hi, scores.dtype)
+    band = torch.cat(parts) if parts is not None else None
+    if rank < below:  # the sample missed low: the k-th lies below lo
+        return _narrow(scores, k, _key(-math.inf, scores.dtype) - 1, 0, lo_key, below, None, chunk)
+    if rank >= numel - above_hi:  # missed high: above hi
+        return _narrow(scores, k, hi_key, numel - above_hi, _key(math.inf, scores.dtype), numel, None, chunk)
+    return _narrow(scores, k, lo_key, below, hi_key, numel - above_hi, band, chunk)
 
 
 @torch.no_grad()
@@ -241,58 +444,18 @@ def find_threshold(
 ) -> Threshold:
     """Exact k-th largest score and the tie split, without sorting the whole tensor.
 
+    A strided sample brackets the k-th value, one counting pass over the scores
+    gathers the (small) band of candidates, ``kthvalue`` on the band gives the exact
+    value; if the sample was fooled, counting passes bisect the value range. Scratch:
+    the band (<= max(4M, numel/64) entries) and one bool chunk.
+
     Args:
         scores (`torch.Tensor`): flat scores (no NaN).
         k (`int`): how many entries to keep, ``0 <= k <= numel``.
         chunk_elements (`int`, *optional*): streaming chunk; never changes the result.
     """
-    numel = scores.numel()
-    if not 0 <= k <= numel:
-        raise FapmInputError(f"keep count {k} outside [0, {numel}]")
-    if k == 0:
-        return Threshold(0, math.inf, 0, 0)
     chunk = chunk_elements or default_chunk_elements(scores.device)
-    rank = numel - k  # 0-based ascending rank of the k-th largest score
-    if numel <= _DIRECT_KTHVALUE_MAX:
-        value = float(torch.kthvalue(scores, rank + 1).values)
-        above = sum(_count(scores[s:e] > value) for s, e in _chunk_bounds(numel, chunk))
-        return Threshold(k, value, above, k - above)
-
-    # Bracket the threshold with a deterministic strided sample. The stride is odd
-    # so it walks through the columns of row-major matrices instead of one column.
-    step = max(1, numel // _SAMPLE_SIZE) | 1
-    sample = torch.sort(scores[::step]).values
-    size = sample.numel()
-    q = rank / numel
-    margin = int(6 * math.sqrt(size * q * (1 - q))) + 32
-    centre = int(q * size)
-    lo = float(sample[max(0, centre - margin)])
-    hi = float(sample[min(size - 1, centre + margin)])
-    if centre - margin <= 0:
-        lo = -math.inf
-    if centre + margin >= size - 1:
-        hi = math.inf
-
-    below = above_hi = 0
-    band: List[torch.Tensor] = []
-    for start, end in _chunk_bounds(numel, chunk):
-        part = scores[start:end]
-        below += _count(part < lo)
-        above_hi += _count(part > hi)
-        if lo != hi:
-            band.append(part[(part >= lo) & (part <= hi)])
-    in_band = numel - below - above_hi
-    if not below <= rank < below + in_band:
-        # The sample missed (adversarial layout): exact but slower fallback.
-        value = float(torch.kthvalue(scores, rank + 1).values)
-        above = sum(_count(scores[s:e] > value) for s, e in _chunk_bounds(numel, chunk))
-        return Threshold(k, value, above, k - above)
-    if lo == hi:
-        return Threshold(k, lo, above_hi, k - above_hi)
-    candidates = torch.cat(band)
-    value = float(torch.kthvalue(candidates, rank - below + 1).values)
-    above = above_hi + _count(candidates > value)
-    return Threshold(k, value, above, k - above)
+    return _threshold(scores, k, chunk)
 
 
 def iter_keep_chunks(
@@ -304,19 +467,26 @@ def iter_keep_chunks(
     index first) is applied here and only here.
     """
     chunk = chunk_elements or default_chunk_elements(scores.device)
+    value = threshold.value
     ties_left = threshold.ties_kept
+    # Every tie kept (the common case): one comparison per entry, no bookkeeping.
+    all_ties = threshold.equal is not None and threshold.equal == ties_left
     for start, end in _chunk_bounds(scores.numel(), chunk):
         part = scores[start:end]
-        keep = part > threshold.value
-        if ties_left > 0:
-            equal = part == threshold.value
-            count = _count(equal)
-            if count <= ties_left:
-                keep |= equal
-                ties_left -= count
-            else:
-                keep[equal.nonzero().view(-1)[:ties_left]] = True
-                ties_left = 0
+        if ties_left == 0:
+            yield start, end, part > value
+            continue
+        keep = part >= value
+        if all_ties:
+            yield start, end, keep
+            continue
+        equal = part == value
+        count = _count(equal)
+        if count <= ties_left:
+            ties_left -= count
+        else:  # drop the ties past the budget: the lowest flat indices stay
+            keep[equal.nonzero().view(-1)[ties_left:]] = False
+            ties_left = 0
         yield start, end, keep
 
 
@@ -391,6 +561,39 @@ def l1_rescale_factor(full_l1: float, kept_l1: float, eps: float = 1e-7) -> floa
 
 
 @torch.no_grad()
+def _fused_single(
+    pre: torch.Tensor, finetuned: torch.Tensor, k: int, beta: float, chunk: int,
+    name: Optional[str],
+) -> torch.Tensor:
+    """One model at coefficient 1: ``where(mask, W_ft, W_pre)`` in three passes.
+
+    Same result as ``fapm_scores`` + ``find_threshold`` + ``select_where``, but the
+    counting pass of the selection reads each score chunk right after computing it,
+    while it is still in cache: one pass for ``m``, one that scores and counts, one
+    that writes the output. Scratch: the score buffer (4 bytes per element, 8 for
+    float64 inputs), the band and a few chunk-sized buffers.
+    """
+    cdtype, _, coefficient = _prepare(pre, finetuned, beta, name)
+    pre_flat, ft_flat = _flat(pre), _flat(finetuned)
+    numel = pre_flat.numel()
+    scores = torch.empty(numel, dtype=cdtype, device=pre.device)
+    scorer = _Scorer(coefficient, cdtype, pre.device, name)
+
+    def fill(start: int, end: int) -> None:
+        scorer(pre_flat[start:end], ft_flat[start:end], scores[start:end])
+
+    sample = None
+    if numel > _DIRECT_KTHVALUE_MAX and 0 < k:
+        # The bracket comes from scores computed at the sampled positions only;
+        # scoring is elementwise, so they equal the full pass's bit for bit.
+        step = _sample_step(numel)
+        sample = torch.empty((numel + step - 1) // step, dtype=cdtype, device=pre.device)
+        scorer(pre_flat[::step], ft_flat[::step], sample)
+    threshold = _threshold(scores, k, chunk, fill=fill, sample=sample)
+    return select_where(pre, finetuned, scores, threshold, chunk_elements=chunk)
+
+
+@torch.no_grad()
 def fapm_merge(
     pre: torch.Tensor,
     finetuned: Sequence[torch.Tensor],
@@ -439,11 +642,7 @@ def fapm_merge(
     coefficients = [lambda_ * w / divisor for w in weights]
 
     if len(finetuned) == 1 and coefficients[0] == 1.0 and not rescale:
-        scores = fapm_scores(pre, finetuned[0], beta=beta, chunk_elements=chunk, name=name)
-        threshold = find_threshold(scores.values, keep_counts[0], chunk_elements=chunk)
-        return select_where(
-            pre, finetuned[0], scores.values, threshold, chunk_elements=chunk
-        )
+        return _fused_single(pre, finetuned[0], keep_counts[0], beta, chunk, name)
 
     pre_flat = _flat(pre)
     total: Optional[torch.Tensor] = None
