@@ -5,7 +5,8 @@ Both run the real ``mergekit-yaml`` on the same Llama-shaped base (bf16, default
 adapter on every linear layer (q/k/v/o/gate/up/down), generated here directly as
 safetensors with peft's key names and a config written by peft's ``LoraConfig``
 (instantiating a 1B model just to make random factors would dominate the run).
-Measured per path, each in its own process: wall time, peak RSS (``wait4``), and
+Measured per path, each in its own process: wall time, CPU time (user+sys), peak
+RSS (``wait4``), and
 bytes written (output folder + the merged copy in ``--lora-merge-cache``). Runs
 alternate between the paths; medians are reported. Both outputs are compared
 tensor by tensor at the end (they must be bit-identical).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -126,7 +128,13 @@ def main() -> None:
             recipe.write_text(yaml.safe_dump(recipes(base, adapter)[path], sort_keys=False))
             cmd = [str(BIN / "mergekit-yaml"), str(recipe), str(out), "--no-copy-tokenizer",
                    "--lora-merge-cache", str(cache)]
+            # CPU seconds too: on a shared machine wall time mostly measures the
+            # neighbours; user+sys of the child does not (RUSAGE_CHILDREN counts
+            # children once they are waited for, as timed() does).
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             row = timed(cmd, env)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            row["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
             row["written_gb"] = (du(out) + du(cache)) / 1e9
             row["merged_copy_gb"] = du(cache) / 1e9
             results[path].append(row)
@@ -149,6 +157,7 @@ def main() -> None:
         "medians": medians,
         "runs": results,
         "time_ratio": medians["native"]["wall_s"] / medians["base+adapter"]["wall_s"],
+        "cpu_ratio": medians["native"]["cpu_s"] / medians["base+adapter"]["cpu_s"],
         "rss_ratio": medians["native"]["peak_rss_gb"] / medians["base+adapter"]["peak_rss_gb"],
         "outputs_identical": identical,
     }

@@ -107,6 +107,9 @@ class TensorUpdate:
         return [f.module for f in self.factors + self.bias_of]
 
 
+_resolved: Dict[Tuple[str, bool], Path] = {}
+
+
 def resolve_adapter_path(adapter: str, *, allow_pickle: bool = False) -> Path:
     """A local adapter folder for ``adapter``: a folder path, or a hub id ``org/name[@rev]``.
 
@@ -122,6 +125,9 @@ def resolve_adapter_path(adapter: str, *, allow_pickle: bool = False) -> Path:
             f"{ADAPTER_CONFIG} and {SAFETENSORS_FILE} (or a Hugging Face hub id org/name)"
         )
     repo, _, revision = adapter.partition("@")
+    key = (adapter, allow_pickle)
+    if key in _resolved:  # the kernel runs once per tensor: ask the hub once
+        return _resolved[key]
     try:
         import huggingface_hub
 
@@ -135,7 +141,8 @@ def resolve_adapter_path(adapter: str, *, allow_pickle: bool = False) -> Path:
             f"Hugging Face hub ({type(error).__name__}: {error}); download it and give "
             "the folder's absolute path"
         ) from None
-    return Path(local)
+    _resolved[key] = Path(local)
+    return _resolved[key]
 
 
 class LoraAdapter:
