@@ -31,15 +31,20 @@ T0=$(date +%s)
 stamp() { echo "[$(date +%H:%M:%S)] +$(( $(date +%s) - T0 ))s $*"; }
 
 # evaluate MODEL... : task accuracy + Wikipedia loss in main.jsonl, Lee text in lee.jsonl.
-# A model already in both files is skipped, so an interrupted run resumes per model.
+# Models already in a results file are skipped there (an interrupted run resumes per
+# model); the rest go to one `fapm-merge eval` call per file, so its start-up is paid once.
 evaluate() {
+  local todo_main=() todo_lee=() m
   for m in "$@"; do
-    if grep -qF "\"model\": \"$m\"" "$R/main.jsonl" 2>/dev/null && grep -qF "\"model\": \"$m\"" "$R/lee.jsonl" 2>/dev/null; then
-      continue
-    fi
-    "$FAPM" eval "$m" --text "$D/wiki.txt" --task "$D/rt_test_scored.jsonl" --no-bos "${EVAL_TEXT[@]}" --out "$R/main.jsonl"
-    "$FAPM" eval "$m" --text "$D/lee.txt" "${EVAL_TEXT[@]}" --out "$R/lee.jsonl"
+    grep -qF "\"model\": \"$m\"" "$R/main.jsonl" 2>/dev/null || todo_main+=("$m")
+    grep -qF "\"model\": \"$m\"" "$R/lee.jsonl" 2>/dev/null || todo_lee+=("$m")
   done
+  if [ ${#todo_main[@]} -gt 0 ]; then
+    "$FAPM" eval "${todo_main[@]}" --text "$D/wiki.txt" --task "$D/rt_test_scored.jsonl" --no-bos "${EVAL_TEXT[@]}" --out "$R/main.jsonl"
+  fi
+  if [ ${#todo_lee[@]} -gt 0 ]; then
+    "$FAPM" eval "${todo_lee[@]}" --text "$D/lee.txt" "${EVAL_TEXT[@]}" --out "$R/lee.jsonl"
+  fi
 }
 done_mark() { [ -f "$R/$1.done" ]; }
 mark() { echo "$(( $(date +%s) - T0 ))" > "$R/$1.done"; }
@@ -70,9 +75,9 @@ if ! done_mark sweep0; then
   [ -f "$S0/sweep.json" ] || { rm -rf "$S0"; "$FAPM" sweep "$W/fapm_full.yml" "$S0" --sparsity $SPARSITIES \
     --baselines magnitude,dare,wiseft --alpha $ALPHAS --seed 0; }
   # The head-to-head first (FAPM and magnitude at each sparsity), then WiSE-FT, then DARE.
-  for s in ${SPARSITIES//,/ }; do evaluate "$S0/fapm-s$s" "$S0/magnitude-s$s"; done
-  for a in ${ALPHAS//,/ }; do evaluate "$S0/wiseft-a$a"; done
-  for s in ${SPARSITIES//,/ }; do evaluate "$S0/dare-s$s"; done
+  evaluate $(for s in ${SPARSITIES//,/ }; do echo "$S0/fapm-s$s" "$S0/magnitude-s$s"; done)
+  evaluate $(for a in ${ALPHAS//,/ }; do echo "$S0/wiseft-a$a"; done)
+  evaluate $(for s in ${SPARSITIES//,/ }; do echo "$S0/dare-s$s"; done)
   rm -rf "$S0"; mark sweep0
 fi
 stamp "stage 5: LoRA fine-tune"
@@ -108,7 +113,7 @@ for seed in $DARE_SEEDS; do
   S=$W/sweep$seed
   # The sweep always writes the FAPM points too; only the DARE ones are new.
   [ -f "$S/sweep.json" ] || { rm -rf "$S"; "$FAPM" sweep "$W/fapm_full.yml" "$S" --sparsity $SPARSITIES --baselines dare --seed $seed; }
-  for s in ${SPARSITIES//,/ }; do evaluate "$S/dare-s$s"; done
+  evaluate $(for s in ${SPARSITIES//,/ }; do echo "$S/dare-s$s"; done)
   rm -rf "$S"; mark dare$seed
 done
 stamp "stage 9: final report"
