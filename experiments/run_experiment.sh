@@ -69,17 +69,32 @@ models:
 dtype: float32
 EOF
 
-stamp "stage 4: sweep FAPM, magnitude, DARE (seed 0), WiSE-FT in one pass; evaluate; delete weights"
-S0=$W/sweep0
-if ! done_mark sweep0; then
-  [ -f "$S0/sweep.json" ] || { rm -rf "$S0"; "$FAPM" sweep "$W/fapm_full.yml" "$S0" --sparsity $SPARSITIES \
-    --baselines magnitude,dare,wiseft --alpha $ALPHAS --seed 0; }
-  # The head-to-head first (FAPM and magnitude at each sparsity), then WiSE-FT, then DARE.
-  evaluate $(for s in ${SPARSITIES//,/ }; do echo "$S0/fapm-s$s" "$S0/magnitude-s$s"; done)
-  evaluate $(for a in ${ALPHAS//,/ }; do echo "$S0/wiseft-a$a"; done)
-  evaluate $(for s in ${SPARSITIES//,/ }; do echo "$S0/dare-s$s"; done)
-  rm -rf "$S0"; mark sweep0
+# Sparsities in the order they are evaluated: the paper's default first, so a run cut
+# short still has the most telling points.
+ORDERED=""
+for s in 0.9 0.5 0.99 0.7 0.95 0.8 ${SPARSITIES//,/ }; do
+  case " $ORDERED " in *" $s "*) ;; *) [[ ",$SPARSITIES," == *",$s,"* ]] && ORDERED="$ORDERED $s" ;; esac
+done
+
+stamp "stage 4a: sweep FAPM and magnitude pruning of dW (one pass); evaluate; delete weights"
+SA=$W/sweep-fapm
+if ! done_mark sweep-fapm; then
+  [ -f "$SA/sweep.json" ] || { rm -rf "$SA"; "$FAPM" sweep "$W/fapm_full.yml" "$SA" --sparsity $SPARSITIES --baselines magnitude; }
+  evaluate $(for s in $ORDERED; do echo "$SA/fapm-s$s" "$SA/magnitude-s$s"; done)
+  rm -rf "$SA"; mark sweep-fapm
 fi
+
+stamp "stage 4b: sweep WiSE-FT and DARE seed 0; evaluate; delete weights"
+SB=$W/sweep0
+if ! done_mark sweep0; then
+  # The sweep always writes the FAPM points too (already evaluated in 4a).
+  [ -f "$SB/sweep.json" ] || { rm -rf "$SB"; "$FAPM" sweep "$W/fapm_full.yml" "$SB" --sparsity $SPARSITIES \
+    --baselines dare,wiseft --alpha $ALPHAS --seed 0; }
+  evaluate $(for a in ${ALPHAS//,/ }; do echo "$SB/wiseft-a$a"; done)
+  evaluate $(for s in $ORDERED; do echo "$SB/dare-s$s"; done)
+  rm -rf "$SB"; mark sweep0
+fi
+
 stamp "stage 5: LoRA fine-tune"
 "$PY" experiments/finetune.py --base "$W/base" --train "$D/rt_train.jsonl" --out "$W/ft_lora" \
   --mode lora --lr 1e-3 --steps 72 --warmup 6 --lora-r 16 --lora-alpha 32 --seed $SEED
@@ -113,7 +128,7 @@ for seed in $DARE_SEEDS; do
   S=$W/sweep$seed
   # The sweep always writes the FAPM points too; only the DARE ones are new.
   [ -f "$S/sweep.json" ] || { rm -rf "$S"; "$FAPM" sweep "$W/fapm_full.yml" "$S" --sparsity $SPARSITIES --baselines dare --seed $seed; }
-  evaluate $(for s in ${SPARSITIES//,/ }; do echo "$S/dare-s$s"; done)
+  evaluate $(for s in $ORDERED; do echo "$S/dare-s$s"; done)
   rm -rf "$S"; mark dare$seed
 done
 stamp "stage 9: final report"
