@@ -46,6 +46,12 @@ evaluate() {
     "$FAPM" eval "${todo_lee[@]}" --text "$D/lee.txt" "${EVAL_TEXT[@]}" --out "$R/lee.jsonl"
   fi
 }
+# The project's own trade-off view of the full fine-tune arm (LoRA rows have their own anchor).
+tradeoff() {
+  grep -v '/lora-fapm-s' "$R/main.jsonl" > "$R/full-arm.jsonl"
+  "$FAPM" tradeoff "$R/full-arm.jsonl" --plot docs/images/experiment-tradeoff-cli.png --json "$R/tradeoff.json" \
+    --title "SmolLM2-135M, Rotten Tomatoes SFT: task vs Wikipedia perplexity (fapm-merge tradeoff)"
+}
 done_mark() { [ -f "$R/$1.done" ]; }
 mark() { echo "$(( $(date +%s) - T0 ))" > "$R/$1.done"; }
 
@@ -120,6 +126,7 @@ done
 
 stamp "stage 7: report (table, plot)"
 "$PY" experiments/report.py --work "$W" --docs docs
+tradeoff
 
 for seed in $DARE_SEEDS; do
   [ "$seed" = 0 ] && continue
@@ -133,5 +140,6 @@ for seed in $DARE_SEEDS; do
 done
 stamp "stage 9: final report"
 "$PY" experiments/report.py --work "$W" --docs docs
+tradeoff
 stamp "done: total $(( $(date +%s) - T0 )) s"
 echo "$(( $(date +%s) - T0 ))" > "$R/total_seconds"
