@@ -53,7 +53,8 @@ def classify(model: str):
         return "lora", "LoRA fine-tuned" if s == 0 else "fapm (LoRA)", s, None
     method, _, value = name.partition("-")
     strength = float(value[1:])  # s0.9 -> 0.9, a0.3 -> 0.3
-    seed = int(parent[len("sweep"):]) if parent.startswith("sweep") else None
+    # DARE seeds live in sweep0/, sweep1/, sweep2/ (sweep-fapm/ holds FAPM and magnitude)
+    seed = int(parent[len("sweep"):]) if method == "dare" and parent[len("sweep"):].isdigit() else None
     return "full", method, strength, seed
 
 
