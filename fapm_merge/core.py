@@ -211,8 +211,12 @@ class _Scorer:
         torch.mul(a, self.coefficient, out=out)
         out.div_(p.abs_())
         torch.sub(a, out, out=out)
-        # Only 0/0 (dW == 0 where W_pre == 0) is NaN here; dW == 0 scores 0.
-        out.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+        # 0/0 is the only NaN source, and only where W_pre == 0: dW == 0 scores 0,
+        # while a dW whose c*|dW| underflowed to 0 (subnormals) still moves a zero
+        # weight and scores -inf, as the definition says.
+        undefined = torch.isnan(out)
+        if bool(undefined.any()):
+            out[undefined] = torch.where(a[undefined] == 0, 0.0, -math.inf).to(out.dtype)
         return chunk_l1
 
 

@@ -199,3 +199,16 @@ def test_inf_in_base_is_refused():
     pre[0, 0] = float("inf")
     with pytest.raises(FapmInputError, match="base"):
         fapm_scores(pre, ft, name="w")
+
+
+def test_subnormal_delta_on_zero_base_scores_minus_inf_not_zero():
+    # Regression (found by the property suite): with subnormal weights c*|dW|
+    # underflows to 0, so 0/|W_pre| = 0/0 = NaN at W_pre == 0; the NaN was mapped
+    # to 0 as if dW were 0, and the entry could be kept ahead of untouched ones.
+    pre = torch.tensor([1.8367e-40, -0.0, -1.8367e-40, 9.1835e-41], dtype=torch.bfloat16)
+    ft = torch.tensor([9.1835e-41, -9.1835e-41, -1.8367e-40, 9.1835e-41], dtype=torch.bfloat16)
+    scores = fapm_scores(pre, ft).values
+    assert scores[1] == -math.inf
+    assert torch.equal(scores, reference_scores(pre, ft))
+    expected, _ = reference_fapm(pre, ft, 0.1)
+    assert torch.equal(fapm_merge(pre, [ft], keep_counts=[3]), expected)
