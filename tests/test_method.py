@@ -157,3 +157,21 @@ def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
         assert tensor.dtype == torch.bfloat16, name
         expected, _ = reference_fapm(pre_state[name], ft_state[name], 0.9)
         assert torch.equal(tensor, expected), name
+
+
+def test_shared_parameter_takes_gradients_and_filters_too(llama_pair, tmp_path):
+    """beta (a shared parameter) follows the same precedence, gradient and filter rules."""
+    base, finetuned = llama_pair
+    recipe = fapm_recipe(base, finetuned)
+    recipe["parameters"] = {"beta": [{"filter": "mlp", "value": 0.0}, {"value": [1.0, 0.5]}]}
+    out = load_state(run_merge_in_process(recipe, tmp_path / "beta"))
+    pre_state, ft_state = load_state(base), load_state(finetuned)
+    for name, tensor in out.items():
+        if "mlp" in name:
+            beta = 0.0  # magnitude pruning of dW
+        elif ".layers.1." in name:
+            beta = 0.5
+        else:
+            beta = 1.0
+        expected, _ = reference_fapm(pre_state[name], ft_state[name], 0.9, beta=beta)
+        assert torch.equal(tensor, expected), name
