@@ -204,3 +204,45 @@ def verify(out_dir: Path, recipe):
     if not report.ok:
         raise SystemExit(1)
 # --- end verify ----------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PNG to write (default: RESULTS with .png).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the table and the selection as JSON.")
+@click.option("--base", default=None, help="Path of the base model's record (default: the recipes' base_model).")
+@click.option("--finetuned", default=None, help="Path of the fine-tuned model's record (default: the recipes' fine-tuned model).")
+@click.option("--task-weight", default=2.0, show_default=True, help="Selection rule: maximise TASK_WEIGHT * task_norm + general_norm.")
+@click.option("--title", default="", help="Plot title.")
+def tradeoff(results, plot_path, json_path, base, finetuned, task_weight, title):
+    """Place every evaluated model of RESULTS (from `fapm-merge eval`) on the
+    forgetting / task plane and select one by a stated rule.
+
+    task_norm = accuracy / accuracy(fine-tuned); general_norm = perplexity(base) /
+    perplexity(model) on the --text of eval. One curve per method (fapm,
+    magnitude, dare, wiseft), base and fine-tuned as anchors.
+    """
+    import json as json_module
+
+    from rich.console import Console
+
+    from fapm_merge.plots import plot_tradeoff
+    from fapm_merge.tradeoff import TradeoffError, compute_tradeoff, read_results, tradeoff_table
+
+    console = Console()
+    try:
+        result = compute_tradeoff(read_results(results), base=base, finetuned=finetuned, task_weight=task_weight)
+    except TradeoffError as error:
+        raise click.ClickException(str(error)) from None
+    console.print(tradeoff_table(result))
+    for note in result.skipped:
+        console.print(f"[yellow]skipped[/yellow] {note}")
+    plot_path = plot_path or results.with_suffix(".png")
+    plot_tradeoff(result, plot_path, title=title)
+    if json_path:
+        json_path.write_text(json_module.dumps(result.to_json(), indent=2) + "\n")
+    s = result.selected
+    console.print(
+        f"selected: {s.name} ({s.label}): task {s.task_norm:.3f} of the fine-tuned model, "
+        f"general {s.general_norm:.3f} of the base; plot {plot_path}"
+    )

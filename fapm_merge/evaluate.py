@@ -56,7 +56,9 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        # ids >= 256 (a larger model vocabulary) are no byte: they decode to U+FFFD
+        data = b"".join(bytes([int(i)]) if 0 <= int(i) < 256 else b"\xff" for i in ids)
+        return data.decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
@@ -404,6 +406,71 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
     return record
 
 
+@torch.inference_mode()
+def demo_eval_data(
+    base_dir: Path,
+    finetuned_dir: Path,
+    out_dir: Path,
+    *,
+    text_tokens: int = 8192,
+    items: int = 120,
+    seed: int = 0,
+) -> Dict[str, Path]:
+    """Evaluation files for the ``fapm-merge demo`` pair, whose "fine-tune" is a
+    simulated weight change rather than training on data (a documented proxy).
+
+    * ``general.txt``: ``text_tokens`` printable-ASCII bytes sampled from the *base*
+      model (temperature 1): its own distribution, the general ability to keep.
+    * ``task.jsonl``: prompt/choices items (4 random printable-ASCII choices of
+      3-6 bytes) on which the base and the fine-tuned model prefer different
+      choices; the answer is the fine-tuned model's choice. So accuracy measures
+      how much of what the fine-tune changed a merge keeps: the fine-tuned model
+      scores 1.0 and the base 0.0 by construction.
+
+    Args:
+        base_dir, finetuned_dir (`Path`): the pair (byte tokens: vocabulary >= 256).
+        out_dir (`Path`): where the two files go.
+        text_tokens (`int`, defaults to 8192): length of the general text.
+        items (`int`, defaults to 120): task items to keep.
+        seed (`int`, defaults to 0): sampling seed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tokenizer = ByteTokenizer()
+    base, finetuned = load_model(base_dir), load_model(finetuned_dir)
+    printable = torch.arange(32, 127)
+    ids = [int(printable[torch.randint(len(printable), (1,), generator=generator)])]
+    while len(ids) < text_tokens:  # sampled in windows of 128, no cache needed
+        context = ids[-127:]
+        logits = base(input_ids=torch.tensor([context])).logits[0, -1, printable].float()
+        choice = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        ids.append(int(printable[choice]))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text_path, task_path = out_dir / "general.txt", out_dir / "task.jsonl"
+    text_path.write_text(tokenizer.decode(ids), encoding="utf-8")
+
+    def random_text(low, high):
+        length = int(torch.randint(low, high + 1, (1,), generator=generator))
+        return "".join(chr(int(c)) for c in printable[torch.randint(len(printable), (length,), generator=generator)])
+
+    kept, tried = [], 0
+    while len(kept) < items and tried < 50 * items:
+        tried += 1
+        prompt = random_text(8, 16)
+        choices = [random_text(3, 6) for _ in range(4)]
+        picks = []
+        for model in (base, finetuned):
+            item = {"prompt": prompt, "choices": choices, "answer": 0}
+            sequences = [tokenizer.encode(prompt) + tokenizer.encode(c) for c in choices]
+            start = len(tokenizer.encode(prompt))
+            scores = [math.fsum(v) for v in _sequence_logprobs(model, sequences, [start] * 4)]
+            picks.append(max(range(4), key=lambda i: (scores[i], -i)))
+        if picks[0] != picks[1]:
+            kept.append({**item, "answer": picks[1]})
+    task_path.write_text("".join(json.dumps(k) + "\n" for k in kept), encoding="utf-8")
+    return {"text": text_path, "task": task_path}
+
+
 def expand_models(paths: Sequence[Path]) -> List[Path]:
     """Model folders; a sweep folder (with sweep.json) stands for its outputs."""
     from fapm_merge.sweep import SWEEP_MANIFEST
@@ -441,3 +508,13 @@ __all__ = [
     "task_accuracy",
     "text_windows",
 ]
+
+
+if __name__ == "__main__":  # python -m fapm_merge.evaluate demo-data DEMO_DIR
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "demo-data":
+        sys.exit("usage: python -m fapm_merge.evaluate demo-data DEMO_DIR (a `fapm-merge demo` folder)")
+    demo = Path(sys.argv[2])
+    files = demo_eval_data(demo / "models" / "base", demo / "models" / "finetuned", demo / "eval")
+    print(f"wrote {files['text']} and {files['task']}")
