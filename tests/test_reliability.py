@@ -9,8 +9,6 @@ the command line prints and leaves on disk.
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -352,3 +350,22 @@ def test_trust_remote_code_is_only_ever_forwarded_from_mergekit_options():
     assert all(re.search(r"trust_remote_code\s*=\s*(options|self\.options|opts?)\.trust_remote_code"
                          r"|trust_remote_code\s*=\s*trust_remote_code|trust_remote_code:\s*bool",
                          line) for _, line in uses), uses
+
+
+def test_verify_skips_invariants_when_tokenizers_are_realigned(good_output):
+    # With `tokenizer:` mergekit permutes vocabulary rows before the kernel, so a
+    # bit-for-bit recomputation would report false damage; verify says it skipped.
+    recipe, out = good_output
+    report = verify_output(out, dict(recipe, tokenizer={"source": "base"}))
+    assert report.ok and report.invariants_checked == 0
+    assert "the recipe re-aligns tokenizers" in " ".join(report.notes)
+
+
+def test_verify_flags_a_pickle_only_checkpoint(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+    report = verify_output(folder)
+    assert not report.ok
+    assert "no .safetensors files: not a finished merge, or a pickle-only checkpoint" in str(report.problems[0])
