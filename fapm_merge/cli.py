@@ -246,3 +246,51 @@ def tradeoff(results, plot_path, json_path, base, finetuned, task_weight, title)
         f"selected: {s.name} ({s.label}): task {s.task_norm:.3f} of the fine-tuned model, "
         f"general {s.general_norm:.3f} of the base; plot {plot_path}"
     )
+
+
+@main.command()
+@click.argument("base", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("finetuned", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--adapter", default=None, help="A PEFT LoRA adapter folder on BASE instead of FINETUNED.")
+@click.option("--sparsity", type=float, default=None, help="Share FAPM resets (default 0.9; 0.1 with --adapter).")
+@click.option("--beta", type=float, default=1.0, show_default=True, help="The score's balance factor.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write every statistic as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PNG with layer x module heatmaps and the score histogram.")
+@click.option("--json-only", is_flag=True, help="Print the JSON to stdout and nothing else (for scripts).")
+def analyze(base, finetuned, adapter, sparsity, beta, json_path, plot_path, json_only):
+    """Show what FAPM would keep of FINETUNED - BASE, tensor by tensor, before merging.
+
+    Streams both checkpoints one tensor at a time. Per layer: entries, share
+    changed, share of positive scores, task-vector energy (L2²) kept by FAPM and
+    by magnitude pruning at the same sparsity, and the overlap of the two masks.
+    """
+    import json as json_module
+
+    from rich.console import Console
+
+    from fapm_merge.analyze import analysis_table
+    from fapm_merge.analyze import analyze as run_analysis
+    from fapm_merge.core import FapmInputError
+
+    if (finetuned is None) == (adapter is None):
+        raise click.UsageError("give FINETUNED or --adapter (one of them)")
+    try:
+        result = run_analysis(base, finetuned, adapter=adapter, sparsity=sparsity, beta=beta, progress=not json_only)
+    except (FapmInputError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    document = result.to_json()
+    if json_only:
+        click.echo(json_module.dumps(document))
+        return
+    console = Console()
+    console.print(analysis_table(result))
+    if json_path:
+        json_path.write_text(json_module.dumps(document, indent=1) + "\n")
+        console.print(f"statistics: {json_path}")
+    if plot_path:
+        from fapm_merge.plots import plot_analysis
+
+        plot_analysis(result.heatmaps(), result.histogram, plot_path,
+                      title=f"FAPM at sparsity {result.settings['sparsity']:g}: {Path(base).name} → "
+                            f"{Path(finetuned).name if finetuned else adapter}")
+        console.print(f"plot: {plot_path}")

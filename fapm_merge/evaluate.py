@@ -412,15 +412,16 @@ def demo_eval_data(
     finetuned_dir: Path,
     out_dir: Path,
     *,
-    text_tokens: int = 8192,
+    text_tokens: int = 4096,
     items: int = 120,
     seed: int = 0,
 ) -> Dict[str, Path]:
     """Evaluation files for the ``fapm-merge demo`` pair, whose "fine-tune" is a
     simulated weight change rather than training on data (a documented proxy).
 
-    * ``general.txt``: ``text_tokens`` printable-ASCII bytes sampled from the *base*
-      model (temperature 1): its own distribution, the general ability to keep.
+    * ``general.txt``: about ``text_tokens`` printable-ASCII bytes sampled from the
+      *base* model (temperature 1), as 64-byte passages one per line: the base's
+      own distribution, the general ability a merge should keep.
     * ``task.jsonl``: prompt/choices items (4 random printable-ASCII choices of
       3-6 bytes) on which the base and the fine-tuned model prefer different
       choices; the answer is the fine-tuned model's choice. So accuracy measures
@@ -430,7 +431,7 @@ def demo_eval_data(
     Args:
         base_dir, finetuned_dir (`Path`): the pair (byte tokens: vocabulary >= 256).
         out_dir (`Path`): where the two files go.
-        text_tokens (`int`, defaults to 8192): length of the general text.
+        text_tokens (`int`, defaults to 4096): length of the general text.
         items (`int`, defaults to 120): task items to keep.
         seed (`int`, defaults to 0): sampling seed.
     """
@@ -438,16 +439,17 @@ def demo_eval_data(
     tokenizer = ByteTokenizer()
     base, finetuned = load_model(base_dir), load_model(finetuned_dir)
     printable = torch.arange(32, 127)
-    ids = [int(printable[torch.randint(len(printable), (1,), generator=generator)])]
-    while len(ids) < text_tokens:  # sampled in windows of 128, no cache needed
-        context = ids[-127:]
-        logits = base(input_ids=torch.tensor([context])).logits[0, -1, printable].float()
-        choice = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-        ids.append(int(printable[choice]))
+    # 64-byte passages sampled in one batch, one position at a time (no cache needed)
+    passages = max(1, text_tokens // 64)
+    rows = printable[torch.randint(len(printable), (passages, 1), generator=generator)]
+    while rows.shape[1] < 64:
+        logits = base(input_ids=rows).logits[:, -1, printable].float()
+        picks = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        rows = torch.cat([rows, printable[picks]], dim=1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text_path, task_path = out_dir / "general.txt", out_dir / "task.jsonl"
-    text_path.write_text(tokenizer.decode(ids), encoding="utf-8")
+    text_path.write_text("\n".join(tokenizer.decode(r.tolist()) for r in rows) + "\n", encoding="utf-8")
 
     def random_text(low, high):
         length = int(torch.randint(low, high + 1, (1,), generator=generator))

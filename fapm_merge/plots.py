@@ -115,6 +115,7 @@ def plot_analysis(
             grid[: len(values), column] = values
         image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_xticks(range(len(modules)), [m.replace("_proj", "") for m in modules], rotation=60, fontsize=7)
+        ax.set_yticks(range(layers))
         ax.set_ylabel("layer")
         ax.set_title(statistic, fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8)
