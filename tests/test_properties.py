@@ -17,7 +17,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from fapm_merge import core
@@ -111,6 +111,12 @@ def test_exact_count_and_bitwise_selection(pair, sparsity):
 
 @SETTINGS
 @given(pairs(), sparsities)
+# Regression (found by this test, fixed in core da6a5d5): c*|dW| underflowed to 0
+# for subnormal bf16 inputs, so W_pre == 0 with dW != 0 scored 0 instead of -inf.
+@example(pair=(
+    torch.tensor([1.8367e-40, -0.0, -1.8367e-40, 9.1835e-41]).to(torch.bfloat16),
+    torch.tensor([9.1835e-41, -9.1835e-41, -1.8367e-40, 9.1835e-41]).to(torch.bfloat16),
+), sparsity=0.1)
 def test_mask_matches_plain_reference(pair, sparsity):
     pre, ft = pair
     mask, k = core_mask(pre, ft, sparsity)
