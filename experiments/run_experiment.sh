@@ -14,6 +14,8 @@ D=$W/data
 R=$W/results
 mkdir -p "$R"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# torch uses every core by default; on a machine shared with other busy processes set
+# OMP_NUM_THREADS=1 (spinning OpenMP threads waste most of a starved process's CPU time).
 SEED=0
 # The grid of issue 7; each can be overridden from the environment for a quick look.
 SPARSITIES=${SPARSITIES:-0.5,0.7,0.8,0.9,0.95,0.99}
