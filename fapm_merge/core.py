@@ -50,10 +50,16 @@ MEAN_BLOCK_ELEMENTS = 1 << 16
 """Fixed block size of the float64 accumulation of mean(|W_pre|)."""
 
 _SAMPLE_SIZE = 1 << 18
-"""Strided sample of the scores that brackets the k-th value (sorted: 1 MB)."""
+"""Largest strided sample of the scores that brackets the k-th value."""
+
+_SAMPLE_MIN = 1 << 15
+"""Smallest sample; in between the sample is numel / 64 (its cost stays ~flat)."""
 
 _DIRECT_KTHVALUE_MAX = 1 << 18
 """Up to this many entries, ``kthvalue`` on the whole tensor is cheapest."""
+
+_MAX_CHUNK = 1 << 24
+"""Counts are float sums of 0/1 flags per chunk: exact up to 2**24 per chunk."""
 
 _BAND_MIN_LIMIT = 1 << 22
 """Candidates gathered for the exact k-th value: at most max(this, numel // 64),
@@ -183,12 +189,17 @@ class _Scorer:
     temporaries.
     """
 
-    def __init__(self, coefficient: float, dtype: torch.dtype, device, name):
+    def __init__(self, coefficient: float, dtype: torch.dtype, device, name, want_l1=True):
         self.coefficient, self.dtype, self.device, self.name = coefficient, dtype, device, name
+        self.want_l1 = want_l1
         self._pre = self._delta = torch.empty(0, dtype=dtype, device=device)
 
     def __call__(self, pre_part: torch.Tensor, ft_part: torch.Tensor, out: torch.Tensor) -> float:
-        """Write the scores of one chunk into ``out``; return ``sum(|dW|)`` (float64)."""
+        """Write the scores of one chunk into ``out``; return ``sum(|dW|)`` (float64).
+
+        With ``want_l1`` off the return value is only a finite stand-in: the
+        NaN/Inf check then uses ``max(|dW|)``, a fraction of a float64 sum's cost.
+        """
         n = out.numel()
         if self._pre.numel() < n:
             self._pre = torch.empty(n, dtype=self.dtype, device=self.device)
@@ -198,7 +209,10 @@ class _Scorer:
         p.copy_(pre_part)
         a.copy_(ft_part)
         a.sub_(p).abs_()
-        chunk_l1 = float(a.sum(dtype=torch.float64))
+        if self.want_l1:
+            chunk_l1 = float(a.sum(dtype=torch.float64))
+        else:  # NaN or Inf anywhere makes the max NaN or Inf
+            chunk_l1 = float(a.amax()) if n else 0.0
         if not math.isfinite(chunk_l1):
             raise FapmInputError(
                 f"the fine-tuned weight holds NaN or Inf{_label(self.name)} (or W_ft - W_pre "
@@ -208,14 +222,16 @@ class _Scorer:
             out.copy_(a)
             return chunk_l1
         # Same operation order as the definition: |dW| - (c * |dW|) / |W_pre|.
-        torch.mul(a, self.coefficient, out=out)
+        out.copy_(a).mul_(self.coefficient)  # in place: cheaper than mul(out=) on CPU
         out.div_(p.abs_())
         torch.sub(a, out, out=out)
         # 0/0 is the only NaN source, and only where W_pre == 0: dW == 0 scores 0,
         # while a dW whose c*|dW| underflowed to 0 (subnormals) still moves a zero
         # weight and scores -inf, as the definition says.
-        undefined = torch.isnan(out)
-        if bool(undefined.any()):
+        # Scores are <= |dW| (no +inf), so a float sum is NaN whenever a NaN is
+        # present: one cheap reduction instead of a bool mask per chunk.
+        if n and math.isnan(float(out.sum())):
+            undefined = torch.isnan(out)
             out[undefined] = torch.where(a[undefined] == 0, 0.0, -math.inf).to(out.dtype)
         return chunk_l1
 
@@ -293,7 +309,7 @@ class Threshold:
 
 
 def _count(mask: torch.Tensor) -> int:
-    return int(mask.sum())
+    return int(torch.count_nonzero(mask))
 
 
 # Order-preserving integer keys of floats (sign-magnitude -> two's complement), so
@@ -315,20 +331,36 @@ def _from_key(key: int, dtype: torch.dtype) -> float:
 
 
 def _sample_step(numel: int) -> int:
+    target = min(_SAMPLE_SIZE, max(_SAMPLE_MIN, numel // 64))
     # Odd, so the strided sample walks through the columns of row-major matrices.
-    return max(1, numel // _SAMPLE_SIZE) | 1
+    return max(1, numel // target) | 1
 
 
 def _bracket(sample: torch.Tensor, numel: int, rank: int) -> Tuple[float, float]:
     """``[lo, hi]`` that holds the rank-th smallest score with near certainty."""
-    sample = torch.sort(sample).values
     size = sample.numel()
     q = rank / numel
     margin = int(6 * math.sqrt(size * q * (1 - q))) + 32
     centre = int(q * size)
-    lo = -math.inf if centre - margin <= 0 else float(sample[centre - margin])
-    hi = math.inf if centre + margin >= size - 1 else float(sample[centre + margin])
+    # Two order statistics of the sample (kthvalue is 1-based), not a full sort.
+    lo = (-math.inf if centre - margin <= 0
+          else float(torch.kthvalue(sample, centre - margin + 1).values))
+    hi = (math.inf if centre + margin >= size - 1
+          else float(torch.kthvalue(sample, centre + margin + 1).values))
     return lo, hi
+
+
+def _compress(part: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``part[mask]`` for a sparse mask that starts 8-byte aligned, about twice as
+    fast on CPU: find the 8-entry words of the mask holding any True first, then
+    select within those words only."""
+    n8 = mask.numel() - mask.numel() % 8
+    words = torch.nonzero(mask[:n8].view(torch.int64)).view(-1)
+    rows = part[:n8].view(-1, 8)[words]
+    found = rows[mask[:n8].view(-1, 8)[words]]
+    if n8 == mask.numel():
+        return found
+    return torch.cat([found, part[n8:][mask[n8:]]])
 
 
 def _gather(scores: torch.Tensor, lo: Optional[float], hi: float, chunk: int) -> torch.Tensor:
@@ -394,6 +426,7 @@ def _threshold(
     numel = scores.numel()
     if not 0 <= k <= numel:
         raise FapmInputError(f"keep count {k} outside [0, {numel}]")
+    chunk = min(chunk, _MAX_CHUNK)
     bounds = list(_chunk_bounds(numel, chunk))
     if fill is not None and (k == 0 or numel <= _DIRECT_KTHVALUE_MAX):
         for start, end in bounds:
@@ -416,19 +449,29 @@ def _threshold(
     limit = max(_BAND_MIN_LIMIT, numel // 64)
     above_hi = inside = 0
     parts: Optional[List[torch.Tensor]] = []
+    # Comparisons in place on float scratch and float sums are several times
+    # cheaper than bool-valued comparisons and bool sums on CPU; the sums are exact
+    # (integers <= chunk <= 2**24).
+    size = min(chunk, numel)
+    over = torch.empty(size, dtype=scores.dtype, device=scores.device)
+    band_flags = torch.empty_like(over)
+    band_mask = torch.empty(size, dtype=torch.bool, device=scores.device)
     for start, end in bounds:
         if fill is not None:
             fill(start, end)
         part = scores[start:end]
-        outside = part > hi  # then reused as the in-band mask: one bool chunk only
-        above_hi += _count(outside)
-        in_band = torch.ge(part, lo).logical_xor_(outside)  # lo <= s <= hi
-        if parts is None:
-            inside += _count(in_band)
+        n = end - start
+        t, u = over[:n], band_flags[:n]
+        t.copy_(part).gt_(hi)  # 1 above the band
+        u.copy_(part).ge_(lo).sub_(t)  # 1 inside [lo, hi]
+        above_hi += int(t.sum())
+        n_in = int(u.sum())
+        inside += n_in
+        if parts is None or n_in == 0:
             continue
-        candidates = part[in_band]
-        inside += candidates.numel()
-        parts.append(candidates)
+        mask = band_mask[:n]
+        mask.copy_(u)
+        parts.append(_compress(part, mask))
         if inside > limit:  # heavy ties or a fooled sample: count only, narrow later
             parts = None
     below = numel - above_hi - inside
@@ -462,36 +505,51 @@ def find_threshold(
     return _threshold(scores, k, chunk)
 
 
+def _keep_flags(
+    scores: torch.Tensor, threshold: Threshold, chunk: int
+) -> Iterator[Tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, end, flags)``: 1 where kept, 0 where pruned, in the scores'
+    dtype. The tie rule (lowest flat index first) is applied here and only here.
+
+    ``flags`` is a reused scratch buffer, valid until the next step. Flags are
+    made by comparisons in place on float scratch, several times cheaper on CPU
+    than bool-valued comparisons.
+    """
+    numel = scores.numel()
+    value = threshold.value
+    ties_left = threshold.ties_kept
+    # Every tie kept (the common case): one comparison per entry, no bookkeeping.
+    all_ties = threshold.equal is not None and threshold.equal == ties_left
+    scratch = torch.empty(min(chunk, numel), dtype=scores.dtype, device=scores.device)
+    for start, end in _chunk_bounds(numel, chunk):
+        part = scores[start:end]
+        flags = scratch[: end - start].copy_(part)
+        if ties_left == 0:
+            yield start, end, flags.gt_(value)
+            continue
+        flags.ge_(value)
+        if not all_ties:
+            equal = part == value
+            count = _count(equal)
+            if count <= ties_left:
+                ties_left -= count
+            else:  # drop the ties past the budget: the lowest flat indices stay
+                flags[equal.nonzero().view(-1)[ties_left:]] = 0
+                ties_left = 0
+        yield start, end, flags
+
+
 def iter_keep_chunks(
     scores: torch.Tensor, threshold: Threshold, *, chunk_elements: Optional[int] = None
 ) -> Iterator[Tuple[int, int, torch.Tensor]]:
     """Yield ``(start, end, keep)`` over the flat scores, in index order.
 
-    ``keep`` is a bool tensor for ``scores[start:end]``; the tie rule (lowest flat
-    index first) is applied here and only here.
+    ``keep`` is a fresh bool tensor for ``scores[start:end]`` (see `_keep_flags`
+    for the tie rule).
     """
     chunk = chunk_elements or default_chunk_elements(scores.device)
-    value = threshold.value
-    ties_left = threshold.ties_kept
-    # Every tie kept (the common case): one comparison per entry, no bookkeeping.
-    all_ties = threshold.equal is not None and threshold.equal == ties_left
-    for start, end in _chunk_bounds(scores.numel(), chunk):
-        part = scores[start:end]
-        if ties_left == 0:
-            yield start, end, part > value
-            continue
-        keep = part >= value
-        if all_ties:
-            yield start, end, keep
-            continue
-        equal = part == value
-        count = _count(equal)
-        if count <= ties_left:
-            ties_left -= count
-        else:  # drop the ties past the budget: the lowest flat indices stay
-            keep[equal.nonzero().view(-1)[ties_left:]] = False
-            ties_left = 0
-        yield start, end, keep
+    for start, end, flags in _keep_flags(scores, threshold, chunk):
+        yield start, end, flags.to(torch.bool)
 
 
 @torch.no_grad()
@@ -517,21 +575,40 @@ def select_where(
     out: Optional[torch.Tensor] = None,
     chunk_elements: Optional[int] = None,
 ) -> torch.Tensor:
-    """``where(mask, W_ft, W_pre)`` in the inputs' dtype: exact values, no arithmetic."""
+    """``where(mask, W_ft, W_pre)`` in the inputs' dtype: exact values, no arithmetic.
+
+    When both inputs already have the output dtype, the select is done on their
+    bits: ``pre ^ ((pre ^ ft) & -flag)`` on integer views, exact by construction and
+    branch-free (``torch.where`` with a random mask is several times slower on CPU).
+    """
     dtype = torch.promote_types(pre.dtype, finetuned.dtype)
     if out is None:
         out = torch.empty(pre.shape, dtype=dtype, device=pre.device)
+    chunk = chunk_elements or default_chunk_elements(pre.device)
     pre_flat, ft_flat, out_flat = _flat(pre), _flat(finetuned), out.view(-1)
-    for start, end, keep in iter_keep_chunks(
-        scores, threshold, chunk_elements=chunk_elements
-    ):
-        torch.where(
-            keep,
-            ft_flat[start:end].to(dtype),
-            pre_flat[start:end].to(dtype),
-            out=out_flat[start:end],
-        )
+    bits = _INT_VIEW.get(dtype.itemsize) if dtype.is_floating_point else None
+    if pre.dtype != dtype or finetuned.dtype != dtype or bits is None:
+        for start, end, flags in _keep_flags(scores, threshold, chunk):
+            torch.where(
+                flags.to(torch.bool),
+                ft_flat[start:end].to(dtype),
+                pre_flat[start:end].to(dtype),
+                out=out_flat[start:end],
+            )
+        return out
+    pre_bits, ft_bits, out_bits = (t.view(bits) for t in (pre_flat, ft_flat, out_flat))
+    select = torch.empty(min(chunk, pre_flat.numel()), dtype=bits, device=pre.device)
+    for start, end, flags in _keep_flags(scores, threshold, chunk):
+        ones = select[: end - start]
+        ones.copy_(flags).neg_()  # 0 -> 0, 1 -> all bits set
+        target = out_bits[start:end]
+        torch.bitwise_xor(pre_bits[start:end], ft_bits[start:end], out=target)
+        target.bitwise_and_(ones).bitwise_xor_(pre_bits[start:end])
     return out
+
+
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+"""Integer dtype of the same width, for the bitwise select."""
 
 
 @torch.no_grad()
@@ -545,13 +622,11 @@ def _masked_delta_in_place(
     """Overwrite the score buffer with ``mask * dW``; return it and ``sum|mask*dW|``."""
     buffer = scores.values
     kept_l1 = 0.0
-    for start, end, keep in iter_keep_chunks(
-        buffer, threshold, chunk_elements=chunk_elements
-    ):
+    for start, end, flags in _keep_flags(buffer, threshold, chunk_elements):
         delta = torch.sub(
             ft_flat[start:end].to(buffer.dtype), pre_flat[start:end].to(buffer.dtype)
         )
-        delta.mul_(keep)
+        delta.mul_(flags)  # flags are 0/1: same products as a bool mask
         kept_l1 += float(delta.abs().sum(dtype=torch.float64))
         buffer[start:end] = delta
     return buffer, kept_l1
@@ -581,7 +656,7 @@ def _fused_single(
     pre_flat, ft_flat = _flat(pre), _flat(finetuned)
     numel = pre_flat.numel()
     scores = torch.empty(numel, dtype=cdtype, device=pre.device)
-    scorer = _Scorer(coefficient, cdtype, pre.device, name)
+    scorer = _Scorer(coefficient, cdtype, pre.device, name, want_l1=False)
 
     def fill(start: int, end: int) -> None:
         scorer(pre_flat[start:end], ft_flat[start:end], scores[start:end])
