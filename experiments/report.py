@@ -139,7 +139,9 @@ def plot(table, out: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     ref = {e["method"]: e for e in table if e["method"] in ("base", "fine-tuned", "LoRA fine-tuned")}
     for method, (color, marker, label) in styles.items():
-        es = sorted((e for e in table if e["method"] == method), key=lambda e: e["strength"])
+        # (a LoRA row has no retention until the LoRA fine-tune itself is evaluated)
+        es = sorted((e for e in table if e["method"] == method and e["retention"] is not None),
+                    key=lambda e: e["strength"])
         if not es:
             continue
         x_cf = [e["cf_mean"] for e in es]
