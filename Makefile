@@ -33,5 +33,17 @@ experiment: $(VENV)/.installed
 	nice -n 10 experiments/run_experiment.sh $(PY)
 # --- end experiment ---
 
+# --- benchmarks (issue 3): docs/performance.md; not part of the test suite ---
+BENCH_PAIR ?= benchmarks/data/pair-1b
+BENCH_REPS ?= 3
+bench: $(VENV)/.installed
+	test -f $(BENCH_PAIR)/base/config.json || $(PY) benchmarks/make_pair.py $(BENCH_PAIR) --params 1e9
+	nice -n 10 $(PY) benchmarks/bench_kernel.py --threads 1
+	HF_HUB_OFFLINE=1 nice -n 10 $(PY) benchmarks/bench_e2e.py --pair $(BENCH_PAIR) --reps $(BENCH_REPS)
+
+bench-gpu: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_gpu.py
+# --- end benchmarks ---
+
 clean:
 	rm -rf $(VENV) build .pytest_cache .hypothesis
