@@ -14,6 +14,7 @@ tensor by tensor at the end (they must be bit-identical).
 Usage::
 
     python benchmarks/bench_lora.py --base benchmarks/data/pair-1b/base --reps 1
+    python benchmarks/bench_lora.py ... --mergekit-args "--out-shard-size 100M"
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--json", type=Path, default=HERE / "results" / "lora.json")
+    parser.add_argument("--mergekit-args", default="",
+                        help="extra mergekit-yaml options for both paths, e.g. '--out-shard-size 100M'")
     args = parser.parse_args()
 
     base = args.base.resolve()
@@ -127,7 +130,7 @@ def main() -> None:
             recipe = work / f"{path}.yml"
             recipe.write_text(yaml.safe_dump(recipes(base, adapter)[path], sort_keys=False))
             cmd = [str(BIN / "mergekit-yaml"), str(recipe), str(out), "--no-copy-tokenizer",
-                   "--lora-merge-cache", str(cache)]
+                   "--lora-merge-cache", str(cache), *args.mergekit_args.split()]
             # CPU seconds too: on a shared machine wall time mostly measures the
             # neighbours; user+sys of the child does not (RUSAGE_CHILDREN counts
             # children once they are waited for, as timed() does).
@@ -154,6 +157,7 @@ def main() -> None:
         "adapter_params": adapter_params,
         "rank": args.rank,
         "reps": args.reps,
+        "mergekit_args": args.mergekit_args,
         "medians": medians,
         "runs": results,
         "time_ratio": medians["native"]["wall_s"] / medians["base+adapter"]["wall_s"],
