@@ -119,11 +119,60 @@ def main() -> None:
         lines.append(f"| {name} | {fmt_strength(e)} | {acc} | {ret} | {e['wiki_ppl']:.3f} | {e['lee_ppl']:.3f} | "
                      f"{e['cf_wiki']:+.2f} | {e['cf_lee']:+.2f} | {e['cf_mean']:+.2f} |")
     md = "\n".join(lines) + "\n"
+    md += "\n" + head_to_head(table)
     (res / "table.md").write_text(md)
+    write_into_docs(args.docs / "experiments.md", md)
     (res / "summary.json").write_text(json.dumps({"rows": table, "eval_seconds": sum(r["seconds"] for r in rows)},
                                                  indent=1) + "\n")
     console.print(md)
     plot(table, args.docs / "images" / "experiment-tradeoff.png")
+
+
+def verdict(a: dict, b: dict) -> str:
+    """FAPM point a against baseline point b at the same sparsity, mechanically.
+
+    Accuracy within 0.01 (one test prompt) and mean CF% within 0.1 point count as
+    equal. "wins" = at least as good on both axes and better on one; "loses" = the
+    reverse; "trade-off" = better on one axis, worse on the other.
+    """
+    d_acc = a["acc"] - b["acc"]
+    d_cf = b["cf_mean"] - a["cf_mean"]  # positive: FAPM forgets less
+    acc_s = 0 if abs(d_acc) < 0.01 else (1 if d_acc > 0 else -1)
+    cf_s = 0 if abs(d_cf) < 0.1 else (1 if d_cf > 0 else -1)
+    if acc_s == 0 and cf_s == 0:
+        return "tie"
+    if acc_s >= 0 and cf_s >= 0:
+        return "wins"
+    if acc_s <= 0 and cf_s <= 0:
+        return "loses"
+    return "trade-off"
+
+
+def head_to_head(table) -> str:
+    by = {(e["method"], e["strength"]): e for e in table}
+    lines = ["| sparsity | FAPM acc / CF% | magnitude acc / CF% | FAPM vs magnitude | DARE acc / CF% | FAPM vs DARE |",
+             "|---|---|---|---|---|---|"]
+    for e in sorted((e for e in table if e["method"] == "fapm"), key=lambda e: e["strength"]):
+        s = e["strength"]
+        cells = [f"{s:g}", f"{e['acc']:.2f} / {e['cf_mean']:+.2f}"]
+        for other in ("magnitude", "dare"):
+            o = by.get((other, s))
+            cells += ([f"{o['acc']:.2f} / {o['cf_mean']:+.2f}", verdict(e, o)] if o else ["not yet run", "-"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_into_docs(doc: Path, md: str) -> None:
+    """Replace the generated block of docs/experiments.md, so the page shows this run."""
+    start, end = "<!-- results-table:start -->", "<!-- results-table:end -->"
+    if not doc.exists():
+        return
+    text = doc.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        doc.write_text(head + start + "\n" + md + end + tail)
+        console.print(f"table written into {doc}")
 
 
 def plot(table, out: Path) -> None:
