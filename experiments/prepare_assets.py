@@ -139,7 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("experiments/work"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--test-eval", type=int, default=150, help="test rows that are scored")
+    ap.add_argument("--test-eval", type=int, default=400, help="test rows written for scoring (the runner scores the first TASK_N)")
     ap.add_argument("--val-eval", type=int, default=100, help="validation rows (spare; not used by the default run)")
     ap.add_argument("--wiki-articles", type=int, default=120)
     args = ap.parse_args()
