@@ -455,20 +455,19 @@ def demo_eval_data(
         length = int(torch.randint(low, high + 1, (1,), generator=generator))
         return "".join(chr(int(c)) for c in printable[torch.randint(len(printable), (length,), generator=generator)])
 
-    kept, tried = [], 0
-    while len(kept) < items and tried < 50 * items:
-        tried += 1
-        prompt = random_text(8, 16)
-        choices = [random_text(3, 6) for _ in range(4)]
+    kept, batches = [], 0
+    while len(kept) < items and batches < 200:
+        batches += 1  # 64 candidate items per batch: one forward per model
+        candidates = [(random_text(8, 16), [random_text(3, 6) for _ in range(4)]) for _ in range(64)]
+        sequences = [tokenizer.encode(p) + tokenizer.encode(c) for p, cs in candidates for c in cs]
+        starts = [len(tokenizer.encode(p)) for p, cs in candidates for _ in cs]
         picks = []
         for model in (base, finetuned):
-            item = {"prompt": prompt, "choices": choices, "answer": 0}
-            sequences = [tokenizer.encode(prompt) + tokenizer.encode(c) for c in choices]
-            start = len(tokenizer.encode(prompt))
-            scores = [math.fsum(v) for v in _sequence_logprobs(model, sequences, [start] * 4)]
-            picks.append(max(range(4), key=lambda i: (scores[i], -i)))
-        if picks[0] != picks[1]:
-            kept.append({**item, "answer": picks[1]})
+            scores = [math.fsum(v) for v in _sequence_logprobs(model, sequences, starts)]
+            picks.append([max(range(4), key=lambda i: (scores[4 * n + i], -i)) for n in range(64)])
+        for n, (prompt, choices) in enumerate(candidates):
+            if picks[0][n] != picks[1][n] and len(kept) < items:
+                kept.append({"prompt": prompt, "choices": choices, "answer": picks[1][n]})
     task_path.write_text("".join(json.dumps(k) + "\n" for k in kept), encoding="utf-8")
     return {"text": text_path, "task": task_path}
 
