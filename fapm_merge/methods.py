@@ -30,7 +30,6 @@ from fapm_merge.core import (
     DEFAULT_SPARSITY,
     FapmInputError,
     fapm_merge,
-    keep_count,
     resolve_density,
 )
 
@@ -128,7 +127,7 @@ FAPM_PARAMETERS = (
         default=False,
         description="rescale each kept delta to the L1 norm of its full delta",
     ),
-    # --- DARE-style rescale (issue 5): next to the L1 `rescale` on purpose -------
+    # next to the L1 `rescale` on purpose: the two are alternatives
     ParameterSpec(
         "density_rescale",
         bool,
@@ -139,7 +138,6 @@ FAPM_PARAMETERS = (
             "dropping (https://arxiv.org/abs/2311.03099); not with rescale"
         ),
     ),
-    # --- end DARE-style rescale ---------------------------------------------------
 )
 
 
@@ -148,25 +146,34 @@ def default_sparsity_for(model_id: Any) -> float:
     return DEFAULT_LORA_SPARSITY if getattr(model_id, "lora", None) else DEFAULT_SPARSITY
 
 
-def keep_counts_for(group: TensorGroup, parameters: dict) -> list:
-    """Per fine-tuned model, the exact number of entries kept in this tensor."""
-    counts = []
-    numel = group.base.tensor.numel()
+def densities_for(group: TensorGroup, parameters: dict) -> list:
+    """Per fine-tuned model, the exact kept share (a Fraction) for this tensor.
+
+    The one place that turns per-model ``sparsity``/``density`` (or the default for
+    full fine-tunes vs ``base+adapter`` inputs) into a density; errors name the
+    model and the tensor.
+    """
+    shares = []
     for entry in group.non_base:
         sparsity = parameters["sparsity"][entry.id]
         density = parameters["density"][entry.id]
         if sparsity is None and density is None:
             sparsity = default_sparsity_for(entry.id)
         try:
-            counts.append(keep_count(numel, sparsity=sparsity, density=density))
+            shares.append(resolve_density(sparsity=sparsity, density=density))
         except FapmInputError as error:
             raise FapmInputError(
                 f"fapm: model {entry.id}, tensor {group.metadata.name!r}: {error}"
             ) from None
-    return counts
+    return shares
 
 
-# --- DARE-style rescale (issue 5) ---------------------------------------------------
+def keep_counts_for(group: TensorGroup, parameters: dict) -> list:
+    """Per fine-tuned model, the exact number of entries kept in this tensor."""
+    numel = group.base.tensor.numel()
+    return [math.floor(share * numel) for share in densities_for(group, parameters)]
+
+
 def delta_scales_for(group: TensorGroup, parameters: dict) -> list:
     """Per fine-tuned model, the factor ``density_rescale`` puts on its kept delta.
 
@@ -183,15 +190,10 @@ def delta_scales_for(group: TensorGroup, parameters: dict) -> list:
             f"tensor {group.metadata.name!r}: choose one of rescale (L1 norm of the "
             "full delta) and density_rescale (1/density, DARE-style), not both"
         )
-    factors = []
-    for entry in group.non_base:
-        sparsity = parameters["sparsity"][entry.id]
-        density = parameters["density"][entry.id]
-        if sparsity is None and density is None:
-            sparsity = default_sparsity_for(entry.id)
-        share = resolve_density(sparsity=sparsity, density=density)
-        factors.append(float(1 / share) if share > 0 else 1.0)
-    return factors
+    return [
+        float(1 / share) if share > 0 else 1.0
+        for share in densities_for(group, parameters)
+    ]
 
 
 def _fold_delta_scales(group: TensorGroup, parameters: dict) -> dict:
@@ -214,7 +216,6 @@ def _fold_delta_scales(group: TensorGroup, parameters: dict) -> dict:
         lambda_=parameters["lambda"] / divisor,
         normalize=False,
     )
-# --- end DARE-style rescale ---------------------------------------------------------
 
 
 class FapmMerge(GroupMergeMethod):
@@ -260,11 +261,10 @@ def register_methods() -> None:
     from fapm_merge import fapm_ties
 
     extra = getattr(fapm_ties, "fapm_ties_method", None)
-    # -- issue 4: fapm_lora (native LoRA adapter path), same late-import pattern --
+    # fapm_lora (native LoRA adapter path): same late-import pattern
     from fapm_merge import lora_method
 
     lora = getattr(lora_method, "fapm_lora_method", None)
-    # -- end issue 4 --
     with _lock:
         known = {method.spec.name for method in registry.registered_methods()}
         late = tuple(m for m in (extra, lora) if m is not None)
