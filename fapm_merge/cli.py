@@ -179,7 +179,6 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
     console.print(f"appended {len(folders)} line(s) to {results}")
 
 
-# --- verify (issue 8) ----------------------------------------------------------------
 @main.command()
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -203,7 +202,28 @@ def verify(out_dir: Path, recipe):
     click.echo(format_report(report))
     if not report.ok:
         raise SystemExit(1)
-# --- end verify ----------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def lint(recipe: Path):
+    """Find recipe mistakes that plain mergekit-yaml accepts silently.
+
+    mergekit 0.1.5 drops unknown parameter names without a word (a typo such as
+    `spasity: 0.5` merges at the default 0.9) and ignores shared parameters written
+    per model. Run this before a long merge; exit status 1 when anything is found.
+    """
+    from fapm_merge.verify import lint_recipe, load_recipe
+
+    try:
+        problems = lint_recipe(load_recipe(recipe))
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    for problem in problems:
+        click.echo(str(problem))
+    if problems:
+        raise SystemExit(1)
+    click.echo(f"{recipe}: no problems found")
 
 
 @main.command()

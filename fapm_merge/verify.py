@@ -26,10 +26,6 @@ from typing import Any, Dict, List, Optional
 import torch
 
 _FAPM_METHODS = ("fapm",)
-# Parameters mergekit reads per model (NON_BASE scope) vs once per tensor (SHARED);
-# a SHARED one written under models[i].parameters is silently ignored by mergekit.
-_PER_MODEL = ("sparsity", "density", "weight")
-_SHARED = ("beta", "lambda", "normalize", "rescale", "density_rescale")
 
 
 @dataclass
@@ -91,13 +87,14 @@ def load_recipe(path: Path) -> Dict[str, Any]:
     return recipe
 
 
-def _known_parameters(method: str) -> Optional[set]:
+def _parameter_scopes(method: str) -> Optional[Dict[str, str]]:
+    """``{parameter: scope}`` from the registered method's spec (None: unknown method)."""
     try:
         from mergekit.merge_methods import registry
 
         import fapm_merge.methods  # noqa: F401  (registers ours)
 
-        return {p.name for p in registry.get(method).spec.parameters}
+        return {p.name: p.scope.value for p in registry.get(method).spec.parameters}
     except Exception:  # unknown method: mergekit itself reports it
         return None
 
@@ -113,9 +110,10 @@ def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
         recipe (`Dict[str, Any]`): the parsed YAML recipe.
     """
     method = str(recipe.get("merge_method", ""))
-    known = _known_parameters(method)
-    if known is None:
+    scopes = _parameter_scopes(method)
+    if scopes is None:
         return []
+    known = set(scopes)
     problems: List[Problem] = []
 
     def check(params: Any, where: str, per_model: bool) -> None:
@@ -128,7 +126,7 @@ def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
                     f"unknown parameter for {method} (mergekit ignores it silently); "
                     f"known: {', '.join(sorted(known))}",
                 ))
-            elif per_model and method in _FAPM_METHODS and key in _SHARED:
+            elif per_model and scopes[key] == "shared":
                 problems.append(Problem(
                     f"{where}.{key}",
                     f"{key!r} is one value per tensor for {method}: mergekit ignores it "

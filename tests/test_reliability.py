@@ -369,3 +369,23 @@ def test_verify_flags_a_pickle_only_checkpoint(tmp_path):
     report = verify_output(folder)
     assert not report.ok
     assert "no .safetensors files: not a finished merge, or a pickle-only checkpoint" in str(report.problems[0])
+
+
+def test_lint_command_reports_silently_ignored_keys_before_a_merge(tmp_path):
+    """`fapm-merge lint` flags a typo and a shared key under models[i] (mergekit drops both)."""
+    from click.testing import CliRunner
+
+    from fapm_merge.cli import main
+
+    recipe = tmp_path / "typo.yml"
+    recipe.write_text(
+        "merge_method: fapm\nbase_model: /m/base\nmodels:\n  - model: /m/ft\n"
+        "    parameters:\n      spasity: 0.5\n      beta: 0.5\n"
+    )
+    result = CliRunner().invoke(main, ["lint", str(recipe)])
+    assert result.exit_code == 1
+    assert "models[0].parameters.spasity: unknown parameter" in result.output
+    assert "models[0].parameters.beta" in result.output and "top-level" in result.output
+    clean = tmp_path / "clean.yml"
+    clean.write_text(recipe.read_text().replace("spasity", "sparsity").replace("      beta: 0.5\n", ""))
+    assert CliRunner().invoke(main, ["lint", str(clean)]).exit_code == 0
