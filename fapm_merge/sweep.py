@@ -237,6 +237,8 @@ def _fast_path_parameters(task, tensors: Dict[Any, torch.Tensor]):
         divisor = 1.0
     if params["lambda"] * weight / divisor != 1.0 or params["rescale"]:
         return None
+    if params.get("density_rescale"):  # scales kept entries: mergekit's own path
+        return None
     if task.dtype is not None:
         return None
     return params["beta"], task.base_model, model, inputs["sparsity"], inputs["density"]

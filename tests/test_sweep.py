@@ -181,3 +181,13 @@ def test_cli_sweep(qwen_pair, tmp_path):
     assert names == ["fapm-s0.7", "fapm-s0.9", "magnitude-s0.7", "magnitude-s0.9"]
     again = CliRunner().invoke(main, args)
     assert again.exit_code != 0 and "exists and is not empty" in again.output
+
+
+def test_density_rescale_recipes_take_the_kernel_path_and_stay_exact(qwen_pair, tmp_path):
+    base, finetuned = qwen_pair
+    recipe = fapm_recipe(base, finetuned)
+    recipe["parameters"] = {"density_rescale": True}
+    (variant,) = build_variants(recipe, sparsities=[0.8])
+    out = run_sweep([variant], tmp_path / "s", copy_tokenizer=False, progress=False).out_dir
+    reference = run_merge_in_process(variant.recipe, tmp_path / "ref")
+    _assert_same_model(out / variant.name, reference)
