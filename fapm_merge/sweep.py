@@ -216,6 +216,10 @@ _rng_states: Dict[Tuple[str, int], torch.Tensor] = {}
 """Per (sweep id, variant index): the CPU random state of that DARE variant's stream."""
 
 
+_FAST_SHARED = {"beta", "lambda", "normalize", "rescale"}
+_FAST_INPUT = {"sparsity", "density", "weight"}
+
+
 def _fast_path_parameters(task, tensors: Dict[Any, torch.Tensor]):
     """``(beta, base_id, model_id, sparsity, density)`` when ``task`` is a FAPM merge
     that the ``fapm`` kernel computes as ``select_where`` (one model, coefficient 1,
@@ -238,6 +242,10 @@ def _fast_path_parameters(task, tensors: Dict[Any, torch.Tensor]):
     if params["lambda"] * weight / divisor != 1.0 or params["rescale"]:
         return None
     if params.get("density_rescale"):  # scales kept entries: mergekit's own path
+        return None
+    # A parameter this fast path does not know (a later kernel option) may change the
+    # output: let mergekit's kernel compute it instead of guessing.
+    if set(params) - _FAST_SHARED - {"density_rescale"} or set(inputs) - _FAST_INPUT:
         return None
     if task.dtype is not None:
         return None
