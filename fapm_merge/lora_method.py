@@ -42,8 +42,8 @@ from fapm_merge.core import FapmInputError, fapm_merge, keep_count
 from fapm_merge.lora import ADAPTER_CONFIG, load_bound_adapter
 from fapm_merge.methods import (
     DEFAULT_LORA_SPARSITY,
+    FAPM_PARAMETERS,
     PAPER_URL,
-    _number,
     _share,
     register_methods,
 )
@@ -87,27 +87,8 @@ FAPM_LORA_PARAMETERS = (
         default=None,
         description="share kept, 1 - sparsity; not with sparsity",
     ),
-    ParameterSpec(
-        "beta",
-        Annotated[float, _number("beta", 0.0)],
-        ParameterScope.SHARED,
-        default=1.0,
-        description="balance factor of the score; 0 is magnitude pruning",
-    ),
-    ParameterSpec(
-        "lambda",
-        Annotated[float, _number("lambda")],
-        ParameterScope.SHARED,
-        default=1.0,
-        description="scale of the pruned update",
-    ),
-    ParameterSpec(
-        "rescale",
-        bool,
-        ParameterScope.SHARED,
-        default=False,
-        description="rescale the kept update to the L1 norm of the full update",
-    ),
+    # the same shared knobs as `fapm`, declared once there
+    *(spec for spec in FAPM_PARAMETERS if spec.name in ("beta", "lambda", "rescale")),
     ParameterSpec(
         "allow_pickle",
         bool,
