@@ -72,6 +72,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = ap.parse_args()
 
+    # One trainer per output folder: a second run waits here, then finds the result.
+    import fcntl
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(args.out.with_name(args.out.name + ".lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     if args.out.exists() and (args.out / "train_log.json").exists():
         console.print(f"[dim]{args.out} already trained; delete it to retrain[/dim]")
         return
