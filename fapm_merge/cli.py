@@ -82,7 +82,7 @@ def demo(out_dir: Path, sparsity: float, overwrite: bool):
     console.print(f"model card: {merged / 'README.md'}")
 
 
-# --- issue 6: choosing the sparsity (analyze, sweep, eval, tradeoff); logic in the library ---
+# Choosing the sparsity: analyze, sweep, eval, tradeoff (the logic lives in the library).
 
 
 @main.command()
