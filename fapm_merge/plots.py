@@ -27,6 +27,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders created) and free it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_tradeoff(result, path: Path, *, title: str = "") -> Path:
     """Task (normalised to the fine-tuned model) against general ability (normalised
     to the base): one curve per method in order of strength, the two anchors, the
@@ -78,12 +88,7 @@ def plot_tradeoff(result, path: Path, *, title: str = "") -> Path:
     ax.set_title(title or f"forgetting / task trade-off — selected by {result.rule}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_analysis(
@@ -138,9 +143,4 @@ def plot_analysis(
     ax.set_title("score histogram (all tensors)", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
