@@ -102,7 +102,15 @@ def load_model(path: Path, *, device: str = "cpu", dtype: str = "float32"):
         torch_dtype = getattr(torch, dtype)
     except AttributeError:
         raise EvalInputError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16") from None
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    if not any(path.glob("*.safetensors")):
+        # weights load through safetensors only: a pickled .bin can run code
+        raise EvalInputError(
+            f"{path} has no .safetensors weights; fapm-merge loads weights only through "
+            "safetensors (convert the folder with save_pretrained(safe_serialization=True))"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype, use_safetensors=True
+    )
     return model.to(device).eval()
 
 

@@ -213,3 +213,16 @@ def test_lm_eval_absent_is_a_clear_message(pair256, tmp_path):
     outcome = CliRunner().invoke(main, ["eval", str(pair256[0]), "--lm-eval", "hellaswag", "--out", str(tmp_path / "r.jsonl")])
     assert outcome.exit_code != 0
     assert "pip install 'fapm-merge[eval]'" in outcome.output
+
+
+def test_pickled_only_model_folder_is_refused(tmp_path):
+    """Weights load through safetensors only: a .bin-only folder is never unpickled."""
+    from fapm_merge.evaluate import load_model
+    from fapm_merge.toy_models import TINY_CONFIGS, build_model
+
+    build_model(TINY_CONFIGS["llama"]).save_pretrained(tmp_path / "m")
+    for weights in (tmp_path / "m").glob("*.safetensors"):
+        torch.save({}, tmp_path / "m" / "pytorch_model.bin")
+        weights.unlink()
+    with pytest.raises(EvalInputError, match="safetensors"):
+        load_model(tmp_path / "m")
