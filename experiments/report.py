@@ -195,6 +195,9 @@ def plot(table, out: Path) -> None:
                     key=lambda e: e["strength"])
         if not es:
             continue
+        if method == "dare":  # say how many seeds the points really average
+            seeds = max(len(e["seeds"]) for e in es)
+            label = f"DARE (mean of {seeds} seeds)" if seeds > 1 else "DARE (one seed)"
         x_cf = [e["cf_wiki"] for e in es]
         y_ret = [e["retention"] for e in es]
         axes[0].plot(x_cf, y_ret, marker=marker, color=color, label=label)
