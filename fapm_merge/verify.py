@@ -25,6 +25,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from fapm_merge import summary
+
 _FAPM_METHODS = ("fapm",)
 
 
@@ -204,13 +206,6 @@ def _open_index(folder: Path, report: VerifyReport) -> Dict[str, Path]:
     return found
 
 
-def _read(path: Path, name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        return handle.get_tensor(name)
-
-
 def _model_path(value: Any) -> Optional[Path]:
     """A local model folder from a recipe's model reference, or None if it is not one."""
     if isinstance(value, dict):
@@ -240,7 +235,6 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> Ver
     Returns:
         VerifyReport: ``report.ok`` is True when nothing is wrong.
     """
-    from fapm_merge import summary
 
     out_dir = Path(out_dir)
     report = VerifyReport(out_dir)
@@ -273,7 +267,7 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> Ver
 
     for name, shard in out_index.items():
         try:
-            out = _read(shard, name)
+            out = summary.read_tensor(shard, name)
         except Exception as error:
             _problem(report, name, f"cannot be read from {shard.name} ({error})")
             continue
@@ -284,7 +278,7 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> Ver
             continue
         if name not in base_index:
             continue
-        pre = _read(base_index[name], name)
+        pre = summary.read_tensor(base_index[name], name)
         if pre.shape != out.shape:
             if not tokenizer_changes_vocab:
                 _problem(report, name, f"shape {tuple(out.shape)} differs from the base's "
@@ -307,7 +301,6 @@ class _FapmInputs:
 def _fapm_setup(recipe: Dict[str, Any], base_index: Dict[str, Path],
                 report: VerifyReport) -> Optional[_FapmInputs]:
     """Inputs of the invariant check, or None (with a note saying why not)."""
-    from fapm_merge import summary
 
     method = recipe.get("merge_method")
     if method not in _FAPM_METHODS:
@@ -363,7 +356,7 @@ def _check_fapm(name: str, pre: torch.Tensor, out: torch.Tensor,
 
     if name not in inputs.ft_index or not out.is_floating_point():
         return
-    ft = _read(inputs.ft_index[name], name)
+    ft = summary.read_tensor(inputs.ft_index[name], name)
     if ft.shape != pre.shape:
         return
     if inputs.dtype is not None:  # mergekit casts the inputs to `dtype:` first
