@@ -48,9 +48,13 @@ def classify(model: str):
         return "ref", "base", None, None
     if name == "ft_full":
         return "full", "fine-tuned", None, None
-    if name.startswith("lora-fapm-s"):
-        s = float(name[len("lora-fapm-s"):])
-        return "lora", "LoRA fine-tuned" if s == 0 else "fapm (LoRA)", s, None
+    if name.startswith("lora-"):
+        # lora-fapm-s0.1, lora-magnitude-s0.1, lora-wiseft-a0.5 (stage 6 and 6b)
+        method, _, value = name[len("lora-"):].partition("-")
+        strength = float(value[1:])
+        if method == "fapm" and strength == 0:
+            return "lora", "LoRA fine-tuned", strength, None
+        return "lora", f"{method} (LoRA)", strength, None
     method, _, value = name.partition("-")
     strength = float(value[1:])  # s0.9 -> 0.9, a0.3 -> 0.3
     # DARE seeds live in sweep0/, sweep1/, sweep2/ (sweep-fapm/ holds FAPM and magnitude)
@@ -102,13 +106,13 @@ def main() -> None:
         entry["retention"] = 100.0 * entry["acc"] / acc_ft["acc"] if acc_ft else None
         table.append(entry)
     order = {"base": 0, "fine-tuned": 1, "fapm": 2, "magnitude": 3, "dare": 4, "wiseft": 5,
-             "LoRA fine-tuned": 6, "fapm (LoRA)": 7}
-    table.sort(key=lambda e: (order.get(e["method"], 9), e["strength"] or 0))
+             "LoRA fine-tuned": 6, "fapm (LoRA)": 7, "magnitude (LoRA)": 8, "wiseft (LoRA)": 9}
+    table.sort(key=lambda e: (order.get(e["method"], 10), e["strength"] or 0))
 
     def fmt_strength(e):
         if e["strength"] is None:
             return "-"
-        return (f"alpha {e['strength']:g}" if e["method"] == "wiseft" else f"{e['strength']:g}")
+        return (f"alpha {e['strength']:g}" if e["method"].startswith("wiseft") else f"{e['strength']:g}")
 
     lines = ["| model | sparsity / alpha | accuracy | retention % | PPL wiki | PPL Lee | CF% wiki | CF% Lee | CF% mean |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -120,6 +124,8 @@ def main() -> None:
                      f"{e['cf_wiki']:+.2f} | {e['cf_lee']:+.2f} | {e['cf_mean']:+.2f} |")
     md = "\n".join(lines) + "\n"
     md += "\n" + head_to_head(table)
+    if any(e["method"] == "magnitude (LoRA)" for e in table):
+        md += "\n" + head_to_head(table, arm="LoRA")
     (res / "table.md").write_text(md)
     write_into_docs(args.docs / "experiments.md", md)
     (res / "summary.json").write_text(json.dumps({"rows": table, "eval_seconds": sum(r["seconds"] for r in rows)},
@@ -150,15 +156,21 @@ def verdict(a: dict, b: dict) -> str:
     return "trade-off"
 
 
-def head_to_head(table) -> str:
+def head_to_head(table, arm: str = "full") -> str:
+    """FAPM against the baselines at each sparsity; ``arm="LoRA"`` for the LoRA update."""
     by = {(e["method"], e["strength"]): e for e in table}
-    lines = ["| sparsity | FAPM acc / CF% wiki | magnitude acc / CF% wiki | FAPM vs magnitude | DARE acc / CF% wiki | FAPM vs DARE |",
-             "|---|---|---|---|---|---|"]
-    for e in sorted((e for e in table if e["method"] == "fapm"), key=lambda e: e["strength"]):
+    suffix = " (LoRA)" if arm == "LoRA" else ""
+    others = ("magnitude",) if arm == "LoRA" else ("magnitude", "dare")
+    header = f"| sparsity{' (LoRA arm)' if suffix else ''} | FAPM acc / CF% wiki |"
+    for other in others:
+        header += f" {other} acc / CF% wiki | FAPM vs {other} |"
+    lines = [header.replace("dare acc", "DARE acc").replace("vs dare", "vs DARE"),
+             "|---|---|" + "---|---|" * len(others)]
+    for e in sorted((e for e in table if e["method"] == "fapm" + suffix), key=lambda e: e["strength"]):
         s = e["strength"]
         cells = [f"{s:g}", f"{e['acc']:.2f} / {e['cf_wiki']:+.2f}"]
-        for other in ("magnitude", "dare"):
-            o = by.get((other, s))
+        for other in others:
+            o = by.get((other + suffix, s))
             cells += ([f"{o['acc']:.2f} / {o['cf_wiki']:+.2f}", verdict(e, o)] if o else ["not yet run", "-"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -186,7 +198,9 @@ def plot(table, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     styles = {"fapm": ("tab:red", "o", "FAPM"), "magnitude": ("tab:blue", "s", "magnitude pruning of dW"),
               "dare": ("tab:green", "^", "DARE (mean of 3 seeds)"), "wiseft": ("tab:purple", "D", "WiSE-FT"),
-              "fapm (LoRA)": ("tab:orange", "v", "FAPM on LoRA (native path)")}
+              "fapm (LoRA)": ("tab:orange", "v", "FAPM on LoRA (native path)"),
+              "magnitude (LoRA)": ("tab:cyan", "<", "magnitude pruning of LoRA dW"),
+              "wiseft (LoRA)": ("tab:pink", ">", "WiSE-FT on LoRA dW")}
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     ref = {e["method"]: e for e in table if e["method"] in ("base", "fine-tuned", "LoRA fine-tuned")}
     for method, (color, marker, label) in styles.items():
@@ -204,7 +218,7 @@ def plot(table, out: Path) -> None:
         for e in es:
             axes[0].annotate(f"{e['strength']:g}", (e["cf_wiki"], e["retention"]), fontsize=7,
                              xytext=(3, 3), textcoords="offset points", color=color)
-        if method == "wiseft":
+        if method.startswith("wiseft"):
             continue  # alpha is not a sparsity; WiSE-FT appears only in the trade-off panel
         s = [e["strength"] for e in es]
         axes[1].plot(s, [e["retention"] for e in es], marker=marker, color=color, label=label)

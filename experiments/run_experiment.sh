@@ -22,6 +22,7 @@ SPARSITIES=${SPARSITIES:-0.5,0.7,0.8,0.9,0.95,0.99}
 ALPHAS=${ALPHAS:-0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9}
 DARE_SEEDS=${DARE_SEEDS:-0 1 2}
 LORA_SPARSITIES=${LORA_SPARSITIES:-0.0 0.1 0.3 0.5 0.7 0.9}
+LORA_ALPHAS=${LORA_ALPHAS:-0.3 0.5 0.7 0.9}
 # Evaluation sizes, chosen for a shared 2-core CPU (docs/experiments.md, "Caveats"):
 # the first TASK_N test prompts scored by exact match of the greedy answer token,
 # and the first TEXT_WINDOWS windows of 512 tokens of each general text.
@@ -50,7 +51,7 @@ evaluate() {
 }
 # The project's own trade-off view of the full fine-tune arm (LoRA rows have their own anchor).
 tradeoff() {
-  grep -v '/lora-fapm-s' "$R/main.jsonl" > "$R/full-arm.jsonl"
+  grep -v '/lora-' "$R/main.jsonl" > "$R/full-arm.jsonl"
   "$FAPM" tradeoff "$R/full-arm.jsonl" --plot docs/images/experiment-tradeoff-cli.png --json "$R/tradeoff.json" \
     --title "SmolLM2-135M, Rotten Tomatoes SFT: task vs Wikipedia perplexity (fapm-merge tradeoff)"
 }
@@ -106,10 +107,10 @@ fi
 stamp "stage 5: LoRA fine-tune"
 "$PY" experiments/finetune.py --base "$W/base" --train "$D/rt_train.jsonl" --out "$W/ft_lora" \
   --mode lora --lr 1e-3 --steps 72 --warmup 6 --lora-r 16 --lora-alpha 32 --seed $SEED
-stamp "stage 6: LoRA arm through the native adapter path (merge_method: fapm_lora)"
-for s in $LORA_SPARSITIES; do
-  name=lora-fapm-s$s
-  done_mark "$name" && continue
+# lora_merge NAME PARAMETER_LINES: one fapm_lora merge of the LoRA fine-tune, evaluated, then deleted.
+lora_merge() {
+  local name=$1 params=$2
+  done_mark "$name" && return 0
   cat > "$W/$name.yml" <<EOF
 merge_method: fapm_lora
 base_model: $W/base
@@ -117,13 +118,29 @@ models:
   - model: $W/base
 parameters:
   adapter: $W/ft_lora
-  sparsity: $s
+$params
 dtype: float32
 EOF
   rm -rf "$W/$name"
   "$MKY" "$W/$name.yml" "$W/$name" --no-write-model-card --quiet
   evaluate "$W/$name"
   rm -rf "$W/$name"; mark "$name"
+}
+stamp "stage 6: LoRA arm through the native adapter path (merge_method: fapm_lora)"
+for s in $LORA_SPARSITIES; do
+  lora_merge "lora-fapm-s$s" "  sparsity: $s"
+done
+# Baselines on the same LoRA update dW = scale * B @ A, through the same native path:
+# magnitude pruning is FAPM's selection with beta 0; WiSE-FT keeps all of dW scaled by lambda.
+stamp "stage 6b: LoRA baselines (magnitude pruning of dW, WiSE-FT)"
+for s in $LORA_SPARSITIES; do
+  [ "$s" = 0.0 ] && continue
+  lora_merge "lora-magnitude-s$s" "  sparsity: $s
+  beta: 0.0"
+done
+for a in $LORA_ALPHAS; do
+  lora_merge "lora-wiseft-a$a" "  sparsity: 0.0
+  lambda: $a"
 done
 
 stamp "stage 7: report (table, plot)"
