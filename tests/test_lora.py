@@ -223,6 +223,28 @@ def test_reader_scales_patterns_and_transposes(case_runs):
     assert all(f.transpose for u in gpt2.updates.values() for f in u.factors)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("block_elements", [1, 200])
+def test_blockwise_lora_add_equals_peft_merge_bit_for_bit(case, block_elements, case_runs, monkeypatch):
+    """Regression guard for the row-block LoRA add (`BoundAdapter._add_delta`): with
+    blocks far smaller than any weight (one row; uneven blocks of several rows), every
+    rebuilt W_ft, transposed embeddings and Conv1D included, equals peft's merge."""
+    import fapm_merge.lora as lora_module
+
+    monkeypatch.setattr(lora_module, "_ADD_BLOCK_ELEMENTS", block_elements)
+    run = case_runs(case)
+    bound = load_bound_adapter(str(run["adapter"]), run["base"])
+    rebuilt = 0
+    for name, pre in run["pre"].items():
+        finetuned = bound.finetuned(name, pre)
+        if finetuned is None:
+            continue
+        assert finetuned.dtype == pre.dtype
+        assert torch.equal(finetuned, run["ft"][name]), name
+        rebuilt += 1
+    assert rebuilt > 1
+
+
 # -- refusals ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
