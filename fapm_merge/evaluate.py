@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from fapm_merge.jsonl import iter_jsonl
+
 DEFAULT_WINDOW = 256
 DEFAULT_BATCH_SIZE = 8
 
@@ -210,13 +212,7 @@ def load_task(path: Path) -> List[dict]:
     path = Path(path)
     if not path.exists():
         raise EvalInputError(f"task file {path} not found")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise EvalInputError(f"{path}:{number}: not JSON ({error})") from None
+    for number, item in iter_jsonl(path, EvalInputError):
         where = f"{path}:{number}"
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "answer" not in item:
             raise EvalInputError(f"{where}: each line needs a string 'prompt' and an 'answer'")

@@ -27,12 +27,13 @@ counts.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+from fapm_merge.jsonl import iter_jsonl
 
 TASK_WEIGHT = 2.0
 """Default weight of ``task_norm`` in the selection score."""
@@ -70,13 +71,7 @@ def read_results(path: Path) -> List[dict]:
     if not path.exists():
         raise TradeoffError(f"results file {path} not found; write it with fapm-merge eval --out {path}")
     latest: Dict[str, dict] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TradeoffError(f"{path}:{number}: not JSON ({error})") from None
+    for _, record in iter_jsonl(path, TradeoffError):
         if isinstance(record, dict) and "model" in record and "metrics" in record:
             latest.pop(record["model"], None)  # re-insert: keeps file order of the last run
             latest[record["model"]] = record
