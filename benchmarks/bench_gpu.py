@@ -1,5 +1,7 @@
-"""The GPU run, as one short script (`make bench-gpu`): kernel scaling and end to end.
+"""The GPU run, as one short script (`make bench-gpu`): correctness, kernel scaling, end to end.
 
+0. ``tests/test_cuda.py``: the kernel and ``mergekit-yaml --cuda`` equal the CPU
+   reference bit for bit (stops here if not).
 1. ``bench_kernel.py --device cuda``: the selection and the whole kernel against
    torch.topk / torch.argsort on the GPU, 4M ... 525M elements.
 2. A synthetic Llama-shaped pair of ``--params`` (default 0.5B, so the run stays
@@ -44,6 +46,9 @@ def main() -> None:
         sys.exit("bench_gpu: no CUDA device; run benchmarks/bench_kernel.py for CPU figures")
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     py = sys.executable
+    # Correctness first: CUDA results must equal the CPU reference bit for bit.
+    step("cuda tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        str(HERE.parent / "tests" / "test_cuda.py")])
     step("kernel", [py, str(HERE / "bench_kernel.py"), "--device", "cuda", "--reps", "3",
                     "--argsort-max", "6e8", "--peers-max", "6e8"])
     pair = args.data / f"pair-{args.params / 1e9:g}b"
