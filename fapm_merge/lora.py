@@ -167,7 +167,15 @@ class LoraAdapter:
                 f"{config_path} not found: the adapter folder must hold the "
                 f"{ADAPTER_CONFIG} and {SAFETENSORS_FILE} that peft's save_pretrained writes"
             )
-        self.config = json.loads(config_path.read_text())
+        try:
+            self.config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise FapmInputError(
+                f"{config_path} is not valid JSON ({error}); was it still being written? "
+                "Save the adapter again with peft's save_pretrained"
+            ) from None
+        if not isinstance(self.config, dict):
+            raise FapmInputError(f"{config_path} must hold a JSON object (peft's LoraConfig)")
         self._check_config(config_path)
         self.weights_file, self._tensors = self._open_weights(allow_pickle)
         self.updates, self.base_layers = self._parse_keys()

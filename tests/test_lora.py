@@ -386,3 +386,15 @@ def test_shipped_recipes_run_with_mergekit_yaml_and_agree(case_runs, lora_root):
         assert torch.equal(native[name], run["native"][name]), name
     assert any(cache.iterdir())  # BASE+ADAPTER wrote a merged copy ...
     assert not (lora_root / "unused-cache").exists() or not any((lora_root / "unused-cache").iterdir())
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[1, 2]"])
+def test_unreadable_adapter_config_names_the_file(content, lora_root, llama_base):
+    """Regression: an empty or half-written adapter_config.json (seen when a benchmark
+    rewrote the adapter during a merge) raised a bare JSONDecodeError from json's
+    internals; it must name the file and say what to do."""
+    folder = lora_root / f"adapter-bad-config-{len(content)}"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(content)
+    with pytest.raises(FapmInputError, match="adapter_config.json"):
+        LoraAdapter(folder)
