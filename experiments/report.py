@@ -66,9 +66,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("experiments/work"))
     ap.add_argument("--docs", type=Path, default=Path("docs"))
+    ap.add_argument("--prefix", default="",
+                    help="read PREFIXmain.jsonl and PREFIXlee.jsonl (experiments/confirm.sh uses "
+                         "'confirm-'); with a prefix only results/PREFIXtable.md is written")
     args = ap.parse_args()
     res = args.work / "results"
-    main_r, lee_r = last_records(res / "main.jsonl"), last_records(res / "lee.jsonl")
+    prefix = args.prefix
+    main_r, lee_r = last_records(res / f"{prefix}main.jsonl"), last_records(res / f"{prefix}lee.jsonl")
 
     rows = []
     for model, r in main_r.items():
@@ -122,11 +126,13 @@ def main() -> None:
     if any(e["method"] == "magnitude (LoRA)" for e in table):
         md += "\n" + head_to_head(table, arm="LoRA")
     md += "\n" + dominance(table)
-    (res / "table.md").write_text(md)
+    (res / f"{prefix}table.md").write_text(md)
+    console.print(md)
+    if prefix:  # a side run: the docs and the plot show the main protocol only
+        return
     write_into_docs(args.docs / "experiments.md", md)
     (res / "summary.json").write_text(json.dumps({"rows": table, "eval_seconds": sum(r["seconds"] for r in rows)},
                                                  indent=1) + "\n")
-    console.print(md)
     plot(table, args.docs / "images" / "experiment-tradeoff.png")
 
 
