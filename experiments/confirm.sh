@@ -11,14 +11,8 @@
 # docs are not touched (docs/experiments.md quotes this table by hand).
 set -euo pipefail
 PY=${1:-python}
-BIN=$(dirname "$PY")
-FAPM="$BIN/fapm-merge"
-MKY="$BIN/mergekit-yaml"
-W=$(pwd)/experiments/work
-D=$W/data
-R=$W/results
+source "$(dirname "$0")/common.sh"
 C=$W/confirm
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 [ -f "$W/ft_lora/adapter_config.json" ] || { echo "run make experiment first" >&2; exit 1; }
 N=${CONFIRM_N:-400}
 WINDOWS=${CONFIRM_WINDOWS:-8}
@@ -29,16 +23,7 @@ mkdir -p "$C"
 # The same recipes as stages 4a and 6/6b (sweep and fapm_lora), into confirm/.
 lora() {  # NAME PARAMETER_LINES
   [ -f "$C/$1/config.json" ] && return 0
-  cat > "$C/$1.yml" <<EOF
-merge_method: fapm_lora
-base_model: $W/base
-models:
-  - model: $W/base
-parameters:
-  adapter: $W/ft_lora
-$2
-dtype: float32
-EOF
+  write_lora_recipe "$C/$1.yml" "$2"
   "$MKY" "$C/$1.yml" "$C/$1" --no-write-model-card --quiet
 }
 lora lora-fapm-s0.0 "  sparsity: 0.0"

@@ -6,14 +6,8 @@
 # (git-ignored); only docs/experiments.md's numbers and docs/images/ come from here.
 set -euo pipefail
 PY=${1:-python}
-BIN=$(dirname "$PY")
-FAPM="$BIN/fapm-merge"
-MKY="$BIN/mergekit-yaml"
-W=$(pwd)/experiments/work
-D=$W/data
-R=$W/results
+source "$(dirname "$0")/common.sh"
 mkdir -p "$R"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # torch uses every core by default; on a machine shared with other busy processes set
 # OMP_NUM_THREADS=1 (spinning OpenMP threads waste most of a starved process's CPU time).
 SEED=0
@@ -111,16 +105,7 @@ stamp "stage 5: LoRA fine-tune"
 lora_merge() {
   local name=$1 params=$2
   done_mark "$name" && return 0
-  cat > "$W/$name.yml" <<EOF
-merge_method: fapm_lora
-base_model: $W/base
-models:
-  - model: $W/base
-parameters:
-  adapter: $W/ft_lora
-$params
-dtype: float32
-EOF
+  write_lora_recipe "$W/$name.yml" "$params"
   rm -rf "$W/$name"
   "$MKY" "$W/$name.yml" "$W/$name" --no-write-model-card --quiet
   evaluate "$W/$name"
