@@ -27,17 +27,14 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fapm_merge.tradeoff import read_results
+
 console = Console()
 
 
 def last_records(path: Path) -> dict:
-    out = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                out[r["model"]] = r
-    return out
+    """``{model: record}``, the last line per model winning (the reader `fapm-merge tradeoff` uses)."""
+    return {r["model"]: r for r in read_results(path)} if path.exists() else {}
 
 
 def classify(model: str):
