@@ -421,10 +421,7 @@ class BoundAdapter:
         a = _adapter_dtype(self.adapter.tensor(f.a_key).to(device))
         b = _adapter_dtype(self.adapter.tensor(f.b_key).to(device))
         product = b @ a
-        delta = product.T if f.transpose else product
-        if delta.dim() != 2 or delta.shape != result.shape:
-            result += delta * f.scale  # let torch report the shape error in full
-            return
+        delta = product.T if f.transpose else product  # shape checked against the base at bind
         rows = max(1, _ADD_BLOCK_ELEMENTS // max(1, delta.shape[1]))
         for start in range(0, delta.shape[0], rows):
             block = delta[start : start + rows]
