@@ -138,6 +138,12 @@ def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
             problems.append(Problem(
                 where, "give either sparsity or density, not both (density = 1 - sparsity)"
             ))
+        # mergekit only finds this clash at the first tensor, mid-run.
+        if params.get("rescale") and params.get("density_rescale") and "density_rescale" in known:
+            problems.append(Problem(
+                where, "choose one of rescale (L1 norm of the full delta) and "
+                "density_rescale (1/density, DARE-style), not both"
+            ))
 
     check(recipe.get("parameters"), "parameters", per_model=False)
     for index, model in enumerate(recipe.get("models") or []):

@@ -118,6 +118,19 @@ def test_shared_parameter_written_per_model_is_caught_by_lint(llama_pair):
     assert any("either sparsity or density" in t for t in text)
 
 
+def test_lint_reports_rescale_with_density_rescale_before_the_merge(llama_pair):
+    # Regression: mergekit only raised this clash at the first tensor, after start-up;
+    # lint (and the docs that point to it) must catch it before a run.
+    base, ft = llama_pair
+    both = dict(fapm_recipe(base, ft), parameters={"rescale": True, "density_rescale": True})
+    assert [str(p) for p in lint_recipe(both)] == [
+        "parameters: choose one of rescale (L1 norm of the full delta) and "
+        "density_rescale (1/density, DARE-style), not both"
+    ]
+    one = dict(fapm_recipe(base, ft), parameters={"rescale": False, "density_rescale": True})
+    assert lint_recipe(one) == []
+
+
 def test_mergekit_yaml_prints_parameter_error_and_writes_nothing(llama_pair, tmp_path):
     base, ft = llama_pair
     out = tmp_path / "out"
