@@ -27,7 +27,7 @@ SIZES = {
     # ~57M parameters: 2 x 16M embeddings + 8 layers of 3.2M
     "medium": dict(model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=1376,
                    num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False),
-    "small": None,  # the demo pair (~6M)
+    "small": None,  # the demo pair (~4M)
 }
 
 

@@ -53,7 +53,7 @@ def demo(out_dir: Path, sparsity: float, overwrite: bool):
     if merged.exists() and not overwrite:
         raise click.ClickException(f"{merged} exists; pass --overwrite or choose another OUT_DIR")
     started = time.perf_counter()
-    with console.status("building the demo pair (Llama-shaped, ~6M parameters)"):
+    with console.status("building the demo pair (Llama-shaped, ~4M parameters)"):
         base, finetuned = save_pair(DEMO_CONFIG, out_dir / "models")
     recipe = {
         "merge_method": "fapm",
@@ -100,7 +100,8 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
     """Write one merged model per value into OUT_DIR, reading every input tensor once.
 
     RECIPE is a mergekit recipe with merge_method: fapm and a base_model. Each
-    output folder OUT_DIR/<method>-s<value> equals `mergekit-yaml` run on the
+    output folder OUT_DIR/<method>-s<value> (-d<value> with --density, wiseft-a<alpha>)
+    equals `mergekit-yaml` run on the
     mergekit_config.yml written inside it, bit for bit; OUT_DIR/sweep.json lists
     the outputs. OUT_DIR appears only when every output is complete.
     """

@@ -134,8 +134,8 @@ FAPM_PARAMETERS = (
         ParameterScope.SHARED,
         default=False,
         description=(
-            "multiply each kept delta by 1/density, as DARE does after random "
-            "dropping (https://arxiv.org/abs/2311.03099); not with rescale"
+            "multiply each kept delta by 1/density, the DARE paper's factor after "
+            "random dropping (https://arxiv.org/abs/2311.03099); not with rescale"
         ),
     ),
 )

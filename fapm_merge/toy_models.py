@@ -55,7 +55,7 @@ TINY_CONFIGS: Dict[str, dict] = {
     ),
 }
 
-DEMO_CONFIG = dict(  # the `fapm-merge demo` pair: Llama-shaped, ~6M parameters
+DEMO_CONFIG = dict(  # the `fapm-merge demo` pair: Llama-shaped, ~4M parameters
     model_type="llama",
     vocab_size=2048,
     hidden_size=256,
