@@ -212,3 +212,20 @@ def test_subnormal_delta_on_zero_base_scores_minus_inf_not_zero():
     assert torch.equal(scores, reference_scores(pre, ft))
     expected, _ = reference_fapm(pre, ft, 0.1)
     assert torch.equal(fapm_merge(pre, [ft], keep_counts=[3]), expected)
+
+
+def test_mean_abs_counts_every_block_of_a_tensor_past_one_row_reduction():
+    # mean_abs reduces 16 blocks of MEAN_BLOCK_ELEMENTS per step; every real LLM
+    # weight has more than 16, and the tests' other tensors fewer (a loop that
+    # stopped after the first step went unnoticed by them).
+    x = torch.randn(core.MEAN_BLOCK_ELEMENTS * 33 + 5, generator=torch.Generator().manual_seed(0))
+    assert core.mean_abs(x) == pytest.approx(x.double().abs().mean().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("models", [1, 2])
+def test_keeping_nothing_with_rescale_returns_the_base(models):
+    # k = 0 (sparsity 1.0): the L1 rescale factor must not divide by the kept
+    # delta's zero norm; the output is the base, bit for bit.
+    pre, ft = _pair((64, 48), seed=4)
+    out = fapm_merge(pre, [ft] * models, keep_counts=[0] * models, rescale=True)
+    assert torch.equal(out, pre)

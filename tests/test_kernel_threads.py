@@ -60,8 +60,9 @@ def test_concurrent_kernels_equal_the_single_threaded_results():
     alone = [
         fapm_merge(pre, [ft], keep_counts=[k]) for (pre, ft), k in zip(pairs, keeps)
     ]
-    # the first one is also the plain reference, so "equal" means "right"
-    assert torch.equal(alone[0], reference_fapm(*pairs[0], sparsity=0.9)[0])
+    # each one also equals the plain reference, so "equal" means "right"
+    for (pre, ft), sparsity, result in zip(pairs, sparsities, alone):
+        assert torch.equal(result, reference_fapm(pre, ft, sparsity=sparsity)[0])
     jobs = [
         (lambda pre=pre, ft=ft, k=k, chunk=chunk: fapm_merge(
             pre, [ft], keep_counts=[k], chunk_elements=chunk))
@@ -122,6 +123,20 @@ def test_sample_fooled_by_the_layout_falls_back_to_the_exact_bisection(monkeypat
     sampled = scores[:: core._sample_step(SIZE)]
     sampled.copy_(-torch.rand(sampled.numel(), generator=gen))
     for k in (1, SIZE // 10, SIZE // 2):
+        mask = keep_mask(scores, find_threshold(scores, k), chunk_elements=9973)
+        assert torch.equal(mask, reference_mask(scores, k))
+    assert calls, "the fooled sample did not reach the fallback"
+
+
+def test_sample_fooled_upwards_falls_back_below_the_bracket(monkeypatch):
+    # The mirror of the test above: every sampled position holds a value far above
+    # all the others, so the k-th value lies below the bracket ("missed low").
+    calls = _spy_on_gather(monkeypatch)
+    gen = torch.Generator().manual_seed(7)
+    scores = torch.rand(SIZE, generator=gen)
+    sampled = scores[:: core._sample_step(SIZE)]
+    sampled.copy_(100 + torch.rand(sampled.numel(), generator=gen))
+    for k in (SIZE // 10, SIZE // 2, SIZE - 1):
         mask = keep_mask(scores, find_threshold(scores, k), chunk_elements=9973)
         assert torch.equal(mask, reference_mask(scores, k))
     assert calls, "the fooled sample did not reach the fallback"

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from conftest import load_state, run_merge_in_process, run_mergekit_yaml
-from reference import reference_fapm
+from reference import reference_fapm, reference_keep_count, reference_mask, reference_scores
 
 from fapm_merge.core import FapmInputError
 from fapm_merge.lora import LoraAdapter, load_bound_adapter, resolve_adapter_path
@@ -205,6 +205,30 @@ def test_sparsity_is_overridable(case_runs, lora_root):
     expected, _ = reference_fapm(run["pre"][name], run["ft"][name], sparsity=0.6)
     assert torch.equal(out[name], expected)
     assert not torch.equal(out[name], run["native"][name])
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_beta_density_lambda_and_rescale_reach_the_kernel(case_runs, lora_root, rescale):
+    """Regression guard: fapm_lora hard-coding beta, lambda or rescale, or dropping
+    density, went unnoticed while the tests set only sparsity."""
+    run = case_runs("gpt2-conv1d-mts-bias")  # float32
+    name = "transformer.h.0.attn.c_attn.weight"
+    pre, ft = run["pre"][name], run["ft"][name]
+    k = reference_keep_count(pre.numel(), 0.2)  # density 0.8
+    mask = reference_mask(reference_scores(pre, ft, beta=0.5), k).view(pre.shape)
+    assert not torch.equal(mask, reference_mask(reference_scores(pre, ft), k).view(pre.shape))
+    recipe = native_recipe(run["base"], run["adapter"], beta=0.5, density=0.8, rescale=rescale,
+                           **{"lambda": 0.7})
+    out = load_state(run_merge_in_process(
+        {**recipe, "dtype": "float32"}, lora_root / f"native-params-rescale-{rescale}"
+    ))[name]
+    kept = (ft - pre) * mask
+    if not rescale:
+        assert torch.equal(out, pre + kept * 0.7)
+        return
+    factor = float((ft - pre).double().abs().sum() / kept.double().abs().sum())
+    assert factor > 1.01  # the rescale is visible
+    torch.testing.assert_close(out, pre + kept * (0.7 * factor), rtol=1e-6, atol=0)
 
 
 def test_reader_scales_patterns_and_transposes(case_runs):

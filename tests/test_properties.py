@@ -30,8 +30,8 @@ SETTINGS = settings(
 
 # Magnitudes per dtype that keep W_ft - W_pre finite in the compute dtype (float32):
 # "large" is near the top of each dtype's range, "tiny" is subnormal in each.
-LARGE = {torch.float32: 1e30, torch.float16: 6e4, torch.bfloat16: 1e30}
-TINY = {torch.float32: 1e-42, torch.float16: 1e-7, torch.bfloat16: 1e-40}
+LARGE = {torch.float32: 1e30, torch.float16: 6e4, torch.bfloat16: 1e30, torch.float64: 1e300}
+TINY = {torch.float32: 1e-42, torch.float16: 1e-7, torch.bfloat16: 1e-40, torch.float64: 1e-310}
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -42,18 +42,19 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @st.composite
-def pairs(draw):
+def pairs(draw, dtypes=DTYPES):
     """(W_pre, W_ft) with a drawn shape, dtypes and value regime."""
     shape = tuple(draw(st.lists(st.integers(0, 9), min_size=1, max_size=3)))
-    pre_dtype = draw(st.sampled_from(DTYPES))
-    ft_dtype = draw(st.sampled_from(DTYPES + (pre_dtype,) * 3))  # mostly the same
+    pre_dtype = draw(st.sampled_from(dtypes))
+    ft_dtype = draw(st.sampled_from(dtypes + (pre_dtype,) * 3))  # mostly the same
     regime = draw(st.sampled_from(
         ["normal", "tiny", "large", "all_equal", "zero_pre", "sparse_delta", "ties"]
     ))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     scale = {"tiny": TINY, "large": LARGE}.get(regime, {}).get(pre_dtype, 0.02)
-    pre = torch.randn(shape, generator=gen) * scale
-    delta = torch.randn(shape, generator=gen) * scale * 0.5
+    wide = torch.float64 if torch.float64 in (pre_dtype, ft_dtype) else torch.float32
+    pre = torch.randn(shape, generator=gen, dtype=wide) * scale
+    delta = torch.randn(shape, generator=gen, dtype=wide) * scale * 0.5
     if regime == "all_equal":
         pre = torch.full(shape, 0.25)
         delta = torch.full(shape, 0.01)
@@ -65,7 +66,7 @@ def pairs(draw):
         pre = torch.randint(-2, 3, shape, generator=gen) * 0.5
         delta = torch.randint(-1, 2, shape, generator=gen) * 0.25
     pre = pre.to(pre_dtype)
-    ft = (pre.float() + delta).to(ft_dtype)
+    ft = (pre.to(wide) + delta.to(wide)).to(ft_dtype)
     assume(bool(torch.isfinite(pre).all() and torch.isfinite(ft).all()))
     return pre, ft
 
@@ -140,6 +141,32 @@ def test_result_independent_of_chunk_elements(pair, sparsity, chunk):
     reference, _ = merge(pre, ft, sparsity)
     chunked, _ = merge(pre, ft, sparsity, chunk=chunk)
     assert torch.equal(bits(reference), bits(chunked))
+
+
+@SETTINGS
+@given(
+    pairs(dtypes=DTYPES + (torch.float64,)),
+    sparsities,
+    st.sampled_from([0.0, 0.5, 1.0]),
+    st.sampled_from([None, 5, 64]),
+)
+def test_large_tensor_selection_paths_match_the_reference(pair, sparsity, beta, chunk):
+    """The sampled bracket, the gathered band, the exact bisection fallback and the
+    fused score+count pass start at 262,144 entries; with their thresholds shrunk,
+    the drawn small inputs (ties, zeros, subnormals, float64, beta 0) go through
+    them and must still give the plain reference's output bit for bit."""
+    pre, ft = pair
+    k = core.keep_count(pre.numel(), sparsity=sparsity)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(core, "_DIRECT_KTHVALUE_MAX", 16)
+        patch.setattr(core, "_SAMPLE_MIN", 8)
+        patch.setattr(core, "_SAMPLE_SIZE", 32)
+        patch.setattr(core, "_BAND_MIN_LIMIT", 8)
+        out = core.fapm_merge(pre, [ft], keep_counts=[k], beta=beta, chunk_elements=chunk)
+    dtype = torch.promote_types(pre.dtype, ft.dtype)
+    mask = reference_mask(reference_scores(pre, ft, beta), k).view(pre.shape)
+    expected = torch.where(mask, ft.to(dtype), pre.to(dtype))
+    assert torch.equal(bits(out), bits(expected))
 
 
 @SETTINGS
