@@ -116,6 +116,11 @@ def _check_recipe(recipe: dict) -> None:
         )
     if not _non_base_models(recipe):
         raise SweepError("the recipe lists no fine-tuned model besides base_model")
+    from fapm_merge.verify import missing_local_models
+
+    missing = missing_local_models(recipe)
+    if missing:
+        raise SweepError("; ".join(str(problem) for problem in missing))
 
 
 def _with_strength(recipe: dict, key: str, value: float) -> dict:

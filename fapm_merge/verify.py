@@ -101,22 +101,70 @@ def _parameter_scopes(method: str) -> Optional[Dict[str, str]]:
         return None
 
 
-def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
-    """Recipe mistakes that plain mergekit-yaml accepts silently.
+def _named_models(recipe: Dict[str, Any]) -> List[tuple]:
+    """``(where, reference)`` for every model a recipe names."""
+    named = []
+    if isinstance(recipe.get("base_model"), str):
+        named.append(("base_model", recipe["base_model"]))
+    for index, model in enumerate(recipe.get("models") or []):
+        if isinstance(model, dict) and isinstance(model.get("model"), str):
+            named.append((f"models[{index}].model", model["model"]))
+    for s_index, slice_ in enumerate(recipe.get("slices") or []):
+        for index, source in enumerate((slice_ or {}).get("sources") or []):
+            if isinstance(source, dict) and isinstance(source.get("model"), str):
+                named.append((f"slices[{s_index}].sources[{index}].model", source["model"]))
+    return named
 
-    mergekit 0.1.5 drops unknown keys under ``parameters`` without a word (a typo
-    such as ``spasity: 0.5`` quietly merges at the default 0.9) and ignores shared
-    parameters written per model. Both are reported here.
+
+def _looks_local(reference: str) -> bool:
+    # "namespace/name" is a hub id; mergekit reads a path only if it exists, so a
+    # missing one would be looked up on the hub and fail there, obscurely.
+    return reference.startswith(("/", "./", "../", "~")) or reference.count("/") >= 2
+
+
+def missing_local_models(recipe: Dict[str, Any]) -> List[Problem]:
+    """Models a recipe names by a local path that is missing or is not a model folder.
+
+    mergekit takes a missing path for a hub id and fails deep inside transformers
+    ("Repo id must be in the form ...") after its start-up; this names the recipe
+    key and the path first. ``BASE+ADAPTER`` references check both folders.
 
     Args:
         recipe (`Dict[str, Any]`): the parsed YAML recipe.
     """
+    problems: List[Problem] = []
+    for where, reference in _named_models(recipe):
+        model, _, adapter = reference.partition("+")
+        for part, marker in ((model, "config.json"), (adapter, "adapter_config.json")):
+            if not part or not _looks_local(part):
+                continue
+            folder = Path(part).expanduser()
+            if not folder.is_dir():
+                problems.append(Problem(where, f"{part}: no such folder; give the path of a "
+                                        "local model folder, or a hub id (namespace/name)"))
+            elif not (folder / marker).is_file():
+                problems.append(Problem(where, f"{part} has no {marker}; point at the "
+                                        "folder that holds the checkpoint"))
+    return problems
+
+
+def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
+    """Recipe mistakes that plain mergekit-yaml accepts silently or reports obscurely.
+
+    mergekit 0.1.5 drops unknown keys under ``parameters`` without a word (a typo
+    such as ``spasity: 0.5`` quietly merges at the default 0.9) and ignores shared
+    parameters written per model; a missing local model folder fails deep inside
+    transformers. All are reported here.
+
+    Args:
+        recipe (`Dict[str, Any]`): the parsed YAML recipe.
+    """
+    problems: List[Problem] = missing_local_models(recipe)
     method = str(recipe.get("merge_method", ""))
     scopes = _parameter_scopes(method)
     if scopes is None:
-        return []
+        return problems
     known = set(scopes)
-    problems: List[Problem] = []
 
     def check(params: Any, where: str, per_model: bool) -> None:
         if not isinstance(params, dict):
@@ -397,4 +445,4 @@ def format_report(report: VerifyReport) -> str:
 
 
 __all__ = ["Problem", "VerifyReport", "format_report", "lint_recipe", "load_recipe",
-           "verify_output"]
+           "missing_local_models", "verify_output"]

@@ -110,6 +110,28 @@ def test_unknown_parameter_is_silently_dropped_by_mergekit_and_caught_by_lint(ll
     assert "unknown parameter for fapm (mergekit ignores it silently)" in problems[0].message
 
 
+def test_lint_names_missing_model_folders_and_leaves_hub_ids_alone(llama_pair, tmp_path):
+    base, ft = llama_pair
+    recipe = {
+        "merge_method": "fapm",
+        "base_model": str(tmp_path / "no-base"),
+        "models": [
+            {"model": f"{base}+{tmp_path / 'no-adapter'}"},
+            {"model": str(tmp_path)},  # a folder, but not a model's
+            {"model": "your-org/some-finetune"},  # a hub id: not checked offline
+            {"model": str(ft)},
+        ],
+    }
+    assert [str(p) for p in lint_recipe(recipe)] == [
+        f"base_model: {tmp_path / 'no-base'}: no such folder; give the path of a local "
+        "model folder, or a hub id (namespace/name)",
+        f"models[0].model: {tmp_path / 'no-adapter'}: no such folder; give the path of a "
+        "local model folder, or a hub id (namespace/name)",
+        f"models[1].model: {tmp_path} has no config.json; point at the folder that holds "
+        "the checkpoint",
+    ]
+
+
 def test_shared_parameter_written_per_model_is_caught_by_lint(llama_pair):
     base, ft = llama_pair
     problems = lint_recipe(fapm_recipe(base, ft, beta=0.5, sparsity=0.5, density=0.5))
@@ -392,7 +414,7 @@ def test_lint_command_reports_silently_ignored_keys_before_a_merge(tmp_path):
 
     recipe = tmp_path / "typo.yml"
     recipe.write_text(
-        "merge_method: fapm\nbase_model: /m/base\nmodels:\n  - model: /m/ft\n"
+        "merge_method: fapm\nbase_model: org/base\nmodels:\n  - model: org/ft\n"
         "    parameters:\n      spasity: 0.5\n      beta: 0.5\n"
     )
     result = CliRunner().invoke(main, ["lint", str(recipe)])

@@ -144,12 +144,23 @@ def test_density_spelling_gives_the_same_bits(qwen_pair, swept, tmp_path):
 
 
 def test_failed_sweep_leaves_no_output(qwen_pair, tmp_path):
+    # A model folder with a config but no weights fails while merging, mid-run.
     base, finetuned = qwen_pair
-    recipe = fapm_recipe(base, tmp_path / "missing-model")
-    variants = build_variants(recipe, sparsities=[0.9])
-    with pytest.raises(Exception):
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((Path(finetuned) / "config.json").read_text())
+    variants = build_variants(fapm_recipe(base, weightless), sparsities=[0.9])
+    with pytest.raises(Exception, match="weightless"):
         run_sweep(variants, tmp_path / "out", copy_tokenizer=False, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weightless"]
+
+
+def test_missing_model_folder_is_named_before_anything_runs(qwen_pair, tmp_path):
+    # Regression: a mistyped local path reached transformers as a hub id and failed
+    # with "Repo id must be in the form ..." and a traceback from deep inside it.
+    base, _ = qwen_pair
+    with pytest.raises(SweepError, match=r"models\[0\]\.model: .*missing-model: no such folder"):
+        build_variants(fapm_recipe(base, tmp_path / "missing-model"), sparsities=[0.9])
 
 
 def test_bad_requests_are_clear(qwen_pair, tmp_path):
