@@ -37,6 +37,7 @@ from fapm_merge.jsonl import iter_jsonl
 
 DEFAULT_WINDOW = 256
 DEFAULT_BATCH_SIZE = 8
+EVAL_DTYPES = ("float32", "bfloat16", "float16")  # model dtypes `eval` accepts
 
 
 class EvalInputError(ValueError):
@@ -100,19 +101,41 @@ def load_model(path: Path, *, device: str = "cpu", dtype: str = "float32"):
     path = Path(path)
     if not (path / "config.json").exists():
         raise EvalInputError(f"{path} is not a model folder (no config.json)")
-    try:
-        torch_dtype = getattr(torch, dtype)
-    except AttributeError:
-        raise EvalInputError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16") from None
+    if dtype not in EVAL_DTYPES:
+        raise EvalInputError(f"unknown --dtype {dtype!r}; use {', '.join(EVAL_DTYPES)}")
+    torch_dtype = getattr(torch, dtype)
     if not any(path.glob("*.safetensors")):
         # weights load through safetensors only: a pickled .bin can run code
         raise EvalInputError(
             f"{path} has no .safetensors weights; fapm-merge loads weights only through "
             "safetensors (convert the folder with save_pretrained(safe_serialization=True))"
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch_dtype, use_safetensors=True
-    )
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, use_safetensors=True, output_loading_info=True
+        )
+    except Exception as error:  # a truncated shard, a shape that does not fit, ...
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise EvalInputError(
+            f"transformers cannot load it ({type(error).__name__}: {reason}); check the "
+            f"folder with `fapm-merge verify {path}`"
+        ) from None
+    # transformers fills missing weights with random values and only logs it: the
+    # scores would then describe a partly random model.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise EvalInputError(
+            f"the checkpoint lacks {len(missing)} weight(s) the model needs ({shown}); "
+            f"transformers would fill them with random values. Check the folder with "
+            f"`fapm-merge verify {path}` or re-run the merge that wrote it"
+        )
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            raise EvalInputError(
+                f"weight {name!r} holds NaN or Inf; its scores would be meaningless. "
+                f"Check the folder with `fapm-merge verify {path}`"
+            )
     return model.to(device).eval()
 
 
@@ -145,7 +168,13 @@ def _sequence_logprobs(model, sequences: List[List[int]], starts: List[int]) -> 
     for row, (seq, start) in enumerate(zip(sequences, starts)):
         targets = torch.tensor(seq[start:], device=device)
         positions = torch.arange(start - 1, len(seq) - 1, device=device)
-        out.append(logprobs[row, positions, targets].double().tolist())
+        values = logprobs[row, positions, targets].double()
+        if not bool(torch.isfinite(values).all()):  # e.g. float16 activations overflowing
+            raise EvalInputError(
+                "the model gives NaN or Inf log-probabilities although its weights are "
+                "finite (activations overflow in this --dtype?); evaluate in --dtype float32"
+            )
+        out.append(values.tolist())
     return out
 
 
@@ -369,7 +398,13 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
                 f"--tokenizer bytes needs a vocabulary of at least 256 tokens; this model has {vocab}"
             )
         if settings.text is not None:
-            text = Path(settings.text).read_text(encoding="utf-8")
+            try:
+                text = Path(settings.text).read_text(encoding="utf-8")
+            except UnicodeDecodeError as error:
+                raise EvalInputError(
+                    f"--text {settings.text} is not UTF-8 text ({error.reason} at byte "
+                    f"{error.start}); convert it to UTF-8"
+                ) from None
             record["metrics"]["text"] = {
                 "file": str(Path(settings.text).absolute()),
                 **mean_token_loss(
@@ -485,7 +520,13 @@ def expand_models(paths: Sequence[Path]) -> List[Path]:
         path = Path(path).absolute()
         manifest = path / SWEEP_MANIFEST
         if manifest.exists():
-            names = [v["name"] for v in json.loads(manifest.read_text())["variants"]]
+            try:
+                names = [v["name"] for v in json.loads(manifest.read_text())["variants"]]
+            except (ValueError, KeyError, TypeError) as error:
+                raise EvalInputError(
+                    f"{manifest} is not a sweep manifest ({type(error).__name__}: {error}); "
+                    "re-run the sweep, or pass the model folders themselves"
+                ) from None
             folders.extend(path / name for name in names)
         else:
             folders.append(path)

@@ -15,7 +15,12 @@ def iter_jsonl(path: Path, error: Type[Exception]) -> Iterator[Tuple[int, Any]]:
         error (`type`): the exception raised, as ``error("path:line: not JSON (...)")``,
             for a line that does not parse (the caller's own input-error type).
     """
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as decode_error:
+        raise error(f"{path}: not UTF-8 text ({decode_error.reason} at byte "
+                    f"{decode_error.start}); save it as UTF-8") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

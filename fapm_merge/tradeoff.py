@@ -165,6 +165,8 @@ def compute_tradeoff(
         finetuned (`str`, *optional*): path of the fine-tuned model's record
             (default: the recipes' fine-tuned model).
     """
+    if not (math.isfinite(task_weight) and task_weight >= 0):
+        raise TradeoffError(f"--task-weight must be a finite number >= 0, got {task_weight}")
     auto_base, auto_ft = _anchor_paths(records)
     base_path = str(Path(base).absolute()) if base else auto_base
     ft_path = str(Path(finetuned).absolute()) if finetuned else auto_ft
@@ -175,16 +177,28 @@ def compute_tradeoff(
     points: List[Point] = []
     skipped: List[str] = []
     for record in records:
-        metrics = record["metrics"]
+        metrics = record["metrics"] if isinstance(record["metrics"], dict) else {}
         if "text" not in metrics or "task" not in metrics:
             skipped.append(f"{record['model']}: needs both --text and --task metrics")
             continue
-        if record["model"] == base_path:
-            method, strength, strength_name = "base", None, None
-        elif record["model"] == ft_path:
-            method, strength, strength_name = "finetuned", None, None
-        else:
-            method, strength, strength_name = describe(record.get("recipe"))
+        try:  # hand-edited or foreign lines: skip them with the reason, never crash
+            accuracy = float(metrics["task"]["accuracy"])
+            loss = float(metrics["text"]["loss"])
+            if record["model"] == base_path:
+                method, strength, strength_name = "base", None, None
+            elif record["model"] == ft_path:
+                method, strength, strength_name = "finetuned", None, None
+            else:
+                method, strength, strength_name = describe(record.get("recipe"))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            skipped.append(f"{record['model']}: malformed record ({type(error).__name__}: {error})")
+            continue
+        if not (math.isfinite(accuracy) and math.isfinite(loss)):
+            skipped.append(
+                f"{record['model']}: accuracy {accuracy} / loss {loss} is not finite (the model "
+                "gives NaN or Inf): check it with fapm-merge verify"
+            )
+            continue
         points.append(
             Point(
                 name=record.get("name", Path(record["model"]).name),
@@ -192,17 +206,19 @@ def compute_tradeoff(
                 method=method,
                 strength=strength,
                 strength_name=strength_name,
-                accuracy=float(metrics["task"]["accuracy"]),
-                loss=float(metrics["text"]["loss"]),
+                accuracy=accuracy,
+                loss=loss,
             )
         )
     anchors = {}
     for role, path in (("base", base_path), ("finetuned", ft_path)):
         found = [p for p in points if p.model == path]
         if not found:
+            why = [reason for reason in skipped if reason.startswith(f"{path}: ")]
             raise TradeoffError(
-                f"the results have no line with text and task metrics for the {role} model {path}; "
-                f"run fapm-merge eval {path} --text ... --task ... --out RESULTS"
+                f"the results have no usable line for the {role} model {path}"
+                + (f" ({why[-1][len(path) + 2:]})" if why else "")
+                + f"; run fapm-merge eval {path} --text ... --task ... --out RESULTS"
             )
         anchors[role] = found[0]
     if anchors["finetuned"].accuracy <= 0:

@@ -83,7 +83,7 @@ def test_last_line_per_model_wins_and_foreign_lines_are_ignored(tmp_path):
 
 
 def test_missing_anchor_or_metrics_is_explained():
-    with pytest.raises(TradeoffError, match="no line with text and task metrics for the base model /m/base"):
+    with pytest.raises(TradeoffError, match="no usable line for the base model /m/base"):
         compute_tradeoff(RECORDS[1:])
     with pytest.raises(TradeoffError, match="pass --base and --finetuned"):
         compute_tradeoff([record(BASE, 0.2, 2.0), record(FT, 0.8, 2.5)])
@@ -106,3 +106,25 @@ def test_cli_writes_table_plot_and_json(tmp_path):
     assert summary["selected"]["name"] == "fapm-s0.5"
     assert summary["rule"] == "maximise 2 * task_norm + general_norm"
     assert len(summary["points"]) == len(RECORDS)
+
+
+def test_non_finite_or_malformed_lines_are_skipped_with_the_reason_never_selected():
+    # Regression: a NaN loss (a model with NaN weights, evaluated before eval refused
+    # them) was tabled as nan and could anchor the whole normalisation.
+    nan_point = record("/s/fapm-s0.7", 0.9, math.nan, fapm(0.7))
+    bad_recipe = record("/s/fapm-sx", 0.9, 2.0, fapm("lots"))
+    result = compute_tradeoff(RECORDS + [nan_point, bad_recipe])
+    assert [p.name for p in result.points] == [r["name"] for r in RECORDS]
+    assert result.skipped[0].startswith("/s/fapm-s0.7: accuracy 0.9 / loss nan is not finite")
+    assert result.skipped[1].startswith("/s/fapm-sx: malformed record (ValueError")
+    with pytest.raises(TradeoffError, match=r"no usable line for the base model /m/base \(accuracy 0.2 / loss nan"):
+        compute_tradeoff([record(BASE, 0.2, math.nan)] + RECORDS[1:])
+    with pytest.raises(TradeoffError, match="--task-weight must be a finite number >= 0, got nan"):
+        compute_tradeoff(RECORDS, task_weight=math.nan)
+
+
+def test_results_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"model": "\xff"}\n')
+    with pytest.raises(TradeoffError, match=r"r.jsonl: not UTF-8 text .* save it as UTF-8"):
+        read_results(path)
