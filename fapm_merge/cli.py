@@ -22,6 +22,28 @@ def main():
     """
 
 
+def _check_device(ctx, param, value: str) -> str:
+    """A --device value torch accepts and this machine has (checked before any work)."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(
+            f"{value!r}: CUDA is not available here (torch {torch.__version__}); use cpu"
+        )
+    return value
+
+
+def _check_plot_path(ctx, param, value):
+    """--plot must name a file type matplotlib writes (checked before any work)."""
+    if value is not None and value.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise click.BadParameter(f"{value}: give a .png (or .pdf, .svg) path")
+    return value
+
+
 def _mergekit_yaml() -> str:
     local = Path(sys.executable).parent / "mergekit-yaml"
     found = str(local) if local.exists() else shutil.which("mergekit-yaml")
@@ -32,7 +54,7 @@ def _mergekit_yaml() -> str:
 
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--sparsity", default=0.9, show_default=True, help="Share of each task vector reset to the base.")
+@click.option("--sparsity", default=0.9, show_default=True, type=click.FloatRange(0.0, 1.0), help="Share of each task vector reset to the base.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
 def demo(out_dir: Path, sparsity: float, overwrite: bool):
     """Make a small Llama-shaped base/fine-tune pair locally and repair it with FAPM.
@@ -93,7 +115,7 @@ def demo(out_dir: Path, sparsity: float, overwrite: bool):
 @click.option("--baselines", default="", help="Comma-separated: magnitude (FAPM beta 0), dare (dare_linear), wiseft (task_arithmetic, W_pre + alpha*dW).")
 @click.option("--alpha", "alphas", default=None, help="WiSE-FT strengths (default: the densities of the sweep).")
 @click.option("--seed", default=0, show_default=True, help="DARE seed (same stream as mergekit-yaml --random-seed SEED).")
-@click.option("--device", default="cpu", show_default=True, help="Math device, e.g. cuda.")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device, help="Math device, e.g. cuda.")
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the base model's tokenizer into every output.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
 def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, copy_tokenizer, overwrite):
@@ -107,6 +129,9 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
     """
     from rich.console import Console
 
+    from safetensors import SafetensorError
+
+    from fapm_merge.core import FapmInputError
     from fapm_merge.sweep import SweepError, build_variants, load_recipe, parse_values, run_sweep
 
     console = Console(stderr=True)
@@ -120,8 +145,15 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
             seed=seed,
         )
         result = run_sweep(variants, out_dir, overwrite=overwrite, device=device, copy_tokenizer=copy_tokenizer)
-    except (SweepError, FileExistsError) as error:
+    except (SweepError, FileExistsError, FapmInputError) as error:
         raise click.ClickException(str(error)) from None
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as error:
+        # raised by mergekit/transformers/safetensors while reading an input
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise click.ClickException(
+            f"the sweep stopped ({type(error).__name__}: {reason}); nothing was written. "
+            "Check each input folder with `fapm-merge verify FOLDER`"
+        ) from None
     console.print(
         f"{len(variants)} models, {result.tensors} tensors each, in {result.seconds:.1f} s: "
         + ", ".join(v.name for v in variants)
@@ -135,11 +167,11 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
 @click.option("--task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL of {prompt, answer} (greedy exact match) or {prompt, choices, answer} (log-likelihood).")
 @click.option("--out", "results", type=click.Path(dir_okay=False, path_type=Path), default=Path("results.jsonl"), show_default=True, help="Results file; one JSON line is appended per model.")
 @click.option("--tokenizer", default=None, help="Tokenizer folder (default: each model's own), or 'bytes' for tokenizer-less toy models.")
-@click.option("--window", default=256, show_default=True, help="Tokens per perplexity window (non-overlapping).")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
-@click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of --text.")
+@click.option("--window", default=256, show_default=True, type=click.IntRange(1), help="Tokens per perplexity window (non-overlapping).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Windows per forward pass.")
+@click.option("--max-tokens", type=click.IntRange(2), default=None, help="Use only the first N tokens of --text.")
 @click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend the tokenizer's BOS token to each window and prompt.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", default="float32", show_default=True, help="Model dtype for evaluation.")
 @click.option("--lm-eval", "lm_eval_tasks", default=None, help="Comma-separated lm-evaluation-harness tasks (needs the 'eval' extra).")
 @click.option("--lm-eval-limit", type=int, default=None, help="Examples per lm-eval task (for quick runs).")
@@ -160,7 +192,15 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
         max_tokens=max_tokens, use_bos=bos, device=device, dtype=dtype,
         lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit,
     )
-    folders = expand_models(models)
+    try:
+        folders = expand_models(models)
+        results.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the models
+    except EvalInputError as error:
+        raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(f"cannot write --out {results}: {error.strerror}") from None
+    if results.is_dir():
+        raise click.ClickException(f"--out {results} is a folder; give the path of a results file")
     for number, folder in enumerate(folders, 1):
         try:
             with console.status(f"[{number}/{len(folders)}] evaluating {folder}"):
@@ -229,7 +269,7 @@ def lint(recipe: Path):
 
 @main.command()
 @click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PNG to write (default: RESULTS with .png).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=_check_plot_path, help="PNG to write (default: RESULTS with .png).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the table and the selection as JSON.")
 @click.option("--base", default=None, help="Path of the base model's record (default: the recipes' base_model).")
 @click.option("--finetuned", default=None, help="Path of the fine-tuned model's record (default: the recipes' fine-tuned model).")
@@ -261,6 +301,7 @@ def tradeoff(results, plot_path, json_path, base, finetuned, task_weight, title)
     plot_path = plot_path or results.with_suffix(".png")
     plot_tradeoff(result, plot_path, title=title)
     if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json_module.dumps(result.to_json(), indent=2) + "\n")
     s = result.selected
     console.print(
@@ -276,7 +317,7 @@ def tradeoff(results, plot_path, json_path, base, finetuned, task_weight, title)
 @click.option("--sparsity", type=float, default=None, help="Share FAPM resets (default 0.9; 0.1 with --adapter).")
 @click.option("--beta", type=float, default=1.0, show_default=True, help="The score's balance factor.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write every statistic as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PNG with layer x module heatmaps and the score histogram.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=_check_plot_path, help="PNG with layer x module heatmaps and the score histogram.")
 @click.option("--json-only", is_flag=True, help="Print the JSON to stdout and nothing else (for scripts).")
 def analyze(base, finetuned, adapter, sparsity, beta, json_path, plot_path, json_only):
     """Show what FAPM would keep of FINETUNED - BASE, tensor by tensor, before merging.
@@ -306,6 +347,7 @@ def analyze(base, finetuned, adapter, sparsity, beta, json_path, plot_path, json
     console = Console()
     console.print(analysis_table(result))
     if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json_module.dumps(document, indent=1) + "\n")
         console.print(f"statistics: {json_path}")
     if plot_path:

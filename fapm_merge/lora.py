@@ -195,9 +195,9 @@ class LoraAdapter:
     def _open_weights(self, allow_pickle: bool):
         path = self.folder / SAFETENSORS_FILE
         if path.is_file():
-            from safetensors import safe_open
+            from fapm_merge.summary import open_safetensors
 
-            handle = safe_open(str(path), framework="pt")
+            handle = open_safetensors(path)
             return path, {name: handle for name in handle.keys()}
         for name in PICKLE_FILES:
             pickled = self.folder / name
@@ -465,9 +465,7 @@ def base_checkpoint_layout(base_folder: os.PathLike) -> Tuple[Dict[str, Tuple[in
     ``tied`` maps the output-embedding weight name to the input-embedding weight name
     when the config ties them and the checkpoint stores only the input embedding.
     """
-    from safetensors import safe_open
-
-    from fapm_merge.summary import safetensors_index
+    from fapm_merge.summary import open_safetensors, safetensors_index
 
     folder = Path(base_folder)
     shapes: Dict[str, Tuple[int, ...]] = {}
@@ -475,7 +473,7 @@ def base_checkpoint_layout(base_folder: os.PathLike) -> Tuple[Dict[str, Tuple[in
     for tensor_name, path in safetensors_index(folder).items():
         by_file.setdefault(path, []).append(tensor_name)
     for path, tensor_names in by_file.items():
-        with safe_open(str(path), framework="pt") as handle:
+        with open_safetensors(path) as handle:
             for tensor_name in tensor_names:
                 shapes[tensor_name] = tuple(handle.get_slice(tensor_name).get_shape())
     return shapes, _tied_names(folder, shapes)

@@ -10,18 +10,40 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 
 
+def open_safetensors(path: Path):
+    """``safe_open(path)``, or an error that names a truncated or corrupt file.
+
+    safetensors' own message ("Error while deserializing header ...") names no file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from fapm_merge.core import FapmInputError
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise FapmInputError(
+            f"{path}: cannot be opened ({error}); the file is truncated or corrupt: "
+            f"re-download it (`fapm-merge verify {Path(path).parent}` checks the folder)"
+        ) from None
+
+
 def safetensors_index(folder: Path) -> Dict[str, Path]:
     """Map every tensor name of a model folder to the .safetensors file holding it."""
-    from safetensors import safe_open
+    from fapm_merge.core import FapmInputError
 
     folder = Path(folder)
     index_file = folder / "model.safetensors.index.json"
     if index_file.exists():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise FapmInputError(f"{index_file} is not a safetensors index ({error}); "
+                                 "re-download the folder") from None
         return {name: folder / shard for name, shard in weight_map.items()}
     index = {}
     for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as handle:
+        with open_safetensors(path) as handle:
             index.update({name: path for name in handle.keys()})
     if not index:
         raise FileNotFoundError(f"no .safetensors weights in {folder}")
@@ -29,9 +51,7 @@ def safetensors_index(folder: Path) -> Dict[str, Path]:
 
 
 def read_tensor(path: Path, name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
+    with open_safetensors(path) as handle:
         return handle.get_tensor(name)
 
 

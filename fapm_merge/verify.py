@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from fapm_merge import summary
+from fapm_merge.core import FapmInputError
 
 _FAPM_METHODS = ("fapm",)
 
@@ -308,11 +309,15 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> Ver
     if recipe is not None:
         report.problems.extend(lint_recipe(recipe))
         base_dir = _model_path(recipe.get("base_model"))
-        if base_dir is None:
-            report.notes.append("base model is not a local folder: presence not checked")
-        else:
-            base_index = summary.safetensors_index(base_dir)
-        fapm_inputs = _fapm_setup(recipe, base_index, report)
+        try:
+            if base_dir is None:
+                report.notes.append("base model is not a local folder: presence not checked")
+            else:
+                base_index = summary.safetensors_index(base_dir)
+            fapm_inputs = _fapm_setup(recipe, base_index, report)
+        except (FapmInputError, FileNotFoundError) as error:
+            _problem(report, "recipe inputs", f"{error}; inputs not compared")
+            base_index, fapm_inputs = {}, None
 
     tokenizer_changes_vocab = bool(recipe and (recipe.get("tokenizer") or recipe.get("tokenizer_source")))
     for name in base_index:
@@ -375,6 +380,9 @@ def _fapm_setup(recipe: Dict[str, Any], base_index: Dict[str, Path],
     ft_dir = _model_path(model)
     top = recipe.get("parameters") or {}
     own = model.get("parameters") or {}
+    if not (isinstance(top, dict) and isinstance(own, dict)):
+        _problem(report, "parameters", "must be a mapping of parameter names to values")
+        return None
     values = {
         "sparsity": own.get("sparsity", top.get("sparsity")),
         "density": own.get("density", top.get("density")),
@@ -392,6 +400,15 @@ def _fapm_setup(recipe: Dict[str, Any], base_index: Dict[str, Path],
             or coefficient != 1.0 or top.get("rescale") or top.get("density_rescale"):
         report.notes.append("FAPM invariants not checked: fine-tuned model is not a local "
                             "folder, a parameter varies by tensor, or the delta is scaled")
+        return None
+    from fapm_merge import core
+
+    try:  # the values mergekit would refuse at plan time or at the first tensor
+        core.resolve_density(values["sparsity"], values["density"])
+        if not (float(values["beta"]) >= 0 and float(values["beta"]) < float("inf")):
+            raise core.FapmInputError(f"beta must be a finite number >= 0, got {values['beta']!r}")
+    except (core.FapmInputError, TypeError, ValueError) as error:
+        _problem(report, "parameters", f"{error}; FAPM invariants not checked")
         return None
     dtype_name = recipe.get("dtype")
     dtype = getattr(torch, str(dtype_name), None) if dtype_name else None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -424,3 +425,47 @@ def test_lint_command_reports_silently_ignored_keys_before_a_merge(tmp_path):
     clean = tmp_path / "clean.yml"
     clean.write_text(recipe.read_text().replace("spasity", "sparsity").replace("      beta: 0.5\n", ""))
     assert CliRunner().invoke(main, ["lint", str(clean)]).exit_code == 0
+
+
+def test_commands_refuse_bad_options_before_any_work(llama_pair, tmp_path):
+    """Regression: these reached torch or matplotlib and ended in their tracebacks."""
+    base, ft = llama_pair
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(fapm_recipe(base, ft)))
+    cases = [
+        (["sweep", str(recipe), str(tmp_path / "s"), "--sparsity", "0.9", "--device", "gpu0"],
+         "'gpu0' is not a torch device"),
+        (["eval", str(base), "--text", str(recipe), "--batch-size", "0"], "0 is not in the range x>=1"),
+        (["demo", str(tmp_path / "d"), "--sparsity", "2"], "2.0 is not in the range 0.0<=x<=1.0"),
+        (["analyze", str(base), str(ft), "--plot", str(tmp_path / "p.txt")], "give a .png"),
+    ]
+    for args, message in cases:
+        outcome = CliRunner().invoke(cli, args)
+        assert outcome.exit_code == 2 and message in outcome.output, (args, outcome.output)
+        assert outcome.exception is None or isinstance(outcome.exception, SystemExit)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "d").exists()
+
+
+def test_unreadable_inputs_are_named_by_analyze_verify_and_sweep(llama_pair, tmp_path):
+    """A truncated shard: safetensors' own message names no file."""
+    base, ft = llama_pair
+    truncated = tmp_path / "truncated"
+    shutil.copytree(ft, truncated)
+    shard = next(truncated.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    named = f"{shard}: cannot be opened"
+    outcome = CliRunner().invoke(cli, ["analyze", str(base), str(truncated)])
+    assert outcome.exit_code == 1 and named in outcome.output
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(fapm_recipe(base, truncated)))
+    outcome = CliRunner().invoke(cli, ["sweep", str(recipe), str(tmp_path / "s"), "--sparsity", "0.9"])
+    assert outcome.exit_code == 1 and "the sweep stopped" in outcome.output
+    assert "fapm-merge verify FOLDER" in outcome.output and not (tmp_path / "s").exists()
+    out = run_merge_in_process(fapm_recipe(base, ft), tmp_path / "out")
+    report = verify_output(out, fapm_recipe(base, truncated))
+    assert [p.where for p in report.problems] == ["recipe inputs"]
+    assert named in report.problems[0].message
+    report = verify_output(out, fapm_recipe(base, ft, sparsity=1.5))
+    assert [str(p) for p in report.problems] == [
+        "parameters: sparsity must be a number in [0, 1], got 1.5; FAPM invariants not checked"
+    ]
