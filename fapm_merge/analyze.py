@@ -19,9 +19,10 @@ shares weighted by entries, energies by ``||dW||^2``, overlap by kept count.
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -132,15 +133,27 @@ def tensor_stats(
     )
 
 
+def _model_type(folder: Path) -> Optional[str]:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def iter_pairs(
-    base: Path, finetuned: Optional[Path] = None, *, adapter: Optional[str] = None
+    base: Path,
+    finetuned: Optional[Path] = None,
+    *,
+    adapter: Optional[str] = None,
+    skipped: Optional[List[str]] = None,
 ) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor]]:
     """Yield ``(name, W_pre, W_ft)`` one tensor at a time, in the base's order.
 
     With ``adapter`` (a PEFT LoRA folder), ``W_ft`` is rebuilt from the adapter by
     :mod:`fapm_merge.lora` and only the weights it changes are yielded.
-    Tensors that are not floating, or missing or shaped differently in the
-    fine-tune, are skipped (``skipped`` lists them).
+    Tensors that are not floating are left out; tensors present on one side only
+    are left out and, when ``skipped`` is given, named there. A shape mismatch or
+    a different ``model_type`` in config.json is an error.
     """
     from fapm_merge.summary import read_tensor, safetensors_index
 
@@ -159,9 +172,19 @@ def iter_pairs(
         return
     if finetuned is None:
         raise FapmInputError("analyze needs FINETUNED or --adapter")
+    types = (_model_type(base), _model_type(finetuned))
+    if None not in types and types[0] != types[1]:
+        raise FapmInputError(
+            f"{base} is a {types[0]!r} model and {finetuned} a {types[1]!r} one: FAPM "
+            "compares a fine-tune with the model it was trained from"
+        )
     ft_index = safetensors_index(finetuned)
+    if skipped is not None:
+        skipped += [f"{name}: only in the fine-tune" for name in ft_index if name not in base_index]
     for name, path in base_index.items():
         if name not in ft_index:
+            if skipped is not None:
+                skipped.append(f"{name}: missing from the fine-tune")
             continue
         pre = read_tensor(path, name)
         if not pre.is_floating_point():
@@ -183,6 +206,7 @@ class Analysis:
     tensors: List[TensorStats]
     histogram: Dict[str, list]
     settings: dict
+    skipped: List[str] = field(default_factory=list)  # tensors on one side only
 
     def layers(self) -> List[dict]:
         """Pooled statistics per layer index (tensors without one are left out)."""
@@ -264,6 +288,7 @@ class Analysis:
             "layers": self.layers(),
             "tensors": [asdict(t) for t in self.tensors],
             "histogram": self.histogram,
+            "skipped": self.skipped,
         }
 
 
@@ -294,7 +319,9 @@ def analyze(
     keep_count(1, sparsity=sparsity)  # validates the value with the core's message
     histogram = torch.zeros(HIST_BINS, dtype=torch.float64)
     stats: List[TensorStats] = []
-    pairs = iter_pairs(Path(base), Path(finetuned) if finetuned else None, adapter=adapter)
+    skipped: List[str] = []
+    pairs = iter_pairs(Path(base), Path(finetuned) if finetuned else None, adapter=adapter,
+                       skipped=skipped)
     if progress:
         from rich.progress import Progress
 
@@ -316,6 +343,7 @@ def analyze(
         settings={"base": str(Path(base).absolute()),
                   "finetuned": str(Path(finetuned).absolute()) if finetuned else None,
                   "adapter": adapter, "sparsity": sparsity, "beta": beta},
+        skipped=skipped,
     )
 
 

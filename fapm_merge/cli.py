@@ -346,6 +346,8 @@ def analyze(base, finetuned, adapter, sparsity, beta, json_path, plot_path, json
         return
     console = Console()
     console.print(analysis_table(result))
+    for note in result.skipped:
+        console.print(f"[yellow]skipped[/yellow] {note}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json_module.dumps(document, indent=1) + "\n")

@@ -101,8 +101,9 @@ def test_cli_errors(llama_pair, model_pairs, tmp_path):
     build_model(dict(TINY_CONFIGS["llama"], vocab_size=80)).save_pretrained(other_vocab)
     out = CliRunner().invoke(main, ["analyze", str(llama_pair[0]), str(other_vocab)])
     assert out.exit_code != 0 and "(64, 32) in the base and (80, 32)" in out.output and "same architecture" in out.output
-    out = CliRunner().invoke(main, ["analyze", str(llama_pair[0]), str(model_pairs["gpt2"][1])])
-    assert out.exit_code != 0 and "no floating tensor is shared" in out.output
+    # Regression: llama vs qwen2 of equal sizes gave a full table and exit 0.
+    out = CliRunner().invoke(main, ["analyze", str(llama_pair[0]), str(model_pairs["qwen2"][1])])
+    assert out.exit_code != 0 and "is a 'llama' model and" in out.output and "a 'qwen2' one" in out.output
     out = CliRunner().invoke(main, ["analyze", *map(str, llama_pair), "--sparsity", "1.5"])
     assert out.exit_code != 0 and "sparsity must be a number in [0, 1]" in out.output
 
@@ -121,3 +122,24 @@ def test_adapter_equals_peft_merged_weights(llama_pair, tmp_path):
         expected = tensor_stats(stats.name, pre[stats.name], merged[stats.name], sparsity=0.1)
         assert stats == expected
     assert not math.isnan(result.totals()["energy_kept"])
+
+
+def test_tensors_on_one_side_only_are_named(llama_pair, tmp_path):
+    """Regression: a tensor missing from the fine-tune was left out without a word."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, ft = llama_pair
+    partial = tmp_path / "partial"
+    shutil.copytree(ft, partial)
+    shard = next(partial.glob("*.safetensors"))
+    state = load_file(str(shard))
+    name = "model.layers.1.mlp.up_proj.weight"
+    state["extra.weight"] = state.pop(name)
+    save_file(state, str(shard), metadata={"format": "pt"})
+    result = analyze(base, partial)
+    assert result.skipped == ["extra.weight: only in the fine-tune", f"{name}: missing from the fine-tune"]
+    assert name not in {t.name for t in result.tensors}
+    out = CliRunner().invoke(main, ["analyze", str(base), str(partial)])
+    assert out.exit_code == 0 and f"skipped {name}: missing from the fine-tune" in out.output
