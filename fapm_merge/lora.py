@@ -509,6 +509,29 @@ def _tied_names(folder: Path, shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str
     return {alias: source}
 
 
+def _check_model_family(adapter: LoraAdapter, base_folder: Path) -> None:
+    """Refuse an adapter peft recorded for another model family, even when its shapes fit.
+
+    peft's ``auto_mapping.parent_library`` (``transformers.models.<family>.modeling_...``)
+    names the family the adapter was trained on; config.json's ``model_type`` the base's.
+    Either may be absent (then nothing is checked).
+    """
+    library = str((adapter.config.get("auto_mapping") or {}).get("parent_library") or "")
+    parts = library.split(".")
+    if len(parts) < 3 or parts[:2] != ["transformers", "models"]:
+        return
+    try:
+        base_type = json.loads((base_folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    if base_type and parts[2] != str(base_type).replace("-", "_"):
+        raise FapmInputError(
+            f"{adapter.folder / ADAPTER_CONFIG} was trained on a {parts[2]!r} model "
+            f"({adapter.config.get('base_model_name_or_path')!r}), but base model "
+            f"{base_folder} is a {base_type!r} one: give the base the adapter was trained on"
+        )
+
+
 def load_bound_adapter(
     adapter: str, base_folder: os.PathLike, *, allow_pickle: bool = False
 ) -> BoundAdapter:
@@ -526,7 +549,9 @@ def load_bound_adapter(
         bound = _cache.get(key)
         if bound is None:
             shapes, tied = base_checkpoint_layout(base_folder)
-            bound = LoraAdapter(folder, allow_pickle=allow_pickle).bind(
+            lora = LoraAdapter(folder, allow_pickle=allow_pickle)
+            _check_model_family(lora, base_folder)
+            bound = lora.bind(
                 shapes, base_shapes=shapes, tied=tied, base_label=f"base model {base_folder}"
             )
             _cache.clear()  # one adapter at a time in practice; do not pile them up

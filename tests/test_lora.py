@@ -10,6 +10,7 @@ output must equal both bit for bit.
 import copy
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -304,9 +305,29 @@ def test_adapter_for_another_architecture_names_module_and_file(llama_base, case
     gpt2_adapter = case_runs("gpt2-conv1d-mts-bias")["adapter"]
     with pytest.raises(Exception) as error:
         run_merge_in_process(native_recipe(llama_base, gpt2_adapter), lora_root / "wrong-arch")
+    assert f"{gpt2_adapter / 'adapter_config.json'} was trained on a 'gpt2' model" in str(error.value)
+    assert f"{llama_base} is a 'llama' one" in str(error.value)
+    # Without peft's record of the family (older peft, hand-made configs) the modules
+    # that match nothing in the base are named instead.
+    anonymous = lora_root / "gpt2-adapter-anonymous"
+    shutil.copytree(gpt2_adapter, anonymous, dirs_exist_ok=True)
+    config = json.loads((anonymous / "adapter_config.json").read_text())
+    config.pop("auto_mapping", None)
+    (anonymous / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(FapmInputError) as error:
+        load_bound_adapter(str(anonymous), llama_base)
     message = str(error.value)
-    assert "adapter_model.safetensors" in message and str(gpt2_adapter) in message
+    assert "adapter_model.safetensors" in message and str(anonymous) in message
     assert "transformer.h." in message and "another architecture" in message
+
+
+def test_adapter_for_another_family_with_fitting_shapes_is_refused(bases, lora_root):
+    """Regression: a qwen2 adapter on an equally sized llama base merged with exit 0."""
+    qwen_adapter = make_adapter(bases("qwen2", torch.float32), lora_root / "adapter-qwen2-plain",
+                                dtype=torch.float32, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    llama = bases("llama", torch.float32)
+    with pytest.raises(FapmInputError, match=r"trained on a 'qwen2' model .* is a 'llama' one"):
+        load_bound_adapter(str(qwen_adapter), llama)
 
 
 def test_adapter_with_shapes_that_do_not_fit_names_module_and_file(lora_root, case_runs):
