@@ -397,8 +397,11 @@ class BoundAdapter:
             return None
         # Loading a state dict copies saved tensors into the model's dtype.
         device = pre.device  # with --cuda the base arrives on the GPU
+        # Always a private copy: the deltas are added in place, and a saved tensor read
+        # from safetensors can share the file's memory map (or, pickled, be the loaded
+        # object itself), so adding into it would change what the next call reads.
         result = (
-            self.adapter.tensor(start_key).to(device=device, dtype=pre.dtype)
+            self.adapter.tensor(start_key).to(device=device, dtype=pre.dtype, copy=True)
             if start_key
             else pre.clone()
         )

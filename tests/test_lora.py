@@ -270,6 +270,22 @@ def test_blockwise_lora_add_equals_peft_merge_bit_for_bit(case, block_elements, 
     assert rebuilt > 1
 
 
+@pytest.mark.parametrize("case", ["qwen2-tied", "llama-embed-mts-patterns", "gpt2-conv1d-mts-bias"])
+def test_rebuilding_a_weight_twice_gives_the_same_weight(case, case_runs):
+    """Regression: W_ft built from a tensor the adapter saves in full (a tied layer's
+    base_layer copy, modules_to_save) was added into in place; safetensors had mapped
+    that tensor from the file, so every later read in the process (a second merge,
+    another test) saw the previous update added again."""
+    run = case_runs(case)
+    bound = load_bound_adapter(str(run["adapter"]), run["base"])
+    saved_in_full = [n for n in run["pre"] if n in bound.base_layers
+                     or (n in bound.updates and bound.updates[n].replacement_key)]
+    assert saved_in_full
+    for name in saved_in_full:
+        for _ in range(3):
+            assert torch.equal(bound.finetuned(name, run["pre"][name]), run["ft"][name]), name
+
+
 # -- refusals ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
