@@ -252,16 +252,22 @@ def lint(recipe: Path):
 
     mergekit 0.1.5 drops unknown parameter names without a word (a typo such as
     `spasity: 0.5` merges at the default 0.9) and ignores shared parameters written
-    per model. Run this before a long merge; exit status 1 when anything is found.
+    per model. Also checks values, required parameters and local model folders.
+    A mergekit-multi file is checked stage by stage. Run this before a long merge;
+    exit status 1 when anything is found.
     """
-    from fapm_merge.verify import lint_recipe, load_recipe
+    from fapm_merge.verify import lint_recipe, load_recipe_documents
 
     try:
-        problems = lint_recipe(load_recipe(recipe))
+        documents = load_recipe_documents(recipe)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
+    problems = []
+    for document in documents:
+        stage = f"stage {document['name']!r}: " if len(documents) > 1 and "name" in document else ""
+        problems += [f"{stage}{problem}" for problem in lint_recipe(document)]
     for problem in problems:
-        click.echo(str(problem))
+        click.echo(problem)
     if problems:
         raise SystemExit(1)
     click.echo(f"{recipe}: no problems found")

@@ -97,6 +97,11 @@ def _non_base_models(recipe: dict) -> List[dict]:
 
 
 def _check_recipe(recipe: dict) -> None:
+    from fapm_merge.verify import missing_local_models, structure_problems
+
+    wrong = structure_problems(recipe)  # mergekit's own recipe model first
+    if wrong:
+        raise SweepError("; ".join(str(problem) for problem in wrong))
     if recipe.get("merge_method") != "fapm":
         raise SweepError(
             f"sweep needs a recipe with merge_method: fapm, got "
@@ -116,8 +121,6 @@ def _check_recipe(recipe: dict) -> None:
         )
     if not _non_base_models(recipe):
         raise SweepError("the recipe lists no fine-tuned model besides base_model")
-    from fapm_merge.verify import missing_local_models
-
     missing = missing_local_models(recipe)
     if missing:
         raise SweepError("; ".join(str(problem) for problem in missing))
@@ -545,16 +548,14 @@ def _execute(executor, total: int, variants: int, progress: bool) -> None:
 
 def load_recipe(path: Path) -> dict:
     """Read a mergekit YAML recipe; a clear error when it is not one."""
-    path = Path(path)
+    from fapm_merge.verify import load_recipe as read_recipe
+
+    if not Path(path).exists():
+        raise SweepError(f"recipe {path} not found")
     try:
-        recipe = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"recipe {path} not found") from None
-    except yaml.YAMLError as error:
-        raise SweepError(f"recipe {path} is not valid YAML: {error}") from None
-    if not isinstance(recipe, dict):
-        raise SweepError(f"recipe {path} is not a mergekit recipe (a YAML mapping)")
-    return recipe
+        return read_recipe(path)
+    except ValueError as error:
+        raise SweepError(str(error)) from None
 
 
 __all__ = [

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
@@ -77,29 +77,61 @@ def _problem(report: VerifyReport, where: str, message: str) -> None:
 # --------------------------------------------------------------------------- recipe
 
 
-def load_recipe(path: Path) -> Dict[str, Any]:
-    """Read a mergekit YAML recipe as a plain dict (raises ValueError naming the file)."""
+def load_recipe_documents(path: Path) -> List[Dict[str, Any]]:
+    """Every document of a YAML recipe file: one for mergekit-yaml, one per stage for
+    mergekit-multi (raises ValueError naming the file)."""
     import yaml
 
     try:
-        recipe = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
+        documents = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise ValueError(f"cannot read recipe {path}: {error}") from None
-    if not isinstance(recipe, dict):
+    if not documents or not all(isinstance(d, dict) for d in documents):
         raise ValueError(f"recipe {path} is not a YAML mapping")
-    return recipe
+    return documents
 
 
-def _parameter_scopes(method: str) -> Optional[Dict[str, str]]:
-    """``{parameter: scope}`` from the registered method's spec (None: unknown method)."""
+def load_recipe(path: Path) -> Dict[str, Any]:
+    """Read a mergekit YAML recipe as a plain dict (raises ValueError naming the file)."""
+    documents = load_recipe_documents(path)
+    if len(documents) != 1:
+        raise ValueError(f"recipe {path} holds {len(documents)} documents (a mergekit-multi "
+                         "file); give the recipe of one merge")
+    return documents[0]
+
+
+def _method_spec(method: str):
+    """The registered method's ``MergeMethodSpec`` (None: unknown method)."""
     try:
         from mergekit.merge_methods import registry
 
         import fapm_merge.methods  # noqa: F401  (registers ours)
 
-        return {p.name: p.scope.value for p in registry.get(method).spec.parameters}
+        return registry.get(method).spec
     except Exception:  # unknown method: mergekit itself reports it
         return None
+
+
+def structure_problems(recipe: Dict[str, Any]) -> List[Problem]:
+    """What mergekit's own recipe model rejects (a string where a list belongs, ...)."""
+    import pydantic
+    from mergekit.config import MergeConfiguration
+
+    try:
+        MergeConfiguration.model_validate(recipe)
+    except pydantic.ValidationError as error:
+        return [Problem(".".join(str(part) for part in e["loc"]) or "recipe", e["msg"])
+                for e in error.errors()]
+    return []
+
+
+def _leaf_values(value: Any) -> Iterator[Any]:
+    """The plain values of a parameter: itself, a gradient's items, each filter's value."""
+    if isinstance(value, list):
+        for item in value:
+            yield from _leaf_values(item["value"] if isinstance(item, dict) and "value" in item else item)
+    else:
+        yield value
 
 
 def _named_models(recipe: Dict[str, Any]) -> List[tuple]:
@@ -111,7 +143,7 @@ def _named_models(recipe: Dict[str, Any]) -> List[tuple]:
         if isinstance(model, dict) and isinstance(model.get("model"), str):
             named.append((f"models[{index}].model", model["model"]))
     for s_index, slice_ in enumerate(recipe.get("slices") or []):
-        for index, source in enumerate((slice_ or {}).get("sources") or []):
+        for index, source in enumerate((slice_ if isinstance(slice_, dict) else {}).get("sources") or []):
             if isinstance(source, dict) and isinstance(source.get("model"), str):
                 named.append((f"slices[{s_index}].sources[{index}].model", source["model"]))
     return named
@@ -160,16 +192,29 @@ def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
     Args:
         recipe (`Dict[str, Any]`): the parsed YAML recipe.
     """
-    problems: List[Problem] = missing_local_models(recipe)
-    method = str(recipe.get("merge_method", ""))
-    scopes = _parameter_scopes(method)
-    if scopes is None:
+    import pydantic
+    from mergekit.merge_methods.base import BasePolicy
+
+    problems = structure_problems(recipe)
+    if problems:  # the checks below assume mergekit's shapes
         return problems
-    known = set(scopes)
+    problems = missing_local_models(recipe)
+    method = str(recipe.get("merge_method", ""))
+    spec = _method_spec(method)
+    if spec is None:
+        return problems
+    specs = {parameter.name: parameter for parameter in spec.parameters}
+    known = set(specs)
+    if spec.contract.base == BasePolicy.REQUIRED and not recipe.get("base_model") \
+            and not recipe.get("slices"):
+        problems.append(Problem("base_model", f"{method} needs base_model (the model the "
+                                "fine-tunes started from); mergekit refuses the plan"))
+    given: set = set()
 
     def check(params: Any, where: str, per_model: bool) -> None:
         if not isinstance(params, dict):
             return
+        given.update(params)
         for key in params:
             if key not in known:
                 problems.append(Problem(
@@ -177,7 +222,15 @@ def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
                     f"unknown parameter for {method} (mergekit ignores it silently); "
                     f"known: {', '.join(sorted(known))}",
                 ))
-            elif per_model and scopes[key] == "shared":
+                continue
+            for value in _leaf_values(params[key]):
+                try:  # the method's own validator: the message mergekit would print
+                    specs[key].validate(value)
+                except pydantic.ValidationError as error:
+                    message = error.errors()[0]["msg"].removeprefix("Value error, ")
+                    problems.append(Problem(f"{where}.{key}", message))
+                    break
+            if per_model and specs[key].scope.value == "shared":
                 problems.append(Problem(
                     f"{where}.{key}",
                     f"{key!r} is one value per tensor for {method}: mergekit ignores it "
@@ -206,6 +259,10 @@ def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
             if isinstance(source, dict):
                 check(source.get("parameters"),
                       f"slices[{s_index}].sources[{index}].parameters", per_model=True)
+    for parameter in spec.parameters:
+        if parameter.required and parameter.name not in given:
+            problems.append(Problem("parameters", f"{method} needs parameter "
+                                    f"{parameter.name!r}: {parameter.description}"))
     return problems
 
 
@@ -408,7 +465,8 @@ def _fapm_setup(recipe: Dict[str, Any], base_index: Dict[str, Path],
         if not (float(values["beta"]) >= 0 and float(values["beta"]) < float("inf")):
             raise core.FapmInputError(f"beta must be a finite number >= 0, got {values['beta']!r}")
     except (core.FapmInputError, TypeError, ValueError) as error:
-        _problem(report, "parameters", f"{error}; FAPM invariants not checked")
+        # lint_recipe (run first) reports the value itself as a problem
+        report.notes.append(f"FAPM invariants not checked: {error}")
         return None
     dtype_name = recipe.get("dtype")
     dtype = getattr(torch, str(dtype_name), None) if dtype_name else None
@@ -462,4 +520,5 @@ def format_report(report: VerifyReport) -> str:
 
 
 __all__ = ["Problem", "VerifyReport", "format_report", "lint_recipe", "load_recipe",
-           "missing_local_models", "verify_output"]
+           "load_recipe_documents", "missing_local_models", "structure_problems",
+           "verify_output"]

@@ -467,5 +467,37 @@ def test_unreadable_inputs_are_named_by_analyze_verify_and_sweep(llama_pair, tmp
     assert named in report.problems[0].message
     report = verify_output(out, fapm_recipe(base, ft, sparsity=1.5))
     assert [str(p) for p in report.problems] == [
-        "parameters: sparsity must be a number in [0, 1], got 1.5; FAPM invariants not checked"
+        "models[0].parameters.sparsity: fapm parameter 'sparsity' must be [0.0, 1.0], got 1.5 "
+        "(density = 1 - sparsity)"
     ]
+    assert "FAPM invariants not checked: sparsity must be a number in [0, 1], got 1.5" in report.notes
+
+
+def test_lint_checks_values_required_parameters_structure_and_stages(tmp_path):
+    """Regression: lint said 'no problems found' for recipes mergekit rejects at once,
+    and could not read a mergekit-multi file at all."""
+    recipe = {"merge_method": "fapm", "base_model": "org/base",
+              "models": [{"model": "org/ft", "parameters": {"sparsity": [0.5, 1.5]}}],
+              "parameters": {"beta": "lots"}}
+    assert [str(p) for p in lint_recipe(recipe)] == [
+        "parameters.beta: fapm parameter 'beta' must be a number, got 'lots'",
+        "models[0].parameters.sparsity: fapm parameter 'sparsity' must be [0.0, 1.0], got 1.5 "
+        "(density = 1 - sparsity)",
+    ]
+    no_base = {"merge_method": "fapm", "models": [{"model": "org/ft"}]}
+    assert [p.where for p in lint_recipe(no_base)] == ["base_model"]
+    no_adapter = {"merge_method": "fapm_lora", "base_model": "org/base", "models": [{"model": "org/base"}]}
+    assert [str(p) for p in lint_recipe(no_adapter)][0].startswith(
+        "parameters: fapm_lora needs parameter 'adapter'")
+    assert [str(p) for p in lint_recipe({"merge_method": "fapm", "base_model": "a/b", "models": "abc"})] == [
+        "models: Input should be a valid list"
+    ]
+    stages = tmp_path / "multi.yml"
+    stages.write_text(
+        "name: first\nmerge_method: fapm\nbase_model: org/base\nmodels: [{model: org/ft}]\n"
+        "parameters: {spasity: 0.5}\n---\n"
+        "name: second\nmerge_method: fapm\nbase_model: org/base\nmodels: [{model: first}]\n"
+    )
+    outcome = CliRunner().invoke(cli, ["lint", str(stages)])
+    assert outcome.exit_code == 1
+    assert outcome.output.startswith("stage 'first': parameters.spasity: unknown parameter")
