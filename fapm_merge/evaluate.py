@@ -178,6 +178,15 @@ def _sequence_logprobs(model, sequences: List[List[int]], starts: List[int]) -> 
     return out
 
 
+def _max_positions(model) -> Optional[int]:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):  # Llama/Qwen2/BERT, GPT-2
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def text_windows(ids: Sequence[int], window: int, bos: List[int]) -> List[List[int]]:
     """The model inputs of the loss: consecutive windows, each ``bos + chunk``.
 
@@ -215,6 +224,12 @@ def mean_token_loss(
     if max_tokens is not None:
         ids = ids[:max_tokens]
     bos = _bos(tokenizer, use_bos)
+    limit = _max_positions(model)
+    if limit is not None and window + len(bos) > limit:
+        raise EvalInputError(
+            f"--window {window}{' + BOS' if bos else ''} exceeds the {limit} positions this model "
+            f"was built for; use --window {limit - len(bos)} or less"
+        )
     windows = text_windows(ids, window, bos)
     if not windows:
         raise EvalInputError("the text file has fewer than 2 tokens: nothing to predict")
@@ -254,8 +269,12 @@ def load_task(path: Path) -> List[dict]:
                 if answer not in choices:
                     raise EvalInputError(f"{where}: answer {answer!r} is not one of the choices")
                 answer = choices.index(answer)
-            if not (isinstance(answer, int) and 0 <= answer < len(choices)):
-                raise EvalInputError(f"{where}: answer must be a choice index or a choice's text")
+            # bool is an int in Python: `"answer": true` must not mean choice 1
+            if isinstance(answer, bool) or not (isinstance(answer, int) and 0 <= answer < len(choices)):
+                raise EvalInputError(
+                    f"{where}: answer must be a choice index (0 to {len(choices) - 1}) or a "
+                    f"choice's text, got {answer!r}"
+                )
             items.append({"prompt": item["prompt"], "choices": choices, "answer": answer})
         elif isinstance(item["answer"], str) and item["answer"].strip():
             items.append({"prompt": item["prompt"], "answer": item["answer"]})

@@ -16,7 +16,7 @@ def iter_jsonl(path: Path, error: Type[Exception]) -> Iterator[Tuple[int, Any]]:
             for a line that does not parse (the caller's own input-error type).
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is fine
     except UnicodeDecodeError as decode_error:
         raise error(f"{path}: not UTF-8 text ({decode_error.reason} at byte "
                     f"{decode_error.start}); save it as UTF-8") from None

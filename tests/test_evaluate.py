@@ -286,3 +286,17 @@ def test_unreadable_inputs_are_named(pair256, tmp_path):
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(EvalInputError, match="transformers cannot load it \\(SafetensorError"):
         load_model(truncated)
+
+
+def test_window_longer_than_the_model_and_boolean_answers_are_refused(model, tmp_path):
+    """Regression: a window past the model's positions died in an IndexError inside
+    the embedding; `"answer": true` counted as choice 1; a UTF-8 BOM was 'not JSON'."""
+    limit = model.config.max_position_embeddings
+    with pytest.raises(EvalInputError, match=f"--window {limit + 1} exceeds the {limit} positions"):
+        mean_token_loss(model, ByteTokenizer(), TEXT * 200, window=limit + 1)
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"prompt": "a", "choices": ["x", "y"], "answer": true}\n')
+    with pytest.raises(EvalInputError, match=r"choice index \(0 to 1\) or a choice's text, got True"):
+        load_task(task)
+    task.write_bytes('\ufeff{"prompt": "a", "answer": "b"}\n'.encode("utf-8"))
+    assert load_task(task) == [{"prompt": "a", "answer": "b"}]
