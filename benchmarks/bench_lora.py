@@ -156,8 +156,9 @@ def main() -> None:
             recipe.write_text(yaml.safe_dump(recipes(base, adapter)[path], sort_keys=False))
             run(path, recipe, out, cache, 0)
             if path == "base+adapter":  # again, with the merged copy already cached
-                shutil.rmtree(out)
-                run("cached", recipe, out, cache, du(cache))
+                cached_out = work / "out-cached"
+                shutil.rmtree(cached_out, ignore_errors=True)
+                run("cached", recipe, cached_out, cache, du(cache))
     identical = same_outputs(work / "out-native", work / "out-base+adapter")
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as handle:
         adapter_params = sum(handle.get_slice(k).get_shape()[0] * handle.get_slice(k).get_shape()[1]

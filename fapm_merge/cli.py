@@ -129,6 +129,7 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
     """
     from rich.console import Console
 
+    import torch
     from safetensors import SafetensorError
 
     from fapm_merge.core import FapmInputError
@@ -147,7 +148,9 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
         result = run_sweep(variants, out_dir, overwrite=overwrite, device=device, copy_tokenizer=copy_tokenizer)
     except (SweepError, FileExistsError, FapmInputError) as error:
         raise click.ClickException(str(error)) from None
-    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as error:
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as error:
         # raised by mergekit/transformers/safetensors while reading an input
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise click.ClickException(

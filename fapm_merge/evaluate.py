@@ -96,6 +96,7 @@ def load_tokenizer(spec: Optional[str], model_dir: Path):
 
 def load_model(path: Path, *, device: str = "cpu", dtype: str = "float32"):
     """A causal LM from a local folder, in eval mode on ``device``."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -114,7 +115,9 @@ def load_model(path: Path, *, device: str = "cpu", dtype: str = "float32"):
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch_dtype, use_safetensors=True, output_loading_info=True
         )
-    except Exception as error:  # a truncated shard, a shape that does not fit, ...
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # truncated, misshapen
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise EvalInputError(
             f"transformers cannot load it ({type(error).__name__}: {reason}); check the "
@@ -179,8 +182,13 @@ def _sequence_logprobs(model, sequences: List[List[int]], starts: List[int]) -> 
 
 
 def _max_positions(model) -> Optional[int]:
+    """The hard position limit of models with learned absolute positions (GPT-2, OPT,
+    BERT); None for rotary models, which run past max_position_embeddings."""
     config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):  # Llama/Qwen2/BERT, GPT-2
+    if getattr(config, "rope_theta", None) is not None or getattr(config, "rope_scaling", None) \
+            or getattr(config, "rope_parameters", None):
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
@@ -225,7 +233,7 @@ def mean_token_loss(
         ids = ids[:max_tokens]
     bos = _bos(tokenizer, use_bos)
     limit = _max_positions(model)
-    if limit is not None and window + len(bos) > limit:
+    if limit is not None and min(window, len(ids)) + len(bos) > limit:
         raise EvalInputError(
             f"--window {window}{' + BOS' if bos else ''} exceeds the {limit} positions this model "
             f"was built for; use --window {limit - len(bos)} or less"

@@ -527,11 +527,14 @@ def _check_model_family(adapter: LoraAdapter, base_folder: Path) -> None:
         base_type = json.loads((base_folder / "config.json").read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return
-    if base_type and parts[2] != str(base_type).replace("-", "_"):
+    family, base_type = parts[2], str(base_type or "").replace("-", "_")
+    if base_type and base_type != family and not base_type.startswith(family + "_"):
+        trained_on = adapter.config.get("base_model_name_or_path")
         raise FapmInputError(
-            f"{adapter.folder / ADAPTER_CONFIG} was trained on a {parts[2]!r} model "
-            f"({adapter.config.get('base_model_name_or_path')!r}), but base model "
-            f"{base_folder} is a {base_type!r} one: give the base the adapter was trained on"
+            f"{adapter.folder / ADAPTER_CONFIG} was trained on a {family!r} model"
+            + (f" ({trained_on})" if trained_on else "")
+            + f", but base model {base_folder} is a {base_type!r} one: give the base the "
+            "adapter was trained on"
         )
 
 

@@ -122,6 +122,8 @@ def structure_problems(recipe: Dict[str, Any]) -> List[Problem]:
     except pydantic.ValidationError as error:
         return [Problem(".".join(str(part) for part in e["loc"]) or "recipe", e["msg"])
                 for e in error.errors()]
+    except (RuntimeError, ValueError) as error:  # mergekit's model validators raise these
+        return [Problem("recipe", str(error))]
     return []
 
 
@@ -150,9 +152,10 @@ def _named_models(recipe: Dict[str, Any]) -> List[tuple]:
 
 
 def _looks_local(reference: str) -> bool:
-    # "namespace/name" is a hub id; mergekit reads a path only if it exists, so a
-    # missing one would be looked up on the hub and fail there, obscurely.
-    return reference.startswith(("/", "./", "../", "~")) or reference.count("/") >= 2
+    # "namespace/name[@revision]" is a hub id; mergekit reads a path only if it
+    # exists, so a missing one would be looked up on the hub and fail there, obscurely.
+    path = reference.split("@", 1)[0]
+    return path.startswith(("/", "./", "../", "~")) or path.count("/") >= 2
 
 
 def missing_local_models(recipe: Dict[str, Any]) -> List[Problem]:
@@ -171,7 +174,11 @@ def missing_local_models(recipe: Dict[str, Any]) -> List[Problem]:
         for part, marker in ((model, "config.json"), (adapter, "adapter_config.json")):
             if not part or not _looks_local(part):
                 continue
-            folder = Path(part).expanduser()
+            if part.startswith("~"):
+                problems.append(Problem(where, f"{part}: mergekit does not expand ~; write the "
+                                        "absolute path"))
+                continue
+            folder = Path(part.split("@", 1)[0])
             if not folder.is_dir():
                 problems.append(Problem(where, f"{part}: no such folder; give the path of a "
                                         "local model folder, or a hub id (namespace/name)"))
@@ -206,7 +213,7 @@ def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
     specs = {parameter.name: parameter for parameter in spec.parameters}
     known = set(specs)
     if spec.contract.base == BasePolicy.REQUIRED and not recipe.get("base_model") \
-            and not recipe.get("slices"):
+            and not recipe.get("slices") and not recipe.get("modules"):
         problems.append(Problem("base_model", f"{method} needs base_model (the model the "
                                 "fine-tunes started from); mergekit refuses the plan"))
     given: set = set()
@@ -259,10 +266,13 @@ def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
             if isinstance(source, dict):
                 check(source.get("parameters"),
                       f"slices[{s_index}].sources[{index}].parameters", per_model=True)
+    if recipe.get("modules"):  # per-module recipes: their parameters are not read here
+        return problems
     for parameter in spec.parameters:
         if parameter.required and parameter.name not in given:
+            what = f": {parameter.description}" if parameter.description else ""
             problems.append(Problem("parameters", f"{method} needs parameter "
-                                    f"{parameter.name!r}: {parameter.description}"))
+                                    f"{parameter.name!r}{what}"))
     return problems
 
 

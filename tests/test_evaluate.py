@@ -289,11 +289,16 @@ def test_unreadable_inputs_are_named(pair256, tmp_path):
 
 
 def test_window_longer_than_the_model_and_boolean_answers_are_refused(model, tmp_path):
-    """Regression: a window past the model's positions died in an IndexError inside
+    """Regression: a window past GPT-2's learned positions died in an IndexError inside
     the embedding; `"answer": true` counted as choice 1; a UTF-8 BOM was 'not JSON'."""
-    limit = model.config.max_position_embeddings
+    gpt2 = load_model(save_pair(dict(TINY_CONFIGS["gpt2"], vocab_size=256), tmp_path / "gpt2")[0])
+    limit = gpt2.config.n_positions
     with pytest.raises(EvalInputError, match=f"--window {limit + 1} exceeds the {limit} positions"):
-        mean_token_loss(model, ByteTokenizer(), TEXT * 200, window=limit + 1)
+        mean_token_loss(gpt2, ByteTokenizer(), TEXT * 200, window=limit + 1)
+    short = TEXT[: limit // 2]  # only real windows count: a short text fits any window
+    assert mean_token_loss(gpt2, ByteTokenizer(), short, window=limit + 1)["tokens"] == len(short) - 1
+    # rotary models run past max_position_embeddings: no limit for them
+    assert mean_token_loss(model, ByteTokenizer(), TEXT, window=model.config.max_position_embeddings + 1)
     task = tmp_path / "task.jsonl"
     task.write_text('{"prompt": "a", "choices": ["x", "y"], "answer": true}\n')
     with pytest.raises(EvalInputError, match=r"choice index \(0 to 1\) or a choice's text, got True"):

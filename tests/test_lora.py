@@ -337,6 +337,27 @@ def test_adapter_for_another_architecture_names_module_and_file(llama_base, case
     assert "transformer.h." in message and "another architecture" in message
 
 
+@pytest.mark.parametrize("family, base_type, refused", [
+    ("qwen2", "llama", True),
+    ("gemma3", "gemma3_text", False),  # *_text model types live in their family's module
+    ("llama4", "llama4_text", False),
+    ("mistral", "mistral", False),
+])
+def test_model_family_check_knows_text_only_model_types(tmp_path, family, base_type, refused):
+    from types import SimpleNamespace
+
+    from fapm_merge.lora import _check_model_family
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": base_type}))
+    adapter = SimpleNamespace(folder=tmp_path / "adapter", config={
+        "auto_mapping": {"parent_library": f"transformers.models.{family}.modeling_{family}"}})
+    if refused:
+        with pytest.raises(FapmInputError, match=f"trained on a '{family}' model, but base model"):
+            _check_model_family(adapter, tmp_path)
+    else:
+        _check_model_family(adapter, tmp_path)
+
+
 def test_adapter_for_another_family_with_fitting_shapes_is_refused(bases, lora_root):
     """Regression: a qwen2 adapter on an equally sized llama base merged with exit 0."""
     qwen_adapter = make_adapter(bases("qwen2", torch.float32), lora_root / "adapter-qwen2-plain",

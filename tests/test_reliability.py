@@ -501,3 +501,23 @@ def test_lint_checks_values_required_parameters_structure_and_stages(tmp_path):
     outcome = CliRunner().invoke(cli, ["lint", str(stages)])
     assert outcome.exit_code == 1
     assert outcome.output.startswith("stage 'first': parameters.spasity: unknown parameter")
+
+
+def test_lint_leaves_legitimate_references_alone_and_reports_mergekit_structure_errors():
+    """Regression guards from the review of lint's new checks."""
+    revision = {"merge_method": "fapm", "base_model": "meta-llama/Llama-3.2-1B@refs/pr/12",
+                "models": [{"model": "org/ft"}]}
+    assert lint_recipe(revision) == []  # a hub id with a slashed revision is not a path
+    tilde = {"merge_method": "fapm", "base_model": "~/base", "models": [{"model": "org/ft"}]}
+    assert [str(p) for p in lint_recipe(tilde)] == [
+        "base_model: ~/base: mergekit does not expand ~; write the absolute path"
+    ]
+    modules = {"merge_method": "slerp", "modules": {"default": {
+        "slices": [{"sources": [{"model": "a/b", "layer_range": [0, 2]},
+                                {"model": "c/d", "layer_range": [0, 2]}]}],
+        "base_model": "a/b", "parameters": {"t": 0.5}}}}
+    assert lint_recipe(modules) == []
+    # mergekit's own model validators raise RuntimeError, not a pydantic error
+    assert [str(p) for p in lint_recipe({"merge_method": "fapm", "base_model": "org/base"})] == [
+        "recipe: Exactly one of 'models', 'slices', or 'modules' must be present"
+    ]
