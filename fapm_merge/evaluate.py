@@ -272,6 +272,8 @@ def load_task(path: Path) -> List[dict]:
             choices = item["choices"]
             if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
                 raise EvalInputError(f"{where}: 'choices' must be a list of at least two strings")
+            if len(set(choices)) != len(choices):  # equal scores: the pick would be arbitrary
+                raise EvalInputError(f"{where}: 'choices' lists the same text twice")
             answer = item["answer"]
             if isinstance(answer, str):
                 if answer not in choices:

@@ -303,5 +303,8 @@ def test_window_longer_than_the_model_and_boolean_answers_are_refused(model, tmp
     task.write_text('{"prompt": "a", "choices": ["x", "y"], "answer": true}\n')
     with pytest.raises(EvalInputError, match=r"choice index \(0 to 1\) or a choice's text, got True"):
         load_task(task)
+    task.write_text('{"prompt": "a", "choices": ["x", "x"], "answer": 1}\n')
+    with pytest.raises(EvalInputError, match="lists the same text twice"):
+        load_task(task)
     task.write_bytes('\ufeff{"prompt": "a", "answer": "b"}\n'.encode("utf-8"))
     assert load_task(task) == [{"prompt": "a", "answer": "b"}]
