@@ -100,6 +100,29 @@ def fapm_recipe(base: Path, finetuned: Path, **parameters) -> dict:
     }
 
 
+def variant(source: Path, target: Path, edit=None, dtype=None) -> Path:
+    """A copy of a model folder with its state dict edited (real safetensors file)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    path = target / "model.safetensors"
+    state = load_file(path)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    if edit is not None:
+        edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+    return target
+
+
+def truncated_copy(source: Path, target: Path, keep_bytes: int) -> Path:
+    """A copy of a model folder whose model.safetensors keeps only its first bytes."""
+    shutil.copytree(source, target)
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:keep_bytes])
+    return weights
+
+
 __all__ = [
     "ARCHITECTURES",
     "fapm_recipe",
@@ -107,4 +130,6 @@ __all__ = [
     "run_merge_in_process",
     "run_mergekit_yaml",
     "torch",
+    "truncated_copy",
+    "variant",
 ]

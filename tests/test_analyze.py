@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import load_state
+from conftest import load_state, variant
 from reference import reference_keep_count, reference_mask, reference_scores
 
 from fapm_merge.analyze import analyze, split_name, tensor_stats
@@ -126,18 +126,9 @@ def test_adapter_equals_peft_merged_weights(llama_pair, tmp_path):
 
 def test_tensors_on_one_side_only_are_named(llama_pair, tmp_path):
     """Regression: a tensor missing from the fine-tune was left out without a word."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     base, ft = llama_pair
-    partial = tmp_path / "partial"
-    shutil.copytree(ft, partial)
-    shard = next(partial.glob("*.safetensors"))
-    state = load_file(str(shard))
     name = "model.layers.1.mlp.up_proj.weight"
-    state["extra.weight"] = state.pop(name)
-    save_file(state, str(shard), metadata={"format": "pt"})
+    partial = variant(ft, tmp_path / "partial", lambda state: state.update({"extra.weight": state.pop(name)}))
     result = analyze(base, partial)
     assert result.skipped == ["extra.weight: only in the fine-tune", f"{name}: missing from the fine-tune"]
     assert name not in {t.name for t in result.tensors}

@@ -9,6 +9,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+from conftest import truncated_copy, variant
 from fapm_merge.cli import main
 from fapm_merge.evaluate import (
     ByteTokenizer,
@@ -228,18 +229,6 @@ def test_pickled_only_model_folder_is_refused(tmp_path):
         load_model(tmp_path / "m")
 
 
-def _broken_copy(source, target, edit):
-    """A copy of a model folder whose single safetensors file went through ``edit``."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(source, target)
-    shard = next(target.glob("*.safetensors"))
-    save_file(edit(load_file(str(shard))), str(shard), metadata={"format": "pt"})
-    return target
-
-
 def test_models_that_would_give_meaningless_scores_are_refused(pair256, tmp_path):
     """Regression: a NaN weight gave 'loss nan', a missing weight was silently
     initialised at random, and both exited 0 and wrote a results line."""
@@ -247,17 +236,15 @@ def test_models_that_would_give_meaningless_scores_are_refused(pair256, tmp_path
 
     def nan(state):
         state[name][0, 0] = math.nan
-        return state
 
     def missing(state):
         del state[name]
-        return state
 
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     for edit, message in ((nan, f"weight '{name}' holds NaN or Inf"),
                           (missing, f"lacks 1 weight\\(s\\) the model needs \\({name}\\)")):
-        folder = _broken_copy(pair256[0], tmp_path / edit.__name__, edit)
+        folder = variant(pair256[0], tmp_path / edit.__name__, edit)
         with pytest.raises(EvalInputError, match=message):
             load_model(folder)
         results = tmp_path / f"{edit.__name__}.jsonl"
@@ -278,12 +265,7 @@ def test_unreadable_inputs_are_named(pair256, tmp_path):
     (sweep_dir / "sweep.json").write_text("{}")
     outcome = CliRunner().invoke(main, ["eval", str(sweep_dir), "--text", str(text)])
     assert outcome.exit_code == 1 and "is not a sweep manifest" in outcome.output
-    truncated = tmp_path / "truncated"
-    import shutil
-
-    shutil.copytree(pair256[0], truncated)
-    shard = next(truncated.glob("*.safetensors"))
-    shard.write_bytes(shard.read_bytes()[:1000])
+    truncated = truncated_copy(pair256[0], tmp_path / "truncated", 1000).parent
     with pytest.raises(EvalInputError, match="transformers cannot load it \\(SafetensorError"):
         load_model(truncated)
 

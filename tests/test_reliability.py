@@ -17,7 +17,14 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import fapm_recipe, load_state, run_merge_in_process, run_mergekit_yaml
+from conftest import (
+    fapm_recipe,
+    load_state,
+    run_merge_in_process,
+    run_mergekit_yaml,
+    truncated_copy,
+    variant,
+)
 from fapm_merge import core
 from fapm_merge.atomic import atomic_output_dir
 from fapm_merge.cli import main as cli
@@ -26,19 +33,6 @@ from reference import reference_fapm
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fapm_merge"
 DOWN = "model.layers.1.mlp.down_proj.weight"
-
-
-def variant(source: Path, target: Path, edit=None, dtype=None) -> Path:
-    """A copy of a model folder with its state dict edited (real safetensors file)."""
-    shutil.copytree(source, target)
-    path = target / "model.safetensors"
-    state = load_file(path)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    if edit is not None:
-        edit(state)
-    save_file(state, path, metadata={"format": "pt"})
-    return target
 
 
 def assert_no_nan_written(out_dir: Path) -> None:
@@ -211,9 +205,8 @@ def test_tensor_missing_on_one_side_names_tensor_and_model(llama_pair, tmp_path)
 
 def test_truncated_safetensors_input_is_found_by_verify(llama_pair, tmp_path):
     base, ft = llama_pair
-    truncated = shutil.copytree(ft, tmp_path / "truncated")
-    weights = truncated / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    weights = truncated_copy(ft, tmp_path / "truncated", (ft / "model.safetensors").stat().st_size // 2)
+    truncated = weights.parent
     # mergekit's own message does not name the file ...
     with pytest.raises(Exception, match="incomplete metadata, file not fully covered"):
         run_merge_in_process(fapm_recipe(base, truncated), tmp_path / "out")
@@ -449,10 +442,8 @@ def test_commands_refuse_bad_options_before_any_work(llama_pair, tmp_path):
 def test_unreadable_inputs_are_named_by_analyze_verify_and_sweep(llama_pair, tmp_path):
     """A truncated shard: safetensors' own message names no file."""
     base, ft = llama_pair
-    truncated = tmp_path / "truncated"
-    shutil.copytree(ft, truncated)
-    shard = next(truncated.glob("*.safetensors"))
-    shard.write_bytes(shard.read_bytes()[:1000])
+    shard = truncated_copy(ft, tmp_path / "truncated", 1000)
+    truncated = shard.parent
     named = f"{shard}: cannot be opened"
     outcome = CliRunner().invoke(cli, ["analyze", str(base), str(truncated)])
     assert outcome.exit_code == 1 and named in outcome.output
