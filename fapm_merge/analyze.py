@@ -19,7 +19,6 @@ shares weighted by entries, energies by ``||dW||^2``, overlap by kept count.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -133,13 +132,6 @@ def tensor_stats(
     )
 
 
-def _model_type(folder: Path) -> Optional[str]:
-    try:
-        return json.loads((Path(folder) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def iter_pairs(
     base: Path,
     finetuned: Optional[Path] = None,
@@ -155,7 +147,7 @@ def iter_pairs(
     are left out and, when ``skipped`` is given, named there. A shape mismatch or
     a different ``model_type`` in config.json is an error.
     """
-    from fapm_merge.summary import read_tensor, safetensors_index
+    from fapm_merge.summary import model_type, read_tensor, safetensors_index
 
     base_index = safetensors_index(base)
     if adapter is not None:
@@ -172,7 +164,7 @@ def iter_pairs(
         return
     if finetuned is None:
         raise FapmInputError("analyze needs FINETUNED or --adapter")
-    types = (_model_type(base), _model_type(finetuned))
+    types = (model_type(base), model_type(finetuned))
     if None not in types and types[0] != types[1]:
         raise FapmInputError(
             f"{base} is a {types[0]!r} model and {finetuned} a {types[1]!r} one: FAPM "

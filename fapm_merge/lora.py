@@ -523,11 +523,9 @@ def _check_model_family(adapter: LoraAdapter, base_folder: Path) -> None:
     parts = library.split(".")
     if len(parts) < 3 or parts[:2] != ["transformers", "models"]:
         return
-    try:
-        base_type = json.loads((base_folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return
-    family, base_type = parts[2], str(base_type or "").replace("-", "_")
+    from fapm_merge.summary import model_type
+
+    family, base_type = parts[2], str(model_type(base_folder) or "").replace("-", "_")
     if base_type and base_type != family and not base_type.startswith(family + "_"):
         trained_on = adapter.config.get("base_model_name_or_path")
         raise FapmInputError(
@@ -554,9 +552,9 @@ def load_bound_adapter(
     with _cache_lock:
         bound = _cache.get(key)
         if bound is None:
-            shapes, tied = base_checkpoint_layout(base_folder)
             lora = LoraAdapter(folder, allow_pickle=allow_pickle)
-            _check_model_family(lora, base_folder)
+            _check_model_family(lora, base_folder)  # before reading every shard header
+            shapes, tied = base_checkpoint_layout(base_folder)
             bound = lora.bind(
                 shapes, base_shapes=shapes, tied=tied, base_label=f"base model {base_folder}"
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -26,6 +26,14 @@ def open_safetensors(path: Path):
             f"{path}: cannot be opened ({error}); the file is truncated or corrupt: "
             f"re-download it (`fapm-merge verify {Path(path).parent}` checks the folder)"
         ) from None
+
+
+def model_type(folder: Path) -> Optional[str]:
+    """``model_type`` from a model folder's config.json (None when it cannot be read)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def safetensors_index(folder: Path) -> Dict[str, Path]:
