@@ -236,6 +236,12 @@ class _Scorer:
         return chunk_l1
 
 
+def check_beta(beta: float) -> None:
+    """Refuse a balance factor that is not a finite number >= 0."""
+    if not (math.isfinite(beta) and beta >= 0):
+        raise FapmInputError(f"beta must be a finite number >= 0, got {beta!r}")
+
+
 def _prepare(
     pre: torch.Tensor, finetuned: torch.Tensor, beta: float, name: Optional[str]
 ) -> Tuple[torch.dtype, float, float]:
@@ -245,8 +251,7 @@ def _prepare(
             f"shape mismatch{_label(name)}: base {tuple(pre.shape)} vs fine-tuned "
             f"{tuple(finetuned.shape)}"
         )
-    if not (math.isfinite(beta) and beta >= 0):
-        raise FapmInputError(f"beta must be a finite number >= 0, got {beta!r}")
+    check_beta(beta)
     cdtype = compute_dtype(torch.promote_types(pre.dtype, finetuned.dtype))
     mean_pre = mean_abs(pre)
     if not math.isfinite(mean_pre):

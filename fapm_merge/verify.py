@@ -151,10 +151,9 @@ def _named_models(recipe: Dict[str, Any]) -> List[tuple]:
     return named
 
 
-def _looks_local(reference: str) -> bool:
-    # "namespace/name[@revision]" is a hub id; mergekit reads a path only if it
-    # exists, so a missing one would be looked up on the hub and fail there, obscurely.
-    path = reference.split("@", 1)[0]
+def _looks_local(path: str) -> bool:
+    # "namespace/name" is a hub id; mergekit reads a path only if it exists, so a
+    # missing one would be looked up on the hub and fail there, obscurely.
     return path.startswith(("/", "./", "../", "~")) or path.count("/") >= 2
 
 
@@ -172,13 +171,14 @@ def missing_local_models(recipe: Dict[str, Any]) -> List[Problem]:
     for where, reference in _named_models(recipe):
         model, _, adapter = reference.partition("+")
         for part, marker in ((model, "config.json"), (adapter, "adapter_config.json")):
-            if not part or not _looks_local(part):
+            path = part.split("@", 1)[0]  # "@revision" belongs to hub ids
+            if not path or not _looks_local(path):
                 continue
-            if part.startswith("~"):
+            if path.startswith("~"):
                 problems.append(Problem(where, f"{part}: mergekit does not expand ~; write the "
                                         "absolute path"))
                 continue
-            folder = Path(part.split("@", 1)[0])
+            folder = Path(path)
             if not folder.is_dir():
                 problems.append(Problem(where, f"{part}: no such folder; give the path of a "
                                         "local model folder, or a hub id (namespace/name)"))
@@ -472,8 +472,7 @@ def _fapm_setup(recipe: Dict[str, Any], base_index: Dict[str, Path],
 
     try:  # the values mergekit would refuse at plan time or at the first tensor
         core.resolve_density(values["sparsity"], values["density"])
-        if not (float(values["beta"]) >= 0 and float(values["beta"]) < float("inf")):
-            raise core.FapmInputError(f"beta must be a finite number >= 0, got {values['beta']!r}")
+        core.check_beta(values["beta"])
     except (core.FapmInputError, TypeError, ValueError) as error:
         # lint_recipe (run first) reports the value itself as a problem
         report.notes.append(f"FAPM invariants not checked: {error}")
