@@ -54,7 +54,7 @@ def make_adapter(base: Path, out: Path, rank: int = 16, alpha: int = 32, seed: i
     """A rank-``rank`` LoRA on every linear layer of ``base``, bf16 safetensors."""
     from peft import LoraConfig
 
-    from fapm_merge.lora import base_checkpoint_layout
+    from fapm_merge.io.lora_adapter import base_checkpoint_layout
 
     out.mkdir(parents=True, exist_ok=True)
     shapes, _ = base_checkpoint_layout(base)
@@ -101,7 +101,7 @@ def recipes(base: Path, adapter: Path) -> Dict[str, Dict]:
 
 
 def same_outputs(a: Path, b: Path) -> bool:
-    from fapm_merge.summary import read_tensor, safetensors_index
+    from fapm_merge.io.checkpoint import read_tensor, safetensors_index
 
     ia, ib = safetensors_index(a), safetensors_index(b)
     if set(ia) != set(ib):

@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="medium")
     args = parser.parse_args()
 
-    from fapm_merge.toy_models import DEMO_CONFIG, save_pair
+    from fapm_merge.workflows.demo import DEMO_CONFIG, save_pair
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     pair_dir = args.work / f"pair-{args.size}"

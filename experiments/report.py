@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fapm_merge.tradeoff import read_results
+from fapm_merge.workflows.tradeoff import read_results
 
 console = Console()
 

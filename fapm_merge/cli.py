@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import click
+
+from fapm_merge.core.rules import DEFAULT_SPARSITY
 
 
 @click.group()
@@ -44,17 +41,9 @@ def _check_plot_path(ctx, param, value):
     return value
 
 
-def _mergekit_yaml() -> str:
-    local = Path(sys.executable).parent / "mergekit-yaml"
-    found = str(local) if local.exists() else shutil.which("mergekit-yaml")
-    if not found:
-        raise click.ClickException("mergekit-yaml not found: pip install 'mergekit>=0.1.5,<0.2'")
-    return found
-
-
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--sparsity", default=0.9, show_default=True, type=click.FloatRange(0.0, 1.0), help="Share of each task vector reset to the base.")
+@click.option("--sparsity", default=DEFAULT_SPARSITY, show_default=True, type=click.FloatRange(0.0, 1.0), help="Share of each task vector reset to the base.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
 def demo(out_dir: Path, sparsity: float, overwrite: bool):
     """Make a small Llama-shaped base/fine-tune pair locally and repair it with FAPM.
@@ -62,46 +51,23 @@ def demo(out_dir: Path, sparsity: float, overwrite: bool):
     Writes OUT_DIR/models/{base,finetuned}, OUT_DIR/recipe.yml and the merged model
     in OUT_DIR/merged, by running the real `mergekit-yaml` on the recipe.
     """
-    import yaml
     from rich.console import Console
 
-    from fapm_merge.atomic import atomic_output_dir
-    from fapm_merge.summary import summarize_merge
-    from fapm_merge.toy_models import DEMO_CONFIG, save_pair
+    from fapm_merge.workflows.demo import DemoError, run_demo
 
     console = Console()
-    out_dir = out_dir.absolute()
-    merged = out_dir / "merged"
-    if merged.exists() and not overwrite:
-        raise click.ClickException(f"{merged} exists; pass --overwrite or choose another OUT_DIR")
-    started = time.perf_counter()
-    with console.status("building the demo pair (Llama-shaped, ~4M parameters)"):
-        base, finetuned = save_pair(DEMO_CONFIG, out_dir / "models")
-    recipe = {
-        "merge_method": "fapm",
-        "base_model": str(base),
-        "models": [{"model": str(finetuned), "parameters": {"sparsity": sparsity}}],
-        "dtype": "float32",
-    }
-    recipe_path = out_dir / "recipe.yml"
-    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    command = [_mergekit_yaml(), str(recipe_path), "", "--no-copy-tokenizer"]
-    merge_started = time.perf_counter()
-    with atomic_output_dir(merged, overwrite=True) as work:
-        command[2] = str(work)
-        console.print(f"[bold]running[/bold] mergekit-yaml {recipe_path} {merged} --no-copy-tokenizer")
-        result = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if result.returncode != 0:
-            raise click.ClickException(f"mergekit-yaml failed with exit code {result.returncode}")
-    merge_seconds = time.perf_counter() - merge_started
-    summary = summarize_merge(base, finetuned, merged)
+    try:
+        result = run_demo(out_dir, sparsity=sparsity, overwrite=overwrite, console=console)
+    except DemoError as error:
+        raise click.ClickException(str(error)) from None
+    summary = result.summary
     console.print(summary.table(title=f"FAPM demo, sparsity {sparsity}"))
     console.print(
         f"{summary.tensors} tensors, kept {summary.kept_share:.2%} of task-vector entries "
-        f"and {summary.energy_kept:.2%} of its energy (L2²); merge {merge_seconds:.1f} s, "
-        f"total {time.perf_counter() - started:.1f} s"
+        f"and {summary.energy_kept:.2%} of its energy (L2²); merge {result.merge_seconds:.1f} s, "
+        f"total {result.seconds:.1f} s"
     )
-    console.print(f"model card: {merged / 'README.md'}")
+    console.print(f"model card: {result.merged / 'README.md'}")
 
 
 # Choosing the sparsity: analyze, sweep, eval, tradeoff (the logic lives in the library).
@@ -133,7 +99,7 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
     from safetensors import SafetensorError
 
     from fapm_merge.core import FapmInputError
-    from fapm_merge.sweep import SweepError, build_variants, load_recipe, parse_values, run_sweep
+    from fapm_merge.workflows.sweep import SweepError, build_variants, load_recipe, parse_values, run_sweep
 
     console = Console(stderr=True)
     try:
@@ -187,7 +153,8 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
     """
     from rich.console import Console
 
-    from fapm_merge.evaluate import EvalInputError, EvalSettings, append_result, evaluate_model, expand_models
+    from fapm_merge.evaluation.metrics import EvalInputError
+    from fapm_merge.evaluation.records import EvalSettings, append_result, evaluate_model, expand_models
 
     console = Console(stderr=True)
     settings = EvalSettings(
@@ -236,11 +203,12 @@ def verify(out_dir: Path, recipe):
     Exit status 1 when anything is wrong. Also useful on an input folder, to find
     a truncated download.
     """
-    from fapm_merge.verify import format_report, load_recipe, verify_output
+    from fapm_merge.io.recipe import RecipeError, load_recipe
+    from fapm_merge.workflows.verify import format_report, verify_output
 
     try:
         parsed = load_recipe(recipe) if recipe else None
-    except ValueError as error:
+    except RecipeError as error:
         raise click.ClickException(str(error)) from None
     report = verify_output(out_dir, parsed)
     click.echo(format_report(report))
@@ -259,11 +227,11 @@ def lint(recipe: Path):
     A mergekit-multi file is checked stage by stage. Run this before a long merge;
     exit status 1 when anything is found.
     """
-    from fapm_merge.verify import lint_recipe, load_recipe_documents
+    from fapm_merge.io.recipe import RecipeError, lint_recipe, load_recipe_documents
 
     try:
         documents = load_recipe_documents(recipe)
-    except ValueError as error:
+    except RecipeError as error:
         raise click.ClickException(str(error)) from None
     problems = []
     for document in documents:
@@ -296,8 +264,8 @@ def tradeoff(results, plot_path, json_path, base, finetuned, task_weight, title)
 
     from rich.console import Console
 
-    from fapm_merge.plots import plot_tradeoff
-    from fapm_merge.tradeoff import TradeoffError, compute_tradeoff, read_results, tradeoff_table
+    from fapm_merge.workflows.plots import plot_tradeoff
+    from fapm_merge.workflows.tradeoff import TradeoffError, compute_tradeoff, read_results, tradeoff_table
 
     console = Console()
     try:
@@ -339,8 +307,8 @@ def analyze(base, finetuned, adapter, sparsity, beta, json_path, plot_path, json
 
     from rich.console import Console
 
-    from fapm_merge.analyze import analysis_table
-    from fapm_merge.analyze import analyze as run_analysis
+    from fapm_merge.workflows.analyze import analysis_table
+    from fapm_merge.workflows.analyze import analyze as run_analysis
     from fapm_merge.core import FapmInputError
 
     if (finetuned is None) == (adapter is None):
@@ -362,7 +330,7 @@ def analyze(base, finetuned, adapter, sparsity, beta, json_path, plot_path, json
         json_path.write_text(json_module.dumps(document, indent=1) + "\n")
         console.print(f"statistics: {json_path}")
     if plot_path:
-        from fapm_merge.plots import plot_analysis
+        from fapm_merge.workflows.plots import plot_analysis
 
         plot_analysis(result.heatmaps(), result.histogram, plot_path,
                       title=f"FAPM at sparsity {result.settings['sparsity']:g}: {Path(base).name} → "

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from fapm_merge.toy_models import TINY_CONFIGS, save_pair  # noqa: E402
+from fapm_merge.workflows.demo import TINY_CONFIGS, save_pair  # noqa: E402
 
 ARCHITECTURES = tuple(TINY_CONFIGS)
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from fapm_merge.toy_models import TINY_CONFIGS, build_model, simulate_finetune
+from fapm_merge.workflows.demo import TINY_CONFIGS, build_model, simulate_finetune
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 FAMILY_SIZE = 4

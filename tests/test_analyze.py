@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import load_state, variant
 from reference import reference_keep_count, reference_mask, reference_scores
 
-from fapm_merge.analyze import analyze, split_name, tensor_stats
+from fapm_merge.workflows.analyze import analyze, split_name, tensor_stats
 from fapm_merge.cli import main
 
 
@@ -93,7 +93,7 @@ def test_cli_json_only_table_and_plot(llama_pair, analysed, tmp_path):
 
 
 def test_cli_errors(llama_pair, model_pairs, tmp_path):
-    from fapm_merge.toy_models import TINY_CONFIGS, build_model
+    from fapm_merge.workflows.demo import TINY_CONFIGS, build_model
 
     out = CliRunner().invoke(main, ["analyze", str(llama_pair[0])])
     assert out.exit_code != 0 and "FINETUNED or --adapter" in out.output

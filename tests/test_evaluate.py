@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from conftest import truncated_copy, variant
 from fapm_merge.cli import main
-from fapm_merge.evaluate import (
+from fapm_merge.evaluation.metrics import (
     ByteTokenizer,
     EvalInputError,
     greedy_continuation,
@@ -21,7 +21,7 @@ from fapm_merge.evaluate import (
     task_accuracy,
     text_windows,
 )
-from fapm_merge.toy_models import TINY_CONFIGS, save_pair
+from fapm_merge.workflows.demo import TINY_CONFIGS, save_pair
 
 TEXT = "abcdefghij klmnopqrstuvwxyz, the end. " * 2  # 76 bytes
 
@@ -218,8 +218,8 @@ def test_lm_eval_absent_is_a_clear_message(pair256, tmp_path):
 
 def test_pickled_only_model_folder_is_refused(tmp_path):
     """Weights load through safetensors only: a .bin-only folder is never unpickled."""
-    from fapm_merge.evaluate import load_model
-    from fapm_merge.toy_models import TINY_CONFIGS, build_model
+    from fapm_merge.evaluation.metrics import load_model
+    from fapm_merge.workflows.demo import TINY_CONFIGS, build_model
 
     build_model(TINY_CONFIGS["llama"]).save_pretrained(tmp_path / "m")
     for weights in (tmp_path / "m").glob("*.safetensors"):

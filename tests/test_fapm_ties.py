@@ -5,7 +5,7 @@ normalize and lambda, density_rescale; then a whole model through run_merge."""
 import pytest
 import torch
 
-import fapm_merge  # noqa: F401  (registers fapm and fapm_ties)
+import fapm_merge.methods  # noqa: F401  (registers fapm and fapm_ties)
 from conftest import load_state, run_merge_in_process
 from fapm_merge.core import FapmInputError
 from mergekit.merge_methods import merge_tensors

@@ -22,8 +22,8 @@ from conftest import load_state, run_merge_in_process, run_mergekit_yaml
 from reference import reference_fapm, reference_keep_count, reference_mask, reference_scores
 
 from fapm_merge.core import FapmInputError
-from fapm_merge.lora import LoraAdapter, load_bound_adapter, resolve_adapter_path
-from fapm_merge.toy_models import TINY_CONFIGS, build_model
+from fapm_merge.io.lora_adapter import LoraAdapter, load_bound_adapter, resolve_adapter_path
+from fapm_merge.workflows.demo import TINY_CONFIGS, build_model
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -254,7 +254,7 @@ def test_blockwise_lora_add_equals_peft_merge_bit_for_bit(case, block_elements, 
     """Regression guard for the row-block LoRA add (`BoundAdapter._add_delta`): with
     blocks far smaller than any weight (one row; uneven blocks of several rows), every
     rebuilt W_ft, transposed embeddings and Conv1D included, equals peft's merge."""
-    import fapm_merge.lora as lora_module
+    import fapm_merge.io.lora_adapter as lora_module
 
     monkeypatch.setattr(lora_module, "_ADD_BLOCK_ELEMENTS", block_elements)
     run = case_runs(case)
@@ -346,7 +346,7 @@ def test_adapter_for_another_architecture_names_module_and_file(llama_base, case
 def test_model_family_check_knows_text_only_model_types(tmp_path, family, base_type, refused):
     from types import SimpleNamespace
 
-    from fapm_merge.lora import _check_model_family
+    from fapm_merge.io.lora_adapter import _check_model_family
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": base_type}))
     adapter = SimpleNamespace(folder=tmp_path / "adapter", config={

@@ -112,7 +112,7 @@ def test_per_layer_schedule_and_norm_filter(llama_pair, tmp_path):
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_several_finetunes_are_pruned_separately_then_summed(model_pairs, tmp_path, normalize):
-    from fapm_merge.toy_models import TINY_CONFIGS, build_model, simulate_finetune
+    from fapm_merge.workflows.demo import TINY_CONFIGS, build_model, simulate_finetune
 
     base, ft_a = model_pairs["llama"]
     # a genuinely different second fine-tune of the same base (same init seed)
@@ -149,7 +149,7 @@ def test_model_card_names_fapm_and_links_the_paper(merged_default):
 
 
 def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
-    from fapm_merge.toy_models import TINY_CONFIGS, save_pair
+    from fapm_merge.workflows.demo import TINY_CONFIGS, save_pair
 
     base, finetuned = save_pair(TINY_CONFIGS["llama"], tmp_path / "bf16", dtype=torch.bfloat16)
     recipe = fapm_recipe(base, finetuned)

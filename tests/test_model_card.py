@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-import fapm_merge  # noqa: F401  (registers the methods in this process)
+import fapm_merge.methods  # noqa: F401  (registers the methods in this process)
 from conftest import load_state, run_merge_in_process
 from recipe_support import (
     RECIPES_DIR,

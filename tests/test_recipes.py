@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from conftest import load_state, run_merge_in_process
-from fapm_merge.toy_models import TINY_CONFIGS
+from fapm_merge.workflows.demo import TINY_CONFIGS
 from recipe_support import (
     RECIPES_DIR,
     build_family,

@@ -26,9 +26,10 @@ from conftest import (
     variant,
 )
 from fapm_merge import core
-from fapm_merge.atomic import atomic_output_dir
+from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.cli import main as cli
-from fapm_merge.verify import lint_recipe, verify_output
+from fapm_merge.io.recipe import lint_recipe
+from fapm_merge.workflows.verify import verify_output
 from reference import reference_fapm
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fapm_merge"
@@ -366,7 +367,7 @@ def test_weights_are_read_through_safetensors_only():
         assert "pickle.load" not in text and "import pickle" not in text, path
         loads += [(path.name, line) for line in text.splitlines() if "torch.load(" in line]
     assert all("weights_only=True" in line for _, line in loads), loads
-    assert {name for name, _ in loads} <= {"lora.py"}
+    assert {name for name, _ in loads} <= {"lora_adapter.py"}
 
 
 def test_trust_remote_code_is_only_ever_forwarded_from_mergekit_options():

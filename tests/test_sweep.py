@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from conftest import fapm_recipe, load_state, run_merge_in_process, run_mergekit_yaml
 
-import fapm_merge.sweep as sweep_module
+import fapm_merge.workflows.sweep as sweep_module
 from fapm_merge.cli import main
-from fapm_merge.sweep import SweepError, build_variants, parse_values, run_sweep
+from fapm_merge.workflows.sweep import SweepError, build_variants, parse_values, run_sweep
 
 SPARSITIES = [0.5, 0.9, 0.95]
 
@@ -114,7 +114,7 @@ def test_recipes_say_what_each_variant_is(swept, qwen_pair):
 
 def test_each_input_tensor_read_once_and_scored_once_per_beta(swept, qwen_pair):
     result, variants, calls = swept
-    from fapm_merge.summary import safetensors_index
+    from fapm_merge.io.checkpoint import safetensors_index
 
     assert len(calls["reads"]) == len(set(calls["reads"]))  # no tensor read twice
     base, finetuned = qwen_pair

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from fapm_merge.cli import main
-from fapm_merge.tradeoff import TradeoffError, compute_tradeoff, describe, read_results
+from fapm_merge.io.recipe import describe_recipe as describe
+from fapm_merge.workflows.tradeoff import TradeoffError, compute_tradeoff, read_results
 
 BASE, FT = "/m/base", "/m/ft"
 

@@ -21,30 +21,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from fapm_merge import summary
+from fapm_merge import core
 from fapm_merge.core import FapmInputError
+from fapm_merge.io import checkpoint
+from fapm_merge.io.recipe import Problem, lint_recipe, non_base_models
 
 _FAPM_METHODS = ("fapm",)
-
-
-@dataclass
-class Problem:
-    """One thing wrong with an output folder or recipe.
-
-    Attributes:
-        where (`str`): the tensor, file or recipe key concerned.
-        message (`str`): what is wrong and what to do.
-    """
-
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
 
 
 @dataclass
@@ -75,205 +61,6 @@ def _problem(report: VerifyReport, where: str, message: str) -> None:
 
 
 # --------------------------------------------------------------------------- recipe
-
-
-def load_recipe_documents(path: Path) -> List[Dict[str, Any]]:
-    """Every document of a YAML recipe file: one for mergekit-yaml, one per stage for
-    mergekit-multi (raises ValueError naming the file)."""
-    import yaml
-
-    try:
-        documents = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ValueError(f"cannot read recipe {path}: {error}") from None
-    if not documents or not all(isinstance(d, dict) for d in documents):
-        raise ValueError(f"recipe {path} is not a YAML mapping")
-    return documents
-
-
-def load_recipe(path: Path) -> Dict[str, Any]:
-    """Read a mergekit YAML recipe as a plain dict (raises ValueError naming the file)."""
-    documents = load_recipe_documents(path)
-    if len(documents) != 1:
-        raise ValueError(f"recipe {path} holds {len(documents)} documents (a mergekit-multi "
-                         "file); give the recipe of one merge")
-    return documents[0]
-
-
-def _method_spec(method: str):
-    """The registered method's ``MergeMethodSpec`` (None: unknown method)."""
-    try:
-        from mergekit.merge_methods import registry
-
-        import fapm_merge.methods  # noqa: F401  (registers ours)
-
-        return registry.get(method).spec
-    except Exception:  # unknown method: mergekit itself reports it
-        return None
-
-
-def structure_problems(recipe: Dict[str, Any]) -> List[Problem]:
-    """What mergekit's own recipe model rejects (a string where a list belongs, ...)."""
-    import pydantic
-    from mergekit.config import MergeConfiguration
-
-    try:
-        MergeConfiguration.model_validate(recipe)
-    except pydantic.ValidationError as error:
-        return [Problem(".".join(str(part) for part in e["loc"]) or "recipe", e["msg"])
-                for e in error.errors()]
-    except (RuntimeError, ValueError) as error:  # mergekit's model validators raise these
-        return [Problem("recipe", str(error))]
-    return []
-
-
-def _leaf_values(value: Any) -> Iterator[Any]:
-    """The plain values of a parameter: itself, a gradient's items, each filter's value."""
-    if isinstance(value, list):
-        for item in value:
-            yield from _leaf_values(item["value"] if isinstance(item, dict) and "value" in item else item)
-    else:
-        yield value
-
-
-def _named_models(recipe: Dict[str, Any]) -> List[tuple]:
-    """``(where, reference)`` for every model a recipe names."""
-    named = []
-    if isinstance(recipe.get("base_model"), str):
-        named.append(("base_model", recipe["base_model"]))
-    for index, model in enumerate(recipe.get("models") or []):
-        if isinstance(model, dict) and isinstance(model.get("model"), str):
-            named.append((f"models[{index}].model", model["model"]))
-    for s_index, slice_ in enumerate(recipe.get("slices") or []):
-        for index, source in enumerate((slice_ if isinstance(slice_, dict) else {}).get("sources") or []):
-            if isinstance(source, dict) and isinstance(source.get("model"), str):
-                named.append((f"slices[{s_index}].sources[{index}].model", source["model"]))
-    return named
-
-
-def _looks_local(path: str) -> bool:
-    # "namespace/name" is a hub id; mergekit reads a path only if it exists, so a
-    # missing one would be looked up on the hub and fail there, obscurely.
-    return path.startswith(("/", "./", "../", "~")) or path.count("/") >= 2
-
-
-def missing_local_models(recipe: Dict[str, Any]) -> List[Problem]:
-    """Models a recipe names by a local path that is missing or is not a model folder.
-
-    mergekit takes a missing path for a hub id and fails deep inside transformers
-    ("Repo id must be in the form ...") after its start-up; this names the recipe
-    key and the path first. ``BASE+ADAPTER`` references check both folders.
-
-    Args:
-        recipe (`Dict[str, Any]`): the parsed YAML recipe.
-    """
-    problems: List[Problem] = []
-    for where, reference in _named_models(recipe):
-        model, _, adapter = reference.partition("+")
-        for part, marker in ((model, "config.json"), (adapter, "adapter_config.json")):
-            path = part.split("@", 1)[0]  # "@revision" belongs to hub ids
-            if not path or not _looks_local(path):
-                continue
-            if path.startswith("~"):
-                problems.append(Problem(where, f"{part}: mergekit does not expand ~; write the "
-                                        "absolute path"))
-                continue
-            folder = Path(path)
-            if not folder.is_dir():
-                problems.append(Problem(where, f"{part}: no such folder; give the path of a "
-                                        "local model folder, or a hub id (namespace/name)"))
-            elif not (folder / marker).is_file():
-                problems.append(Problem(where, f"{part} has no {marker}; point at the "
-                                        "folder that holds the checkpoint"))
-    return problems
-
-
-def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
-    """Recipe mistakes that plain mergekit-yaml accepts silently or reports obscurely.
-
-    mergekit 0.1.5 drops unknown keys under ``parameters`` without a word (a typo
-    such as ``spasity: 0.5`` quietly merges at the default 0.9) and ignores shared
-    parameters written per model; a missing local model folder fails deep inside
-    transformers. All are reported here.
-
-    Args:
-        recipe (`Dict[str, Any]`): the parsed YAML recipe.
-    """
-    import pydantic
-    from mergekit.merge_methods.base import BasePolicy
-
-    problems = structure_problems(recipe)
-    if problems:  # the checks below assume mergekit's shapes
-        return problems
-    problems = missing_local_models(recipe)
-    method = str(recipe.get("merge_method", ""))
-    spec = _method_spec(method)
-    if spec is None:
-        return problems
-    specs = {parameter.name: parameter for parameter in spec.parameters}
-    known = set(specs)
-    if spec.contract.base == BasePolicy.REQUIRED and not recipe.get("base_model") \
-            and not recipe.get("slices") and not recipe.get("modules"):
-        problems.append(Problem("base_model", f"{method} needs base_model (the model the "
-                                "fine-tunes started from); mergekit refuses the plan"))
-    given: set = set()
-
-    def check(params: Any, where: str, per_model: bool) -> None:
-        if not isinstance(params, dict):
-            return
-        given.update(params)
-        for key in params:
-            if key not in known:
-                problems.append(Problem(
-                    f"{where}.{key}",
-                    f"unknown parameter for {method} (mergekit ignores it silently); "
-                    f"known: {', '.join(sorted(known))}",
-                ))
-                continue
-            for value in _leaf_values(params[key]):
-                try:  # the method's own validator: the message mergekit would print
-                    specs[key].validate(value)
-                except pydantic.ValidationError as error:
-                    message = error.errors()[0]["msg"].removeprefix("Value error, ")
-                    problems.append(Problem(f"{where}.{key}", message))
-                    break
-            if per_model and specs[key].scope.value == "shared":
-                problems.append(Problem(
-                    f"{where}.{key}",
-                    f"{key!r} is one value per tensor for {method}: mergekit ignores it "
-                    "under models[i].parameters; move it to the top-level parameters",
-                ))
-        if "sparsity" in params and "density" in params:
-            problems.append(Problem(
-                where, "give either sparsity or density, not both (density = 1 - sparsity)"
-            ))
-        # mergekit only finds this clash at the first tensor, mid-run.
-        if params.get("rescale") and params.get("density_rescale") and "density_rescale" in known:
-            problems.append(Problem(
-                where, "choose one of rescale (L1 norm of the full delta) and "
-                "density_rescale (1/density, DARE-style), not both"
-            ))
-
-    check(recipe.get("parameters"), "parameters", per_model=False)
-    for index, model in enumerate(recipe.get("models") or []):
-        if isinstance(model, dict):
-            check(model.get("parameters"), f"models[{index}].parameters", per_model=True)
-    for s_index, slice_ in enumerate(recipe.get("slices") or []):
-        if not isinstance(slice_, dict):
-            continue
-        check(slice_.get("parameters"), f"slices[{s_index}].parameters", per_model=False)
-        for index, source in enumerate(slice_.get("sources") or []):
-            if isinstance(source, dict):
-                check(source.get("parameters"),
-                      f"slices[{s_index}].sources[{index}].parameters", per_model=True)
-    if recipe.get("modules"):  # per-module recipes: their parameters are not read here
-        return problems
-    for parameter in spec.parameters:
-        if parameter.required and parameter.name not in given:
-            what = f": {parameter.description}" if parameter.description else ""
-            problems.append(Problem("parameters", f"{method} needs parameter "
-                                    f"{parameter.name!r}{what}"))
-    return problems
 
 
 # --------------------------------------------------------------------------- files
@@ -352,7 +139,7 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> Ver
     Args:
         out_dir (`Path`): the merge output folder.
         recipe (`Dict[str, Any]`, *optional*): the parsed recipe it was made from
-            (see :func:`load_recipe`); enables the presence and FAPM checks.
+            (see :func:`fapm_merge.io.recipe.load_recipe`); enables the presence and FAPM checks.
 
     Returns:
         VerifyReport: ``report.ok`` is True when nothing is wrong.
@@ -380,7 +167,7 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> Ver
             if base_dir is None:
                 report.notes.append("base model is not a local folder: presence not checked")
             else:
-                base_index = summary.safetensors_index(base_dir)
+                base_index = checkpoint.safetensors_index(base_dir)
             fapm_inputs = _fapm_setup(recipe, base_index, report)
         except (FapmInputError, FileNotFoundError) as error:
             _problem(report, "recipe inputs", f"{error}; inputs not compared")
@@ -393,7 +180,7 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> Ver
 
     for name, shard in out_index.items():
         try:
-            out = summary.read_tensor(shard, name)
+            out = checkpoint.read_tensor(shard, name)
         except Exception as error:
             _problem(report, name, f"cannot be read from {shard.name} ({error})")
             continue
@@ -404,7 +191,7 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> Ver
             continue
         if name not in base_index:
             continue
-        pre = summary.read_tensor(base_index[name], name)
+        pre = checkpoint.read_tensor(base_index[name], name)
         if pre.shape != out.shape:
             if not tokenizer_changes_vocab:
                 _problem(report, name, f"shape {tuple(out.shape)} differs from the base's "
@@ -432,9 +219,7 @@ def _fapm_setup(recipe: Dict[str, Any], base_index: Dict[str, Path],
     if method not in _FAPM_METHODS:
         report.notes.append(f"merge_method {method!r}: FAPM invariants not checked")
         return None
-    base_path = _model_path(recipe.get("base_model"))
-    models = [m for m in recipe.get("models") or []
-              if _model_path(m) is None or _model_path(m) != base_path]
+    models = non_base_models(recipe)
     if recipe.get("tokenizer") or recipe.get("tokenizer_source"):
         # mergekit permutes/pads vocabulary rows first: entries no longer line up.
         report.notes.append("FAPM invariants not checked: the recipe re-aligns tokenizers")
@@ -443,7 +228,7 @@ def _fapm_setup(recipe: Dict[str, Any], base_index: Dict[str, Path],
         report.notes.append("FAPM invariants are checked for one-model recipes with local "
                             "base and fine-tuned folders only")
         return None
-    model = models[0] if isinstance(models[0], dict) else {"model": models[0]}
+    model = models[0]
     ft_dir = _model_path(model)
     top = recipe.get("parameters") or {}
     own = model.get("parameters") or {}
@@ -457,19 +242,15 @@ def _fapm_setup(recipe: Dict[str, Any], base_index: Dict[str, Path],
         "weight": own.get("weight", top.get("weight", 1.0)),
         "lambda": top.get("lambda", 1.0),
     }
-    # Each entry is W_pre or W_ft only when the single pruned delta is added at
-    # coefficient 1 (normalize with one model divides weight by itself).
-    weight, lambda_ = values["weight"], values["lambda"]
-    coefficient = None
-    if _scalar(weight) and _scalar(lambda_):
-        coefficient = lambda_ * (1.0 if top.get("normalize") else weight)
-    if ft_dir is None or not all(_scalar(v) for v in values.values()) \
-            or coefficient != 1.0 or top.get("rescale") or top.get("density_rescale"):
+    # Each entry is W_pre or W_ft only when the output is the core's exact select.
+    exact = all(_scalar(v) for v in values.values()) and core.is_exact_select(
+        core.merge_coefficients([values["weight"]], values["lambda"], bool(top.get("normalize"))),
+        rescale=bool(top.get("rescale")), density_rescale=bool(top.get("density_rescale")),
+    )
+    if ft_dir is None or not exact:
         report.notes.append("FAPM invariants not checked: fine-tuned model is not a local "
                             "folder, a parameter varies by tensor, or the delta is scaled")
         return None
-    from fapm_merge import core
-
     try:  # the values mergekit would refuse at plan time or at the first tensor
         core.resolve_density(values["sparsity"], values["density"])
         core.check_beta(values["beta"])
@@ -480,7 +261,7 @@ def _fapm_setup(recipe: Dict[str, Any], base_index: Dict[str, Path],
     dtype_name = recipe.get("dtype")
     dtype = getattr(torch, str(dtype_name), None) if dtype_name else None
     return _FapmInputs(
-        ft_index=summary.safetensors_index(ft_dir),
+        ft_index=checkpoint.safetensors_index(ft_dir),
         sparsity=values["sparsity"],
         density=values["density"],
         beta=float(values["beta"]),
@@ -490,11 +271,9 @@ def _fapm_setup(recipe: Dict[str, Any], base_index: Dict[str, Path],
 
 def _check_fapm(name: str, pre: torch.Tensor, out: torch.Tensor,
                 inputs: _FapmInputs, report: VerifyReport) -> None:
-    from fapm_merge import core
-
     if name not in inputs.ft_index or not out.is_floating_point():
         return
-    ft = summary.read_tensor(inputs.ft_index[name], name)
+    ft = checkpoint.read_tensor(inputs.ft_index[name], name)
     if ft.shape != pre.shape:
         return
     if inputs.dtype is not None:  # mergekit casts the inputs to `dtype:` first
@@ -506,9 +285,9 @@ def _check_fapm(name: str, pre: torch.Tensor, out: torch.Tensor,
                  "fine-tuned value: this is not a one-model FAPM output")
         return
     sparsity, density = inputs.sparsity, inputs.density
-    if sparsity is None and density is None:
-        sparsity = core.DEFAULT_SPARSITY
     k = core.keep_count(pre.numel(), sparsity=sparsity, density=density)
+    if sparsity is None and density is None:
+        sparsity = core.default_sparsity()  # named in the message below
     expected = core.fapm_merge(pre, [ft], keep_counts=[k], beta=inputs.beta, name=name)
     report.invariants_checked += 1
     if not torch.equal(expected.to(out.dtype), out):
@@ -528,6 +307,4 @@ def format_report(report: VerifyReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Problem", "VerifyReport", "format_report", "lint_recipe", "load_recipe",
-           "load_recipe_documents", "missing_local_models", "structure_problems",
-           "verify_output"]
+__all__ = ["VerifyReport", "format_report", "verify_output"]

@@ -30,11 +30,13 @@ import torch
 from fapm_merge.core import (
     DEFAULT_SPARSITY,
     FapmInputError,
+    default_sparsity,
     fapm_scores,
     find_threshold,
     keep_count,
     keep_mask,
 )
+from fapm_merge.io.checkpoint import model_type, read_tensor, safetensors_index
 
 HIST_RANGE = 10.0
 HIST_BINS = 80
@@ -142,16 +144,14 @@ def iter_pairs(
     """Yield ``(name, W_pre, W_ft)`` one tensor at a time, in the base's order.
 
     With ``adapter`` (a PEFT LoRA folder), ``W_ft`` is rebuilt from the adapter by
-    :mod:`fapm_merge.lora` and only the weights it changes are yielded.
+    :mod:`fapm_merge.io.lora_adapter` and only the weights it changes are yielded.
     Tensors that are not floating are left out; tensors present on one side only
     are left out and, when ``skipped`` is given, named there. A shape mismatch or
     a different ``model_type`` in config.json is an error.
     """
-    from fapm_merge.summary import model_type, read_tensor, safetensors_index
-
     base_index = safetensors_index(base)
     if adapter is not None:
-        from fapm_merge.lora import load_bound_adapter
+        from fapm_merge.io.lora_adapter import load_bound_adapter
 
         bound = load_bound_adapter(adapter, base)
         for name in bound.touched:
@@ -304,10 +304,8 @@ def analyze(
         beta (`float`, defaults to 1.0): the score's balance factor.
         progress (`bool`, defaults to False): rich progress bar on stderr.
     """
-    from fapm_merge.methods import DEFAULT_LORA_SPARSITY
-
     if sparsity is None:
-        sparsity = DEFAULT_LORA_SPARSITY if adapter else DEFAULT_SPARSITY
+        sparsity = default_sparsity(lora=adapter is not None)
     keep_count(1, sparsity=sparsity)  # validates the value with the core's message
     histogram = torch.zeros(HIST_BINS, dtype=torch.float64)
     stats: List[TensorStats] = []

@@ -24,16 +24,13 @@ Everything runs under ``torch.inference_mode`` in batches; CPU by default.
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from fapm_merge.jsonl import iter_jsonl
+from fapm_merge.io.jsonl import iter_jsonl
 
 DEFAULT_WINDOW = 256
 DEFAULT_BATCH_SIZE = 8
@@ -156,7 +153,7 @@ def _device_of(model) -> torch.device:
 
 
 @torch.inference_mode()
-def _sequence_logprobs(model, sequences: List[List[int]], starts: List[int]) -> List[List[float]]:
+def sequence_logprobs(model, sequences: List[List[int]], starts: List[int]) -> List[List[float]]:
     """Per sequence, log p(token_j | tokens_<j) for j >= starts[i] (right-padded batch)."""
     device = _device_of(model)
     width = max(len(s) for s in sequences)
@@ -244,7 +241,7 @@ def mean_token_loss(
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
-        for values in _sequence_logprobs(model, batch, [1] * len(batch)):
+        for values in sequence_logprobs(model, batch, [1] * len(batch)):
             total -= math.fsum(values)
             count += len(values)
     loss = total / count
@@ -335,7 +332,7 @@ def task_accuracy(model, tokenizer, items: List[dict], *, use_bos: bool = True) 
             raise EvalInputError("an empty prompt without BOS cannot be scored; add BOS or text")
         if "choices" in item:
             sequences = [prompt + tokenizer.encode(choice) for choice in item["choices"]]
-            scores = [math.fsum(v) for v in _sequence_logprobs(model, sequences, [len(prompt)] * len(sequences))]
+            scores = [math.fsum(v) for v in sequence_logprobs(model, sequences, [len(prompt)] * len(sequences))]
             best = max(range(len(scores)), key=lambda i: (scores[i], -i))
             kind, ok = "choices", best == item["answer"]
         else:
@@ -353,243 +350,19 @@ def task_accuracy(model, tokenizer, items: List[dict], *, use_bos: bool = True) 
     }
 
 
-def run_lm_eval(model_path: Path, tasks: str, *, device: str, dtype: str, batch_size: int, limit: Optional[int]) -> dict:
-    """lm-evaluation-harness tasks on a local model (optional extra ``eval``)."""
-    try:
-        import lm_eval
-    except ImportError:
-        raise EvalInputError(
-            "--lm-eval needs lm-evaluation-harness: pip install 'fapm-merge[eval]' "
-            "(its tasks usually download datasets; run them where the hub is reachable "
-            "or with a local HF_DATASETS cache)"
-        ) from None
-    results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={model_path},dtype={dtype}",
-        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
-        device=device,
-        batch_size=batch_size,
-        limit=limit,
-    )
-    return json.loads(json.dumps(results.get("results", {}), default=str))
-
-
-# ---------------------------------------------------------------------------
-# one model, one JSON line
-# ---------------------------------------------------------------------------
-
-
-def read_recipe(model_dir: Path) -> Optional[dict]:
-    """The model folder's mergekit_config.yml as a dict, or None (base, fine-tune)."""
-    import yaml
-
-    path = Path(model_dir) / "mergekit_config.yml"
-    if not path.exists():
-        return None
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
-@dataclass
-class EvalSettings:
-    """What to measure. Attributes mirror the ``fapm-merge eval`` options."""
-
-    text: Optional[Path] = None
-    task: Optional[Path] = None
-    tokenizer: Optional[str] = None
-    window: int = DEFAULT_WINDOW
-    batch_size: int = DEFAULT_BATCH_SIZE
-    max_tokens: Optional[int] = None
-    use_bos: bool = True
-    device: str = "cpu"
-    dtype: str = "float32"
-    lm_eval_tasks: Optional[str] = None
-    lm_eval_limit: Optional[int] = None
-
-
-def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
-    """Evaluate one model folder; the result is one JSON-serialisable record."""
-    model_dir = Path(model_dir).absolute()
-    if settings.text is None and settings.task is None and not settings.lm_eval_tasks:
-        raise EvalInputError("nothing to measure: give --text, --task and/or --lm-eval")
-    started = time.perf_counter()
-    record: Dict[str, Any] = {
-        "model": str(model_dir),
-        "name": model_dir.name,
-        "recipe": read_recipe(model_dir),
-        "metrics": {},
-    }
-    if settings.text is not None or settings.task is not None:
-        model = load_model(model_dir, device=settings.device, dtype=settings.dtype)
-        tokenizer = load_tokenizer(settings.tokenizer, model_dir)
-        vocab = model.get_input_embeddings().num_embeddings
-        if isinstance(tokenizer, ByteTokenizer) and vocab < 256:
-            raise EvalInputError(
-                f"--tokenizer bytes needs a vocabulary of at least 256 tokens; this model has {vocab}"
-            )
-        if settings.text is not None:
-            try:
-                text = Path(settings.text).read_text(encoding="utf-8")
-            except UnicodeDecodeError as error:
-                raise EvalInputError(
-                    f"--text {settings.text} is not UTF-8 text ({error.reason} at byte "
-                    f"{error.start}); convert it to UTF-8"
-                ) from None
-            record["metrics"]["text"] = {
-                "file": str(Path(settings.text).absolute()),
-                **mean_token_loss(
-                    model,
-                    tokenizer,
-                    text,
-                    window=settings.window,
-                    batch_size=settings.batch_size,
-                    max_tokens=settings.max_tokens,
-                    use_bos=settings.use_bos,
-                ),
-            }
-        if settings.task is not None:
-            record["metrics"]["task"] = {
-                "file": str(Path(settings.task).absolute()),
-                **task_accuracy(model, tokenizer, load_task(settings.task), use_bos=settings.use_bos),
-            }
-        del model
-    if settings.lm_eval_tasks:
-        record["metrics"]["lm_eval"] = run_lm_eval(
-            model_dir,
-            settings.lm_eval_tasks,
-            device=settings.device,
-            dtype=settings.dtype,
-            batch_size=settings.batch_size,
-            limit=settings.lm_eval_limit,
-        )
-    record["settings"] = {
-        "tokenizer": settings.tokenizer or "model",
-        "window": settings.window,
-        "max_tokens": settings.max_tokens,
-        "bos": settings.use_bos,
-        "device": settings.device,
-        "dtype": settings.dtype,
-    }
-    record["seconds"] = round(time.perf_counter() - started, 3)
-    record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return record
-
-
-@torch.inference_mode()
-def demo_eval_data(
-    base_dir: Path,
-    finetuned_dir: Path,
-    out_dir: Path,
-    *,
-    text_tokens: int = 4096,
-    items: int = 120,
-    seed: int = 0,
-) -> Dict[str, Path]:
-    """Evaluation files for the ``fapm-merge demo`` pair, whose "fine-tune" is a
-    simulated weight change rather than training on data (a documented proxy).
-
-    * ``general.txt``: about ``text_tokens`` printable-ASCII bytes sampled from the
-      *base* model (temperature 1), as 64-byte passages one per line: the base's
-      own distribution, the general ability a merge should keep.
-    * ``task.jsonl``: prompt/choices items (4 random printable-ASCII choices of
-      3-6 bytes) on which the base and the fine-tuned model prefer different
-      choices; the answer is the fine-tuned model's choice. So accuracy measures
-      how much of what the fine-tune changed a merge keeps: the fine-tuned model
-      scores 1.0 and the base 0.0 by construction.
-
-    Args:
-        base_dir, finetuned_dir (`Path`): the pair (byte tokens: vocabulary >= 256).
-        out_dir (`Path`): where the two files go.
-        text_tokens (`int`, defaults to 4096): length of the general text.
-        items (`int`, defaults to 120): task items to keep.
-        seed (`int`, defaults to 0): sampling seed.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    tokenizer = ByteTokenizer()
-    base, finetuned = load_model(base_dir), load_model(finetuned_dir)
-    printable = torch.arange(32, 127)
-    # 64-byte passages sampled in one batch, one position at a time (no cache needed)
-    passages = max(1, text_tokens // 64)
-    rows = printable[torch.randint(len(printable), (passages, 1), generator=generator)]
-    while rows.shape[1] < 64:
-        logits = base(input_ids=rows).logits[:, -1, printable].float()
-        picks = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-        rows = torch.cat([rows, printable[picks]], dim=1)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text_path, task_path = out_dir / "general.txt", out_dir / "task.jsonl"
-    text_path.write_text("\n".join(tokenizer.decode(r.tolist()) for r in rows) + "\n", encoding="utf-8")
-
-    def random_text(low, high):
-        length = int(torch.randint(low, high + 1, (1,), generator=generator))
-        return "".join(chr(int(c)) for c in printable[torch.randint(len(printable), (length,), generator=generator)])
-
-    kept, batches = [], 0
-    while len(kept) < items and batches < 200:
-        batches += 1  # 64 candidate items per batch: one forward per model
-        candidates = [(random_text(8, 16), [random_text(3, 6) for _ in range(4)]) for _ in range(64)]
-        sequences = [tokenizer.encode(p) + tokenizer.encode(c) for p, cs in candidates for c in cs]
-        starts = [len(tokenizer.encode(p)) for p, cs in candidates for _ in cs]
-        picks = []
-        for model in (base, finetuned):
-            scores = [math.fsum(v) for v in _sequence_logprobs(model, sequences, starts)]
-            picks.append([max(range(4), key=lambda i: (scores[4 * n + i], -i)) for n in range(64)])
-        for n, (prompt, choices) in enumerate(candidates):
-            if picks[0][n] != picks[1][n] and len(kept) < items:
-                kept.append({"prompt": prompt, "choices": choices, "answer": picks[1][n]})
-    task_path.write_text("".join(json.dumps(k) + "\n" for k in kept), encoding="utf-8")
-    return {"text": text_path, "task": task_path}
-
-
-def expand_models(paths: Sequence[Path]) -> List[Path]:
-    """Model folders; a sweep folder (with sweep.json) stands for its outputs."""
-    from fapm_merge.sweep import SWEEP_MANIFEST
-
-    folders: List[Path] = []
-    for path in paths:
-        path = Path(path).absolute()
-        manifest = path / SWEEP_MANIFEST
-        if manifest.exists():
-            try:
-                names = [v["name"] for v in json.loads(manifest.read_text())["variants"]]
-            except (ValueError, KeyError, TypeError) as error:
-                raise EvalInputError(
-                    f"{manifest} is not a sweep manifest ({type(error).__name__}: {error}); "
-                    "re-run the sweep, or pass the model folders themselves"
-                ) from None
-            folders.extend(path / name for name in names)
-        else:
-            folders.append(path)
-    return folders
-
-
-def append_result(path: Path, record: Dict[str, Any]) -> None:
-    """Append one JSON line (results files collect runs over time)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=False) + "\n")
-
-
 __all__ = [
     "ByteTokenizer",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_WINDOW",
+    "EVAL_DTYPES",
     "EvalInputError",
-    "EvalSettings",
-    "append_result",
-    "evaluate_model",
-    "expand_models",
+    "HFTokenizer",
     "greedy_continuation",
+    "load_model",
     "load_task",
+    "load_tokenizer",
     "mean_token_loss",
+    "sequence_logprobs",
     "task_accuracy",
     "text_windows",
 ]
-
-
-if __name__ == "__main__":  # python -m fapm_merge.evaluate demo-data DEMO_DIR
-    import sys
-
-    if len(sys.argv) != 3 or sys.argv[1] != "demo-data":
-        sys.exit("usage: python -m fapm_merge.evaluate demo-data DEMO_DIR (a `fapm-merge demo` folder)")
-    demo = Path(sys.argv[2])
-    files = demo_eval_data(demo / "models" / "base", demo / "models" / "finetuned", demo / "eval")
-    print(f"wrote {files['text']} and {files['task']}")

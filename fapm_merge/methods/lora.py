@@ -38,15 +38,10 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from fapm_merge.core import FapmInputError, fapm_merge, keep_count
-from fapm_merge.lora import ADAPTER_CONFIG, load_bound_adapter
-from fapm_merge.methods import (
-    DEFAULT_LORA_SPARSITY,
-    FAPM_PARAMETERS,
-    PAPER_URL,
-    _share,
-    register_methods,
-)
+from fapm_merge.core import DEFAULT_LORA_SPARSITY, FapmInputError, fapm_merge, keep_count
+from fapm_merge.io.lora_adapter import ADAPTER_CONFIG, load_bound_adapter
+from fapm_merge.io.recipe import looks_local
+from fapm_merge.methods.common import PAPER_URL, share_parameter, shared_specs
 
 
 def _check_adapter(value: Any) -> Any:
@@ -57,8 +52,7 @@ def _check_adapter(value: Any) -> Any:
             f"(or a hub id org/name), got {value!r}"
         )
     path = Path(value).expanduser()
-    looks_local = value.startswith(("/", ".", "~")) or path.exists()
-    if looks_local and not (path / ADAPTER_CONFIG).is_file():
+    if looks_local(value) and not (path / ADAPTER_CONFIG).is_file():
         raise ValueError(
             f"fapm_lora parameter 'adapter': {path} has no {ADAPTER_CONFIG}; give the "
             "folder that peft's save_pretrained wrote"
@@ -75,20 +69,19 @@ FAPM_LORA_PARAMETERS = (
     ),
     ParameterSpec(
         "sparsity",
-        _share("sparsity"),
+        share_parameter("sparsity"),
         ParameterScope.SHARED,
         default=None,
         description=f"share of the LoRA update reset to the base (default {DEFAULT_LORA_SPARSITY})",
     ),
     ParameterSpec(
         "density",
-        _share("density"),
+        share_parameter("density"),
         ParameterScope.SHARED,
         default=None,
         description="share kept, 1 - sparsity; not with sparsity",
     ),
-    # the same shared knobs as `fapm`, declared once there
-    *(spec for spec in FAPM_PARAMETERS if spec.name in ("beta", "lambda", "rescale")),
+    *shared_specs("beta", "lambda", "rescale"),  # the same knobs as `fapm`, declared once
     ParameterSpec(
         "allow_pickle",
         bool,
@@ -140,11 +133,9 @@ class FapmLoraMerge(GroupMergeMethod):
         finetuned = bound.finetuned(name, base)
         if finetuned is None:
             return base  # untouched by the adapter: the base, bit for bit
-        sparsity, density = parameters["sparsity"], parameters["density"]
-        if sparsity is None and density is None:
-            sparsity = DEFAULT_LORA_SPARSITY
         try:
-            k = keep_count(base.numel(), sparsity=sparsity, density=density)
+            k = keep_count(base.numel(), sparsity=parameters["sparsity"],
+                           density=parameters["density"], lora=True)
         except FapmInputError as error:
             raise FapmInputError(f"fapm_lora, tensor {name!r}: {error}") from None
         return fapm_merge(
@@ -160,5 +151,4 @@ class FapmLoraMerge(GroupMergeMethod):
 
 fapm_lora_method = FapmLoraMerge()
 
-# Registers this method too when this module is imported first (see methods.register_methods).
-register_methods()
+__all__ = ["FAPM_LORA_PARAMETERS", "FapmLoraMerge", "fapm_lora_method"]

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
-from fapm_merge.jsonl import iter_jsonl
+from fapm_merge.evaluation.records import read_results as _read_records
+from fapm_merge.io.recipe import describe_recipe, recipe_inputs
 
 TASK_WEIGHT = 2.0
 """Default weight of ``task_norm`` in the selection score."""
@@ -67,54 +67,16 @@ class Point:
 
 def read_results(path: Path) -> List[dict]:
     """The records of a results file, the last line per model winning."""
-    path = Path(path)
-    if not path.exists():
-        raise TradeoffError(f"results file {path} not found; write it with fapm-merge eval --out {path}")
-    latest: Dict[str, dict] = {}
-    for _, record in iter_jsonl(path, TradeoffError):
-        if isinstance(record, dict) and "model" in record and "metrics" in record:
-            latest.pop(record["model"], None)  # re-insert: keeps file order of the last run
-            latest[record["model"]] = record
-    if not latest:
-        raise TradeoffError(f"{path} holds no fapm-merge eval records")
-    return list(latest.values())
-
-
-def _exact_complement(value: float) -> float:
-    return float(1 - Fraction(repr(float(value))))
-
-
-def describe(recipe: Optional[dict]) -> Tuple[str, Optional[float], Optional[str]]:
-    """``(method, strength, strength name)`` of a merged model's recipe."""
-    if not recipe:
-        return "model", None, None
-    method = recipe.get("merge_method")
-    base = recipe.get("base_model")
-    models = [m for m in recipe.get("models") or [] if m.get("model") != base]
-    params = dict(recipe.get("parameters") or {})
-    if models:
-        params.update(models[0].get("parameters") or {})
-    if method == "fapm":
-        name = "magnitude" if float(params.get("beta", 1.0)) == 0.0 else "fapm"
-        if params.get("density") is not None:
-            return name, _exact_complement(params["density"]), "sparsity"
-        return name, float(params.get("sparsity", 0.9)), "sparsity"
-    if method == "dare_linear" and params.get("density") is not None:
-        return "dare", _exact_complement(params["density"]), "sparsity"
-    if method == "task_arithmetic" and len(models) == 1:
-        return "wiseft", float(params.get("weight", 1.0)), "alpha"
-    return str(method), None, None
+    return _read_records(path, TradeoffError)
 
 
 def _anchor_paths(records: List[dict]) -> Tuple[Optional[str], Optional[str]]:
     bases, finetuned = set(), set()
     for record in records:
-        recipe = record.get("recipe") or {}
-        if recipe.get("base_model"):
-            bases.add(str(recipe["base_model"]))
-            for model in recipe.get("models") or []:
-                if model.get("model") != recipe["base_model"]:
-                    finetuned.add(str(model["model"]))
+        base, models = recipe_inputs(record.get("recipe") or {})
+        if base:
+            bases.add(str(base))
+            finetuned.update(models)
     if len(bases) > 1 or len(finetuned) > 1:
         raise TradeoffError(
             f"the results mix merges of different models (bases {sorted(bases)}, fine-tuned "
@@ -189,7 +151,7 @@ def compute_tradeoff(
             elif record["model"] == ft_path:
                 method, strength, strength_name = "finetuned", None, None
             else:
-                method, strength, strength_name = describe(record.get("recipe"))
+                method, strength, strength_name = describe_recipe(record.get("recipe"))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             skipped.append(f"{record['model']}: malformed record ({type(error).__name__}: {error})")
             continue
@@ -263,7 +225,6 @@ __all__ = [
     "Tradeoff",
     "TradeoffError",
     "compute_tradeoff",
-    "describe",
     "read_results",
     "tradeoff_table",
 ]

@@ -32,11 +32,13 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from fapm_merge.core import FapmInputError
+from fapm_merge.core.errors import FapmInputError
+from fapm_merge.io.checkpoint import model_type, open_safetensors, tensor_shapes
+from fapm_merge.io.recipe import looks_local
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -102,10 +104,6 @@ class TensorUpdate:
     factors: List[LoraFactors] = field(default_factory=list)
     bias_of: List[LoraFactors] = field(default_factory=list)  # this tensor is a bias
 
-    @property
-    def modules(self) -> List[str]:
-        return [f.module for f in self.factors + self.bias_of]
-
 
 _resolved: Dict[Tuple[str, bool], Path] = {}
 
@@ -119,7 +117,7 @@ def resolve_adapter_path(adapter: str, *, allow_pickle: bool = False) -> Path:
     path = Path(os.path.expanduser(adapter))
     if path.is_dir():
         return path.resolve()
-    if path.exists() or adapter.startswith((".", "/", "~")) or adapter.count("/") > 1:
+    if looks_local(adapter):
         raise FapmInputError(
             f"adapter {adapter!r}: not a folder; give the folder holding "
             f"{ADAPTER_CONFIG} and {SAFETENSORS_FILE} (or a Hugging Face hub id org/name)"
@@ -195,8 +193,6 @@ class LoraAdapter:
     def _open_weights(self, allow_pickle: bool):
         path = self.folder / SAFETENSORS_FILE
         if path.is_file():
-            from fapm_merge.summary import open_safetensors
-
             handle = open_safetensors(path)
             return path, {name: handle for name in handle.keys()}
         for name in PICKLE_FILES:
@@ -468,17 +464,8 @@ def base_checkpoint_layout(base_folder: os.PathLike) -> Tuple[Dict[str, Tuple[in
     ``tied`` maps the output-embedding weight name to the input-embedding weight name
     when the config ties them and the checkpoint stores only the input embedding.
     """
-    from fapm_merge.summary import open_safetensors, safetensors_index
-
     folder = Path(base_folder)
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    by_file: Dict[Path, List[str]] = {}
-    for tensor_name, path in safetensors_index(folder).items():
-        by_file.setdefault(path, []).append(tensor_name)
-    for path, tensor_names in by_file.items():
-        with open_safetensors(path) as handle:
-            for tensor_name in tensor_names:
-                shapes[tensor_name] = tuple(handle.get_slice(tensor_name).get_shape())
+    shapes = tensor_shapes(folder)
     return shapes, _tied_names(folder, shapes)
 
 
@@ -523,8 +510,6 @@ def _check_model_family(adapter: LoraAdapter, base_folder: Path) -> None:
     parts = library.split(".")
     if len(parts) < 3 or parts[:2] != ["transformers", "models"]:
         return
-    from fapm_merge.summary import model_type
-
     family, base_type = parts[2], str(model_type(base_folder) or "").replace("-", "_")
     if base_type and base_type != family and not base_type.startswith(family + "_"):
         trained_on = adapter.config.get("base_model_name_or_path")

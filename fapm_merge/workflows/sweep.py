@@ -32,16 +32,34 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
 
-from fapm_merge.core import FapmInputError, fapm_scores, find_threshold, select_where
-
-SWEEP_MANIFEST = "sweep.json"
+from fapm_merge.core import (
+    FapmInputError,
+    complement,
+    fapm_scores,
+    find_threshold,
+    is_exact_select,
+    keep_count,
+    merge_coefficients,
+    select_where,
+)
+from fapm_merge.evaluation.records import SWEEP_MANIFEST
+from fapm_merge.io.recipe import (
+    RECIPE_FILE,
+    RecipeError,
+    load_recipe as read_recipe_file,
+    missing_local_models,
+    model_name,
+    non_base_models,
+    structure_problems,
+)
+from fapm_merge.methods import compat
+from fapm_merge.methods.common import is_lora_reference
 BASELINES = ("magnitude", "dare", "wiseft")
 """Baselines a sweep can add: magnitude pruning of dW (FAPM with beta 0), DARE
 (mergekit ``dare_linear``: random drop, 1/density rescale) and WiSE-FT
@@ -91,14 +109,7 @@ def _fmt(value: float) -> str:
     return repr(float(value))
 
 
-def _non_base_models(recipe: dict) -> List[dict]:
-    base = recipe.get("base_model")
-    return [m for m in recipe.get("models") or [] if m.get("model") != base]
-
-
 def _check_recipe(recipe: dict) -> None:
-    from fapm_merge.verify import missing_local_models, structure_problems
-
     wrong = structure_problems(recipe)  # mergekit's own recipe model first
     if wrong:
         raise SweepError("; ".join(str(problem) for problem in wrong))
@@ -119,7 +130,7 @@ def _check_recipe(recipe: dict) -> None:
             "sweep does not support tokenizer/tokenizer_source recipes; remove them "
             "(the base tokenizer is copied) or run mergekit-yaml once per value"
         )
-    if not _non_base_models(recipe):
+    if not non_base_models(recipe):
         raise SweepError("the recipe lists no fine-tuned model besides base_model")
     missing = missing_local_models(recipe)
     if missing:
@@ -136,7 +147,7 @@ def _with_strength(recipe: dict, key: str, value: float) -> dict:
         recipe["parameters"] = top
     else:
         recipe.pop("parameters", None)
-    for model in _non_base_models(recipe):
+    for model in non_base_models(recipe):
         params = model.get("parameters") or {}
         params.pop("sparsity", None)
         params.pop("density", None)
@@ -173,7 +184,7 @@ def build_variants(
     if unknown:
         raise SweepError(f"unknown baseline(s) {sorted(unknown)}; choose from {BASELINES}")
     if "dare" in baselines or "wiseft" in baselines:
-        if len(_non_base_models(recipe)) != 1:
+        if len(non_base_models(recipe)) != 1:
             raise SweepError("DARE and WiSE-FT baselines need exactly one fine-tuned model")
     key, values = ("sparsity", sparsities) if sparsities is not None else ("density", densities)
     tag = "s" if key == "sparsity" else "d"
@@ -187,10 +198,9 @@ def build_variants(
             r.setdefault("parameters", {})["beta"] = 0.0
             variants.append(Variant(f"magnitude-{tag}{_fmt(v)}", "magnitude", {key: v}, r))
     def density_of(v: float) -> float:
-        # exact decimal complement: sparsity 0.9 -> density 0.1, not 0.09999999999999998
-        return float(1 - Fraction(_fmt(v))) if key == "sparsity" else float(v)
+        return complement(v) if key == "sparsity" else float(v)
 
-    finetuned = _non_base_models(recipe)[0]["model"]
+    finetuned = model_name(non_base_models(recipe)[0])
     common = {k: recipe[k] for k in ("base_model", "dtype", "out_dtype") if k in recipe}
     if "dare" in baselines:
         for v in values:
@@ -224,40 +234,47 @@ _rng_states: Dict[Tuple[str, int], torch.Tensor] = {}
 """Per (sweep id, variant index): the CPU random state of that DARE variant's stream."""
 
 
-_FAST_SHARED = {"beta", "lambda", "normalize", "rescale"}
+_FAST_SHARED = {"beta", "lambda", "normalize", "rescale", "density_rescale"}
 _FAST_INPUT = {"sparsity", "density", "weight"}
 
 
-def _fast_path_parameters(task, tensors: Dict[Any, torch.Tensor]):
-    """``(beta, base_id, model_id, sparsity, density)`` when ``task`` is a FAPM merge
-    that the ``fapm`` kernel computes as ``select_where`` (one model, coefficient 1,
-    no rescale, both tensors floating and present); else None."""
-    if task.method_name != "fapm" or task.base_model is None:
+@dataclass(frozen=True)
+class _SelectPlan:
+    """A variant's tensor that is the core's exact select: one model, coefficient 1."""
+
+    beta: float
+    base_model: Any
+    model: Any
+    k: int
+
+
+def _exact_select_plan(plan: "compat.PlannedMerge", tensors: Dict[Any, torch.Tensor]) -> Optional[_SelectPlan]:
+    """The select this ``fapm`` merge reduces to (see `core.rules.is_exact_select`),
+    or None: then mergekit's own kernel computes it."""
+    if plan.method_name != "fapm" or plan.base_model is None or plan.dtype is not None:
         return None
-    non_base = [m for m in task.model_order if m != task.base_model]
+    non_base = [m for m in plan.models if m != plan.base_model]
     if len(non_base) != 1:
         return None
     model = non_base[0]
-    pre, ft = tensors.get(task.base_model), tensors.get(model)
+    pre, ft = tensors.get(plan.base_model), tensors.get(model)
     if pre is None or ft is None or not (pre.is_floating_point() and ft.is_floating_point()):
         return None
-    params = dict(task.parameters.items())
-    inputs = dict(task.input_parameters[model].items())
-    weight = inputs["weight"]
-    divisor = weight if params["normalize"] else 1.0
-    if abs(divisor) < 1e-8:
-        divisor = 1.0
-    if params["lambda"] * weight / divisor != 1.0 or params["rescale"]:
-        return None
-    if params.get("density_rescale"):  # scales kept entries: mergekit's own path
-        return None
-    # A parameter this fast path does not know (a later kernel option) may change the
+    params, inputs = plan.parameters, plan.input_parameters[model]
+    # A parameter this path does not know (a later kernel option) may change the
     # output: let mergekit's kernel compute it instead of guessing.
-    if set(params) - _FAST_SHARED - {"density_rescale"} or set(inputs) - _FAST_INPUT:
+    if set(params) - _FAST_SHARED or set(inputs) - _FAST_INPUT:
         return None
-    if task.dtype is not None:
+    coefficients = merge_coefficients([inputs["weight"]], params["lambda"], params["normalize"])
+    if not is_exact_select(coefficients, rescale=params["rescale"],
+                           density_rescale=bool(params.get("density_rescale"))):
         return None
-    return params["beta"], task.base_model, model, inputs["sparsity"], inputs["density"]
+    try:
+        k = keep_count(pre.numel(), sparsity=inputs["sparsity"], density=inputs["density"],
+                       lora=is_lora_reference(model))
+    except FapmInputError as error:
+        raise FapmInputError(f"fapm: model {model}, tensor {plan.tensor_name!r}: {error}") from None
+    return _SelectPlan(params["beta"], plan.base_model, model, k)
 
 
 from mergekit.graph import Task  # noqa: E402  (mergekit import kept below the pure helpers)
@@ -272,52 +289,40 @@ class SweepTensorTask(Task[Tuple[Optional[torch.Tensor], ...]]):
     sweep_id: str
 
     def arguments(self) -> Dict[str, Task]:
-        return {"tensors": self.tasks[0].gather_tensors}
+        return {"tensors": compat.gather_task(self.tasks[0])}
 
     def group_label(self) -> Optional[str]:
-        return self.tasks[0].group_label()
+        return compat.group_label(self.tasks[0])
 
     def uses_accelerator(self) -> bool:
         return True
 
     @torch.no_grad()
     def execute(self, tensors: Dict[Any, torch.Tensor], **_kwargs) -> Tuple[Optional[torch.Tensor], ...]:
-        from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
-        from mergekit.merge_methods.dtype import promoted_dtype
-
-        from fapm_merge.methods import keep_counts_for
-
         results: List[Optional[torch.Tensor]] = [None] * len(self.tasks)
         scores_by_beta: Dict[float, Any] = {}
-        name = self.tasks[0].output_weight.name
         for index, task in enumerate(self.tasks):
-            fast = _fast_path_parameters(task, tensors)
-            if fast is None:
+            plan = compat.planned_merge(task)
+            select = _exact_select_plan(plan, tensors)
+            if select is None:
                 results[index] = self._delegate(index, task, tensors)
                 continue
-            beta, base_id, model_id, sparsity, density = fast
-            group = TensorGroup(
-                entries=(
-                    TensorEntry(id=base_id, tensor=tensors[base_id], is_base=True),
-                    TensorEntry(id=model_id, tensor=tensors[model_id], is_base=False),
-                ),
-                metadata=TensorMetadata.from_weight_info(task.output_weight),
-            )
-            group.validate_tensors()
-            dtype = promoted_dtype(group)  # what GroupMergeMethod's align_dtype does
-            pre, ft = tensors[base_id].to(dtype), tensors[model_id].to(dtype)
-            (k,) = keep_counts_for(
-                group, {"sparsity": {model_id: sparsity}, "density": {model_id: density}}
-            )
-            if beta not in scores_by_beta:
-                scores_by_beta[beta] = fapm_scores(pre, ft, beta=beta, name=name)
-            scores = scores_by_beta[beta]
-            threshold = find_threshold(scores.values, k)
+            pre, ft = tensors[select.base_model], tensors[select.model]
+            if pre.shape != ft.shape:  # mergekit's own message, as the kernel would give
+                results[index] = self._delegate(index, task, tensors)
+                continue
+            dtype = torch.promote_types(pre.dtype, ft.dtype)  # GroupMergeMethod's alignment
+            pre, ft = pre.to(dtype), ft.to(dtype)
+            if select.beta not in scores_by_beta:
+                scores_by_beta[select.beta] = fapm_scores(pre, ft, beta=select.beta,
+                                                          name=plan.tensor_name)
+            scores = scores_by_beta[select.beta]
+            threshold = find_threshold(scores.values, select.k)
             out = select_where(pre, ft, scores.values, threshold).to(pre.dtype)
-            if task.out_dtype is not None:
+            if plan.out_dtype is not None:
                 from mergekit.common import dtype_from_name
 
-                out = out.to(dtype_from_name(task.out_dtype))
+                out = out.to(dtype_from_name(plan.out_dtype))
             results[index] = out
         return tuple(results)
 
@@ -401,19 +406,15 @@ def run_sweep(
         write_model_card (`bool`, defaults to True): README.md per variant, as mergekit.
         progress (`bool`, defaults to True): a rich progress bar on stderr.
     """
-    import mergekit.merge as mk_merge
     from mergekit.architecture import get_architecture_info
     from mergekit.card import generate_card
     from mergekit.config import MergeConfiguration
     from mergekit.graph import Executor
-    from mergekit.io.tasks import FinalizeModel, LoaderCache, SaveTensor
+    from mergekit.io.tasks import LoaderCache
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
 
-    from fapm_merge.atomic import atomic_output_dir
-    from fapm_merge.methods import register_methods
-
-    register_methods()
+    from fapm_merge.io.atomic import atomic_output_dir
     if not variants:
         raise SweepError("nothing to sweep")
     _shared_inputs(variants)
@@ -439,13 +440,13 @@ def run_sweep(
         for variant in variants:
             config = MergeConfiguration.model_validate(copy.deepcopy(variant.recipe))
             arch_info = get_architecture_info(config, options)
-            cfg_out = mk_merge._model_out_config(config, arch_info)
+            cfg_out = compat.model_out_config(config, arch_info)
             for model in config.referenced_models():
                 loader_cache.get(model)
             targets = MergePlanner(config, arch_info, options=options, out_model_config=cfg_out).plan_to_disk(
                 out_path=str(work / variant.name)
             )
-            saves = [t for t in targets if isinstance(t, SaveTensor)]
+            saves = compat.save_tasks(targets)
             if len(saves) != len(targets) - 1:
                 raise SweepError(f"unexpected extra tasks in the plan of {variant.name}")
             plans.append((variant, config, arch_info, cfg_out, saves))
@@ -469,19 +470,11 @@ def run_sweep(
             for index, plan in enumerate(plans):
                 old = plan[4][position]
                 per_variant_saves[index].append(
-                    SaveTensor(
-                        tensor_name=old.tensor_name,
-                        tensor_task=PickVariant(sweep_task=sweep_task, index=index),
-                        writer_task=old.writer_task,
-                        clone=old.clone,
-                        optional=old.optional,
-                        dtype=old.dtype,
-                        force_main_thread=old.force_main_thread,
-                    )
+                    compat.with_tensor_task(old, PickVariant(sweep_task=sweep_task, index=index))
                 )
         for index, saves in enumerate(per_variant_saves):
             new_targets.extend(saves)
-            new_targets.append(FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=saves[0].writer_task))
+            new_targets.append(compat.finalize_task(saves))
 
         executor = Executor(
             targets=new_targets,
@@ -504,13 +497,13 @@ def run_sweep(
                 card = generate_card(config=config, config_yaml=config_yaml, name=variant.name)
                 (folder / "README.md").write_text(card, encoding="utf-8")
             # Always written: eval and tradeoff read the recipe from here.
-            (folder / "mergekit_config.yml").write_text(config_yaml, encoding="utf-8")
+            (folder / RECIPE_FILE).write_text(config_yaml, encoding="utf-8")
             if copy_tokenizer:
                 try:
-                    mk_merge._copy_tokenizer(config, str(folder), options=options)
+                    compat.copy_tokenizer(config, str(folder), options)
                 except Exception as error:  # as mergekit: the weights are still fine
                     print(f"warning: no tokenizer copied into {variant.name}: {error}")
-            mk_merge._copy_tagalong_files(config, str(folder), files=arch_info.tagalong_files or [], options=options)
+            compat.copy_tagalong_files(config, str(folder), arch_info.tagalong_files or [], options)
             manifest["variants"].append(
                 {
                     "name": variant.name,
@@ -547,14 +540,10 @@ def _execute(executor, total: int, variants: int, progress: bool) -> None:
 
 
 def load_recipe(path: Path) -> dict:
-    """Read a mergekit YAML recipe; a clear error when it is not one."""
-    from fapm_merge.verify import load_recipe as read_recipe
-
-    if not Path(path).exists():
-        raise SweepError(f"recipe {path} not found")
+    """Read a mergekit YAML recipe; a :class:`SweepError` when it is not one."""
     try:
-        return read_recipe(path)
-    except ValueError as error:
+        return read_recipe_file(path)
+    except RecipeError as error:
         raise SweepError(str(error)) from None
 
 

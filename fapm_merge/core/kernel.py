@@ -1,8 +1,10 @@
-"""The FAPM numerical core: scores, exact keep counts, exact top-k selection, masks.
+"""The FAPM kernel: scores, exact top-k selection, masks, the merged tensor.
 
 Pure torch. Nothing here knows about mergekit, files or command lines, so every
 other part of the package (the mergekit methods, ``sweep``, ``analyze``, the
-benchmarks) calls these functions and can never disagree about what is kept.
+benchmarks) calls these functions and can never disagree about what is kept. How
+many entries are kept (``keep_count``) and the other numeric rules live in
+:mod:`fapm_merge.core.rules`.
 
 Method: Huang, Cheng, Wang, "Mitigating Catastrophic Forgetting in Large Language
 Models with Forgetting-aware Pruning", EMNLP 2025, https://arxiv.org/abs/2509.08255
@@ -38,13 +40,12 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-DEFAULT_SPARSITY = 0.9
-"""The paper's default: reset 90% of each task vector, keep 10%."""
+from fapm_merge.core.errors import FapmInputError, in_tensor
+from fapm_merge.core.rules import check_beta, is_exact_select, merge_coefficients
 
 MEAN_BLOCK_ELEMENTS = 1 << 16
 """Fixed block size of the float64 accumulation of mean(|W_pre|)."""
@@ -67,14 +68,6 @@ i.e. <= 1/16 byte per element; a bigger band (heavy ties at the threshold, a
 layout that fools the sample) is narrowed by counting passes instead."""
 
 
-class FapmInputError(ValueError):
-    """An input tensor or parameter that FAPM cannot process; the message says why."""
-
-
-def _label(name: Optional[str]) -> str:
-    return f" in tensor {name!r}" if name else ""
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype scores and deltas are computed in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -86,49 +79,6 @@ def default_chunk_elements(device: torch.device) -> int:
     The result never depends on it; only speed and scratch memory do.
     """
     return (1 << 18) if device.type == "cpu" else (1 << 24)
-
-
-def _exact(value: float) -> Fraction:
-    # repr() gives the shortest decimal that round-trips, i.e. what the user wrote
-    # in YAML: 0.9 -> 9/10 exactly, so 1 - 0.9 is 1/10 and not 0.0999...98.
-    return Fraction(repr(float(value)))
-
-
-def resolve_density(
-    sparsity: Optional[float] = None, density: Optional[float] = None
-) -> Fraction:
-    """Return the kept share as an exact fraction from ``sparsity`` or ``density``.
-
-    Args:
-        sparsity (`float`, *optional*): share of the task vector reset to the base,
-            in [0, 1]. Defaults to ``DEFAULT_SPARSITY`` (0.9) when neither is given.
-        density (`float`, *optional*): share kept, ``1 - sparsity``; the spelling
-            ties/dare recipes use. Giving both is an error.
-    """
-    if sparsity is not None and density is not None:
-        raise FapmInputError(
-            f"give either sparsity ({sparsity}) or density ({density}), not both: "
-            "density = 1 - sparsity"
-        )
-    for pname, value in (("sparsity", sparsity), ("density", density)):
-        if value is not None and not (
-            isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0
-        ):
-            raise FapmInputError(f"{pname} must be a number in [0, 1], got {value!r}")
-    if density is not None:
-        return _exact(density)
-    return 1 - _exact(DEFAULT_SPARSITY if sparsity is None else sparsity)
-
-
-def keep_count(
-    numel: int, sparsity: Optional[float] = None, density: Optional[float] = None
-) -> int:
-    """``k = floor(density * numel)`` without floating drift.
-
-    >>> keep_count(1000, sparsity=0.9)
-    100
-    """
-    return math.floor(resolve_density(sparsity, density) * numel)
 
 
 def _chunk_bounds(numel: int, chunk_elements: int) -> Iterator[Tuple[int, int]]:
@@ -215,7 +165,7 @@ class _Scorer:
             chunk_l1 = float(a.amax()) if n else 0.0
         if not math.isfinite(chunk_l1):
             raise FapmInputError(
-                f"the fine-tuned weight holds NaN or Inf{_label(self.name)} (or W_ft - W_pre "
+                f"the fine-tuned weight holds NaN or Inf{in_tensor(self.name)} (or W_ft - W_pre "
                 "overflows); FAPM refuses to write a model from it: check the checkpoint"
             )
         if self.coefficient == 0.0:
@@ -236,19 +186,13 @@ class _Scorer:
         return chunk_l1
 
 
-def check_beta(beta: float) -> None:
-    """Refuse a balance factor that is not a finite number >= 0."""
-    if not (math.isfinite(beta) and beta >= 0):
-        raise FapmInputError(f"beta must be a finite number >= 0, got {beta!r}")
-
-
 def _prepare(
     pre: torch.Tensor, finetuned: torch.Tensor, beta: float, name: Optional[str]
 ) -> Tuple[torch.dtype, float, float]:
     """Validate a pair; return the compute dtype, ``m`` and ``c = beta * m``."""
     if pre.shape != finetuned.shape:
         raise FapmInputError(
-            f"shape mismatch{_label(name)}: base {tuple(pre.shape)} vs fine-tuned "
+            f"shape mismatch{in_tensor(name)}: base {tuple(pre.shape)} vs fine-tuned "
             f"{tuple(finetuned.shape)}"
         )
     check_beta(beta)
@@ -256,7 +200,7 @@ def _prepare(
     mean_pre = mean_abs(pre)
     if not math.isfinite(mean_pre):
         raise FapmInputError(
-            f"the base (pre-trained) weight holds NaN or Inf{_label(name)}; "
+            f"the base (pre-trained) weight holds NaN or Inf{in_tensor(name)}; "
             "FAPM refuses to write a model from it: check or re-download the base"
         )
     return cdtype, mean_pre, float(torch.tensor(beta * mean_pre, dtype=cdtype))
@@ -270,6 +214,7 @@ def fapm_scores(
     beta: float = 1.0,
     chunk_elements: Optional[int] = None,
     name: Optional[str] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> Scores:
     """Score every entry of ``dW = finetuned - pre``: ``S = |dW| - beta*m*|dW|/|W_pre|``.
 
@@ -280,6 +225,9 @@ def fapm_scores(
             magnitude pruning of ``dW``.
         chunk_elements (`int`, *optional*): streaming chunk; never changes the result.
         name (`str`, *optional*): tensor name used in error messages.
+        out (`torch.Tensor`, *optional*): flat, contiguous buffer of ``numel``
+            entries in the compute dtype to write the scores into (a caller that
+            overwrites scores with deltas, as `pruned_delta` does, saves a buffer).
 
     Raises:
         FapmInputError: shapes differ, or an input holds NaN/Inf (or ``dW``
@@ -289,7 +237,15 @@ def fapm_scores(
     pre_flat, ft_flat = _flat(pre), _flat(finetuned)
     numel = pre_flat.numel()
     chunk = chunk_elements or default_chunk_elements(pre.device)
-    scores = torch.empty(numel, dtype=cdtype, device=pre.device)
+    if out is None:
+        scores = torch.empty(numel, dtype=cdtype, device=pre.device)
+    else:
+        if out.dtype != cdtype or out.numel() != numel or not out.is_contiguous():
+            raise FapmInputError(
+                f"score buffer{in_tensor(name)}: need {numel} contiguous {cdtype} "
+                f"entries, got {out.numel()} {out.dtype}"
+            )
+        scores = out.view(-1)
     scorer = _Scorer(coefficient, cdtype, pre.device, name)
     delta_l1 = 0.0
     for start, end in _chunk_bounds(numel, chunk):
@@ -616,32 +572,74 @@ _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 """Integer dtype of the same width, for the bitwise select."""
 
 
-@torch.no_grad()
-def _masked_delta_in_place(
-    scores: Scores,
-    threshold: Threshold,
-    pre_flat: torch.Tensor,
-    ft_flat: torch.Tensor,
-    chunk_elements: int,
-) -> Tuple[torch.Tensor, float]:
-    """Overwrite the score buffer with ``mask * dW``; return it and ``sum|mask*dW|``."""
-    buffer = scores.values
-    kept_l1 = 0.0
-    for start, end, flags in _keep_flags(buffer, threshold, chunk_elements):
-        delta = torch.sub(
-            ft_flat[start:end].to(buffer.dtype), pre_flat[start:end].to(buffer.dtype)
-        )
-        delta.mul_(flags)  # flags are 0/1: same products as a bool mask
-        kept_l1 += float(delta.abs().sum(dtype=torch.float64))
-        buffer[start:end] = delta
-    return buffer, kept_l1
-
-
 def l1_rescale_factor(full_l1: float, kept_l1: float, eps: float = 1e-7) -> float:
     """mergekit's ``rescale``: scale the kept delta back to the L1 norm of the full one."""
     if full_l1 < eps or kept_l1 < eps:
         return 1.0
     return full_l1 / kept_l1
+
+
+@dataclass(frozen=True)
+class PrunedDelta:
+    """One pruned task vector.
+
+    Attributes:
+        values (`torch.Tensor`): ``mask * dW``, flat, in the compute dtype.
+        rescale_factor (`float`): the L1 factor of `l1_rescale_factor` with
+            ``rescale``, else 1.0; callers fold it into their own coefficient, so
+            the delta is scaled with one rounding.
+    """
+
+    values: torch.Tensor
+    rescale_factor: float
+
+
+@torch.no_grad()
+def pruned_delta(
+    pre: torch.Tensor,
+    finetuned: torch.Tensor,
+    k: int,
+    *,
+    beta: float = 1.0,
+    rescale: bool = False,
+    out: Optional[torch.Tensor] = None,
+    chunk_elements: Optional[int] = None,
+    name: Optional[str] = None,
+) -> PrunedDelta:
+    """``mask * dW``, flat, in the compute dtype, and its rescale factor.
+
+    ``mask`` keeps the ``k`` highest FAPM scores (the tie rule of `_keep_flags`).
+    With ``rescale`` the factor is `l1_rescale_factor` (mergekit's ``rescale``: the
+    kept delta scaled back to the full delta's L1 norm), else 1.0. The scores are
+    written into ``out`` (or a new buffer) and overwritten by the delta, so the
+    delta costs no memory beyond the score buffer.
+
+    Args:
+        pre (`torch.Tensor`): ``W_pre``.
+        finetuned (`torch.Tensor`): ``W_ft``, same shape.
+        k (`int`): entries kept (see `fapm_merge.core.rules.keep_count`).
+        beta (`float`, defaults to 1.0): the score's balance factor.
+        rescale (`bool`, defaults to False): apply the L1 factor.
+        out (`torch.Tensor`, *optional*): flat buffer in the compute dtype.
+        chunk_elements (`int`, *optional*): streaming chunk; never changes the result.
+        name (`str`, *optional*): tensor name used in error messages.
+    """
+    chunk = chunk_elements or default_chunk_elements(pre.device)
+    scores = fapm_scores(pre, finetuned, beta=beta, chunk_elements=chunk, name=name, out=out)
+    threshold = find_threshold(scores.values, k, chunk_elements=chunk)
+    buffer = scores.values
+    pre_flat, ft_flat = _flat(pre), _flat(finetuned)
+    kept_l1 = 0.0
+    for start, end, flags in _keep_flags(buffer, threshold, chunk):
+        delta = torch.sub(
+            ft_flat[start:end].to(buffer.dtype), pre_flat[start:end].to(buffer.dtype)
+        )
+        delta.mul_(flags)  # flags are 0/1: same products as a bool mask
+        if rescale:
+            kept_l1 += float(delta.abs().sum(dtype=torch.float64))
+        buffer[start:end] = delta
+    factor = l1_rescale_factor(scores.delta_l1, kept_l1) if rescale else 1.0
+    return PrunedDelta(buffer, factor)
 
 
 @torch.no_grad()
@@ -710,7 +708,7 @@ def fapm_merge(
         name (`str`, *optional*): tensor name used in error messages.
     """
     if not finetuned:
-        raise FapmInputError(f"no fine-tuned model to prune{_label(name)}")
+        raise FapmInputError(f"no fine-tuned model to prune{in_tensor(name)}")
     weights = [1.0] * len(finetuned) if weights is None else list(weights)
     if len(weights) != len(finetuned) or len(keep_counts) != len(finetuned):
         raise FapmInputError("one weight and one keep count per fine-tuned model")
@@ -720,28 +718,22 @@ def fapm_merge(
     if pre.numel() == 0:
         return pre.to(dtype).clone()
     chunk = chunk_elements or default_chunk_elements(pre.device)
-    divisor = sum(weights) if normalize else 1.0
-    if abs(divisor) < 1e-8:  # as mergekit's task arithmetic does
-        divisor = 1.0
-    coefficients = [lambda_ * w / divisor for w in weights]
+    coefficients = merge_coefficients(weights, lambda_, normalize)
 
-    if len(finetuned) == 1 and coefficients[0] == 1.0 and not rescale:
+    if is_exact_select(coefficients, rescale=rescale):
         return _fused_single(pre, finetuned[0], keep_counts[0], beta, chunk, name)
 
     pre_flat = _flat(pre)
     total: Optional[torch.Tensor] = None
     for tensor, k, coefficient in zip(finetuned, keep_counts, coefficients):
-        scores = fapm_scores(pre, tensor, beta=beta, chunk_elements=chunk, name=name)
-        threshold = find_threshold(scores.values, k, chunk_elements=chunk)
-        delta, kept_l1 = _masked_delta_in_place(
-            scores, threshold, pre_flat, _flat(tensor), chunk
-        )
-        factor = l1_rescale_factor(scores.delta_l1, kept_l1) if rescale else 1.0
+        delta = pruned_delta(pre, tensor, k, beta=beta, rescale=rescale,
+                             chunk_elements=chunk, name=name)
+        scale = coefficient * delta.rescale_factor
         if total is None:
-            total = delta.mul_(coefficient * factor)
+            total = delta.values.mul_(scale)
         else:
-            total.add_(delta, alpha=coefficient * factor)
-        del scores, delta
+            total.add_(delta.values, alpha=scale)
+        del delta
     assert total is not None
     for start, end in _chunk_bounds(total.numel(), chunk):
         total[start:end] += pre_flat[start:end]
