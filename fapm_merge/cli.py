@@ -153,8 +153,9 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
     """
     from rich.console import Console
 
+    from fapm_merge.evaluation.evaluate import EvalSettings, evaluate_model
     from fapm_merge.evaluation.metrics import EvalInputError
-    from fapm_merge.evaluation.records import EvalSettings, append_result, evaluate_model, expand_models
+    from fapm_merge.evaluation.results import ResultsError, append_result, expand_models
 
     console = Console(stderr=True)
     settings = EvalSettings(
@@ -165,7 +166,7 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
     try:
         folders = expand_models(models)
         results.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the models
-    except EvalInputError as error:
+    except ResultsError as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(f"cannot write --out {results}: {error.strerror}") from None

@@ -48,7 +48,7 @@ from fapm_merge.core import (
     merge_coefficients,
     select_where,
 )
-from fapm_merge.evaluation.records import SWEEP_MANIFEST
+from fapm_merge.evaluation.results import SWEEP_MANIFEST
 from fapm_merge.io.recipe import (
     RECIPE_FILE,
     RecipeError,

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from fapm_merge.evaluation.records import read_results as _read_records
+from fapm_merge.evaluation.results import read_results as _read_records
 from fapm_merge.io.recipe import describe_recipe, recipe_inputs
 
 TASK_WEIGHT = 2.0
