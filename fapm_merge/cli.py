@@ -229,6 +229,9 @@ def lint(recipe: Path):
     exit status 1 when anything is found.
     """
     from fapm_merge.io.recipe import RecipeError, lint_recipe, load_recipe_documents
+    from fapm_merge.methods import register_methods
+
+    register_methods()  # lint reads the methods' parameter specs
 
     try:
         documents = load_recipe_documents(recipe)

@@ -72,11 +72,14 @@ def load_recipe(path: Path) -> Dict[str, Any]:
 
 
 def _method_spec(method: str):
-    """The registered method's ``MergeMethodSpec`` (None: unknown method)."""
+    """The registered method's ``MergeMethodSpec`` (None: unknown method).
+
+    Importing ``mergekit.merge_methods`` registers fapm-merge's methods through the
+    start-up hook; callers that may run without it (``python -S``) register them
+    first with ``fapm_merge.methods.register_methods()``.
+    """
     try:
         from mergekit.merge_methods import registry
-
-        import fapm_merge.methods  # noqa: F401  (registers ours)
 
         return registry.get(method).spec
     except Exception:  # unknown method: mergekit itself reports it

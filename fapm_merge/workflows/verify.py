@@ -161,6 +161,9 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> Ver
     base_index: Dict[str, Path] = {}
     fapm_inputs = None
     if recipe is not None:
+        from fapm_merge.methods import register_methods
+
+        register_methods()  # lint reads the methods' parameter specs
         report.problems.extend(lint_recipe(recipe))
         base_dir = _model_path(recipe.get("base_model"))
         try:
