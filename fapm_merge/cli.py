@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from fapm_merge.core.rules import DEFAULT_SPARSITY
+from fapm_merge.workflows.tradeoff import MIN_RETENTION, TASK_WEIGHT
 
 
 @click.group()
@@ -87,7 +88,8 @@ def demo(out_dir: Path, sparsity: float, overwrite: bool):
 def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, copy_tokenizer, overwrite):
     """Write one merged model per value into OUT_DIR, reading every input tensor once.
 
-    RECIPE is a mergekit recipe with merge_method: fapm and a base_model. Each
+    RECIPE is a mergekit recipe with merge_method: fapm (or fapm_lora, whose
+    baselines magnitude and wiseft run on the same LoRA update) and a base_model. Each
     output folder OUT_DIR/<method>-s<value> (-d<value> with --density, wiseft-a<alpha>)
     equals `mergekit-yaml` run on the
     mergekit_config.yml written inside it, bit for bit; OUT_DIR/sweep.json lists
@@ -250,45 +252,167 @@ def lint(recipe: Path):
 
 @main.command()
 @click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--rule", type=click.Choice(["repair", "max-cf", "weighted"]), default=None, help="Selection rule (default repair; --max-cf implies max-cf). See below.")
+@click.option("--min-retention", type=float, default=MIN_RETENTION, show_default=True, help="repair: least share of the fine-tune's accuracy a variant must keep.")
+@click.option("--max-cf", type=float, default=None, help="max-cf: largest CF% on the text allowed; selects the best accuracy under it.")
+@click.option("--task-weight", type=float, default=TASK_WEIGHT, show_default=True, help="weighted: maximise TASK_WEIGHT * task_norm + general_norm.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=_check_plot_path, help="PNG to write (default: RESULTS with .png).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the table and the selection as JSON.")
+@click.option("--json", "json_path", is_flag=False, flag_value="-", default=None, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), help="Write the table and the decision as JSON to PATH; `--json` alone prints only the JSON, for scripts.")
 @click.option("--base", default=None, help="Path of the base model's record (default: the recipes' base_model).")
 @click.option("--finetuned", default=None, help="Path of the fine-tuned model's record (default: the recipes' fine-tuned model).")
-@click.option("--task-weight", default=2.0, show_default=True, help="Selection rule: maximise TASK_WEIGHT * task_norm + general_norm.")
 @click.option("--title", default="", help="Plot title.")
-def tradeoff(results, plot_path, json_path, base, finetuned, task_weight, title):
+def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_path, base, finetuned, title):
     """Place every evaluated model of RESULTS (from `fapm-merge eval`) on the
-    forgetting / task plane and select one by a stated rule.
+    forgetting / task plane, with paired 95% intervals, and select one by a stated rule.
 
-    task_norm = accuracy / accuracy(fine-tuned); general_norm = perplexity(base) /
-    perplexity(model) on the --text of eval. One curve per method (fapm,
-    magnitude, dare, wiseft), base and fine-tuned as anchors.
+    \b
+    repair (default): among variants whose accuracy is not significantly below
+      the fine-tune's (exact one-sided paired test, 5%), that keep at least
+      --min-retention of its accuracy and forget less than it, the one that
+      repairs the most forgetting. If none qualifies, nothing is selected.
+    max-cf: the best accuracy among points with CF <= --max-cf %.
+    weighted: maximise --task-weight * task_norm + general_norm (older releases).
+
+    CF% = 100 (PPL - PPL_base) / PPL_base on eval's --text; repaired = share of the
+    fine-tune's extra loss undone. Warnings say where intervals are wider than the
+    differences the rule decides between.
     """
     import json as json_module
 
     from rich.console import Console
 
     from fapm_merge.workflows.plots import plot_tradeoff
-    from fapm_merge.workflows.tradeoff import TradeoffError, compute_tradeoff, read_results, tradeoff_table
+    from fapm_merge.workflows.tradeoff import (
+        Rule,
+        TradeoffError,
+        compute_tradeoff,
+        read_results,
+        summary_lines,
+        tradeoff_table,
+    )
+
+    to_stdout = json_path is not None and str(json_path) == "-"
+    console = Console(stderr=to_stdout)
+    kind = rule or ("max-cf" if max_cf is not None else "repair")
+    try:
+        chosen = Rule(kind, min_retention=min_retention, max_cf=max_cf, task_weight=task_weight)
+        result = compute_tradeoff(read_results(results), base=base, finetuned=finetuned, rule=chosen)
+    except TradeoffError as error:
+        raise click.ClickException(str(error)) from None
+    plot_path = plot_path or results.with_suffix(".png")
+    plot_tradeoff(result, plot_path, title=title)
+    document = {**result.to_json(), "plot": str(plot_path)}
+    if to_stdout:
+        click.echo(json_module.dumps(document))
+        return
+    console.print(tradeoff_table(result))
+    for line in summary_lines(result):
+        console.print(line, markup=False, highlight=False)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json_module.dumps(document, indent=2) + "\n")
+    console.print(f"plot: {plot_path}", markup=False, highlight=False)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--text", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="General text: forgetting as CF% (perplexity against the base).")
+@click.option("--task", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Task JSONL (as for eval): accuracy, and what the fine-tune must keep.")
+@click.option("--sparsity", default=None, help="FAPM values, comma-separated (default: 0.1,0.3,0.5,0.7,0.9,0.95 for fapm; 0.05,0.1,0.2,0.3,0.5 for fapm_lora).")
+@click.option("--baselines", default="magnitude,wiseft", show_default=True, help="Comma-separated: magnitude, wiseft, dare (fapm only); empty for none.")
+@click.option("--alpha", "alphas", default=None, help="WiSE-FT strengths (default 0.3,0.5,0.7,0.9; fapm_lora 0.5,0.7,0.9).")
+@click.option("--seed", default=0, show_default=True, help="DARE seed (mergekit-yaml --random-seed).")
+@click.option("--rule", type=click.Choice(["repair", "max-cf", "weighted"]), default=None, help="Selection rule, as for tradeoff (default repair).")
+@click.option("--min-retention", type=float, default=MIN_RETENTION, show_default=True, help="repair: least share of the fine-tune's accuracy.")
+@click.option("--max-cf", type=float, default=None, help="max-cf: largest CF% allowed.")
+@click.option("--task-weight", type=float, default=TASK_WEIGHT, show_default=True, help="weighted: weight of task_norm.")
+@click.option("--max-on-disk", type=click.IntRange(1), default=2, show_default=True, help="Variants on disk at once (each is a full checkpoint).")
+@click.option("--keep-variants", is_flag=True, help="Keep every variant's weights in the work folder.")
+@click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Work folder (results, plan, plot; default OUT_DIR.tune). Rerunning resumes there.")
+@click.option("--restart", is_flag=True, help="Discard the work folder's earlier results.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
+@click.option("--tokenizer", default=None, help="Tokenizer for eval (default: each model's own; 'bytes' for tokenizer-less toy models).")
+@click.option("--window", default=256, show_default=True, type=click.IntRange(1), help="Tokens per text window.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Windows per forward pass.")
+@click.option("--max-tokens", type=click.IntRange(2), default=None, help="Use only the first N tokens of --text.")
+@click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend BOS to each window and prompt.")
+@click.option("--device", default="cpu", show_default=True, callback=_check_device, help="Merge and eval device, e.g. cuda.")
+@click.option("--dtype", default="float32", show_default=True, help="Model dtype for evaluation.")
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=None, help="Copy the base's tokenizer into outputs (default: when the base has one).")
+def tune(recipe, out_dir, text, task, sparsity, baselines, alphas, seed, rule, min_retention, max_cf,
+         task_weight, max_on_disk, keep_variants, work_dir, restart, overwrite, tokenizer, window,
+         batch_size, max_tokens, bos, device, dtype, copy_tokenizer):
+    """Sweep, evaluate, decide and write the chosen model to OUT_DIR, in one command.
+
+    RECIPE is a mergekit recipe with merge_method: fapm (a full fine-tune; one
+    fine-tuned model) or fapm_lora (a PEFT LoRA adapter). tune evaluates the base,
+    the fine-tune and every variant (FAPM values plus baselines) on --text and
+    --task, keeping at most --max-on-disk variants on disk, applies the rule
+    (see `fapm-merge tradeoff --help`) and rebuilds the chosen variant from its
+    recipe with mergekit, with a model card holding the evidence. Interrupted?
+    Run the same command again: finished evaluations are reused.
+
+    Exit status 3 when no variant is chosen (nothing is written; the work folder
+    holds the table and the plot).
+    """
+    import shlex
+    import sys
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fapm_merge.core import FapmInputError
+    from fapm_merge.evaluation.evaluate import EvalSettings
+    from fapm_merge.evaluation.metrics import EvalInputError
+    from fapm_merge.io.recipe import RecipeError, load_recipe
+    from fapm_merge.workflows.sweep import SweepError, parse_values
+    from fapm_merge.workflows.tradeoff import Rule, TradeoffError, summary_lines, tradeoff_table
+    from fapm_merge.workflows.tune import EXIT_NOTHING_CHOSEN, TuneError, TuneSettings, run_tune
 
     console = Console()
     try:
-        result = compute_tradeoff(read_results(results), base=base, finetuned=finetuned, task_weight=task_weight)
-    except TradeoffError as error:
+        settings = TuneSettings(
+            text=text, task=task,
+            sparsities=parse_values(sparsity, "--sparsity") if sparsity else None,
+            baselines=[b.strip() for b in baselines.split(",") if b.strip()],
+            alphas=parse_values(alphas, "--alpha") if alphas else None,
+            seed=seed,
+            rule=Rule(rule or ("max-cf" if max_cf is not None else "repair"),
+                      min_retention=min_retention, max_cf=max_cf, task_weight=task_weight),
+            eval=EvalSettings(tokenizer=tokenizer, window=window, batch_size=batch_size,
+                              max_tokens=max_tokens, use_bos=bos, device=device, dtype=dtype),
+            device=device, copy_tokenizer=copy_tokenizer, max_on_disk=max_on_disk,
+            keep_variants=keep_variants, work_dir=work_dir, overwrite=overwrite, restart=restart,
+        )
+        parsed = load_recipe(recipe)
+    except (SweepError, TradeoffError, RecipeError) as error:
         raise click.ClickException(str(error)) from None
-    console.print(tradeoff_table(result))
-    for note in result.skipped:
-        console.print(f"[yellow]skipped[/yellow] {note}")
-    plot_path = plot_path or results.with_suffix(".png")
-    plot_tradeoff(result, plot_path, title=title)
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json_module.dumps(result.to_json(), indent=2) + "\n")
-    s = result.selected
-    console.print(
-        f"selected: {s.name} ({s.label}): task {s.task_norm:.3f} of the fine-tuned model, "
-        f"general {s.general_norm:.3f} of the base; plot {plot_path}"
-    )
+    names = {"anchors": "evaluate base and fine-tune", "variants": "merge + evaluate variants",
+             "decision": "decide", "rebuild": "rebuild the chosen model"}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console) as bars:
+        jobs = {}
+
+        def progress(stage, done, total, detail):
+            if stage not in jobs:
+                jobs[stage] = bars.add_task(names[stage], total=total, detail="")
+            bars.update(jobs[stage], completed=done, total=total, detail=detail)
+
+        try:
+            result = run_tune(parsed, out_dir, settings, progress=progress,
+                              command=" ".join(shlex.quote(a) for a in ["fapm-merge", *sys.argv[1:]]))
+        except (TuneError, SweepError, TradeoffError, EvalInputError, FapmInputError,
+                RecipeError, FileExistsError) as error:
+            raise click.ClickException(str(error)) from None
+    console.print(tradeoff_table(result.tradeoff))
+    for line in summary_lines(result.tradeoff):
+        console.print(line, markup=False, highlight=False)
+    console.print(f"{result.evaluated} evaluated, {result.reused} reused, {result.seconds:.0f} s; "
+                  f"work folder {result.work_dir}; plot {result.plot}", markup=False, highlight=False)
+    console.print(result.message, markup=False, highlight=False)
+    if result.out_dir is None:
+        raise SystemExit(EXIT_NOTHING_CHOSEN)
 
 
 @main.command()

@@ -8,7 +8,9 @@ from click.testing import CliRunner
 
 from fapm_merge.cli import main
 from fapm_merge.io.recipe import describe_recipe as describe
-from fapm_merge.workflows.tradeoff import TradeoffError, compute_tradeoff, read_results
+from fapm_merge.workflows.tradeoff import Rule, TradeoffError, compute_tradeoff, read_results
+
+WEIGHTED = Rule("weighted")  # these records carry no per-item values: the rule of earlier releases
 
 BASE, FT = "/m/base", "/m/ft"
 
@@ -55,7 +57,7 @@ def test_recipes_name_method_and_strength():
 
 
 def test_normalisation_and_selection_by_hand():
-    result = compute_tradeoff(RECORDS)
+    result = compute_tradeoff(RECORDS, rule=WEIGHTED)
     by_name = {p.name: p for p in result.points}
     assert result.base.name == "base" and result.finetuned.name == "ft"
     for rec in RECORDS:
@@ -85,27 +87,28 @@ def test_last_line_per_model_wins_and_foreign_lines_are_ignored(tmp_path):
 
 def test_missing_anchor_or_metrics_is_explained():
     with pytest.raises(TradeoffError, match="no usable line for the base model /m/base"):
-        compute_tradeoff(RECORDS[1:])
+        compute_tradeoff(RECORDS[1:], rule=WEIGHTED)
     with pytest.raises(TradeoffError, match="pass --base and --finetuned"):
-        compute_tradeoff([record(BASE, 0.2, 2.0), record(FT, 0.8, 2.5)])
+        compute_tradeoff([record(BASE, 0.2, 2.0), record(FT, 0.8, 2.5)], rule=WEIGHTED)
     zero = [record(BASE, 0.0, 2.0), record(FT, 0.0, 2.5)] + RECORDS[2:]
     with pytest.raises(TradeoffError, match="fine-tuned model scores 0"):
-        compute_tradeoff(zero)
+        compute_tradeoff(zero, rule=WEIGHTED)
     partial = RECORDS + [{"model": "/s/x", "name": "x", "recipe": None, "metrics": {"text": {"loss": 1.0}}}]
-    assert compute_tradeoff(partial).skipped == ["/s/x: needs both --text and --task metrics"]
+    assert compute_tradeoff(partial, rule=WEIGHTED).skipped == ["/s/x: needs both --text and --task metrics"]
 
 
 def test_cli_writes_table_plot_and_json(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in RECORDS))
-    out = CliRunner().invoke(main, ["tradeoff", str(path), "--json", str(tmp_path / "t.json")])
+    out = CliRunner().invoke(main, ["tradeoff", str(path), "--rule", "weighted",
+                                    "--json", str(tmp_path / "t.json")])
     assert out.exit_code == 0, out.output
     assert "selected: fapm-s0.5" in out.output
     png = tmp_path / "results.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tmp_path / "t.json").read_text())
     assert summary["selected"]["name"] == "fapm-s0.5"
-    assert summary["rule"] == "maximise 2 * task_norm + general_norm"
+    assert summary["rule"] == "weighted: maximise 2 * task_norm + general_norm"
     assert len(summary["points"]) == len(RECORDS)
 
 
@@ -114,12 +117,12 @@ def test_non_finite_or_malformed_lines_are_skipped_with_the_reason_never_selecte
     # them) was tabled as nan and could anchor the whole normalisation.
     nan_point = record("/s/fapm-s0.7", 0.9, math.nan, fapm(0.7))
     bad_recipe = record("/s/fapm-sx", 0.9, 2.0, fapm("lots"))
-    result = compute_tradeoff(RECORDS + [nan_point, bad_recipe])
+    result = compute_tradeoff(RECORDS + [nan_point, bad_recipe], rule=WEIGHTED)
     assert [p.name for p in result.points] == [r["name"] for r in RECORDS]
     assert result.skipped[0].startswith("/s/fapm-s0.7: accuracy 0.9 / loss nan is not finite")
     assert result.skipped[1].startswith("/s/fapm-sx: malformed record (ValueError")
     with pytest.raises(TradeoffError, match=r"no usable line for the base model /m/base \(accuracy 0.2 / loss nan"):
-        compute_tradeoff([record(BASE, 0.2, math.nan)] + RECORDS[1:])
+        compute_tradeoff([record(BASE, 0.2, math.nan)] + RECORDS[1:], rule=WEIGHTED)
     with pytest.raises(TradeoffError, match="--task-weight must be a finite number >= 0, got nan"):
         compute_tradeoff(RECORDS, task_weight=math.nan)
 

@@ -55,8 +55,21 @@ class EvalSettings:
     lm_eval_limit: Optional[int] = None
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: two records were measured on the same data only
+    when their digests agree (paired comparisons check it)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
-    """Evaluate one model folder; the result is one JSON-serialisable record."""
+    """Evaluate one model folder; the result is one JSON-serialisable record.
+
+    Per-prompt and per-window values sit under ``metrics.<metric>.per_item``;
+    :func:`fapm_merge.evaluation.results.append_result` stores them in the items
+    file beside the results file, so results lines stay short.
+    """
     model_dir = Path(model_dir).absolute()
     if settings.text is None and settings.task is None and not settings.lm_eval_tasks:
         raise EvalInputError("nothing to measure: give --text, --task and/or --lm-eval")
@@ -85,6 +98,7 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
                 ) from None
             record["metrics"]["text"] = {
                 "file": str(Path(settings.text).absolute()),
+                "sha256": file_digest(settings.text),
                 **mean_token_loss(
                     model,
                     tokenizer,
@@ -98,6 +112,7 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
         if settings.task is not None:
             record["metrics"]["task"] = {
                 "file": str(Path(settings.task).absolute()),
+                "sha256": file_digest(settings.task),
                 **task_accuracy(model, tokenizer, load_task(settings.task), use_bos=settings.use_bos),
             }
         del model
@@ -125,4 +140,4 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
     return record
 
 
-__all__ = ["EvalSettings", "evaluate_model"]
+__all__ = ["EvalSettings", "evaluate_model", "file_digest"]

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from fapm_merge.evaluation.results import PER_ITEM
 from fapm_merge.io.jsonl import iter_jsonl
 
 DEFAULT_WINDOW = 256
@@ -109,6 +110,9 @@ def load_model(path: Path, *, device: str = "cpu", dtype: str = "float32"):
             "safetensors (convert the folder with save_pretrained(safe_serialization=True))"
         )
     try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # our own progress lines say what loads
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch_dtype, use_safetensors=True, output_loading_info=True
         )
@@ -239,11 +243,16 @@ def mean_token_loss(
     if not windows:
         raise EvalInputError("the text file has fewer than 2 tokens: nothing to predict")
     total, count = 0.0, 0
+    window_losses: List[float] = []
+    window_tokens: List[int] = []
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         for values in sequence_logprobs(model, batch, [1] * len(batch)):
-            total -= math.fsum(values)
+            window_loss = math.fsum(values)
+            total -= window_loss
             count += len(values)
+            window_losses.append(-window_loss)
+            window_tokens.append(len(values))
     loss = total / count
     return {
         "loss": loss,
@@ -252,6 +261,8 @@ def mean_token_loss(
         "windows": len(windows),
         "window": window,
         "bos": bool(bos),
+        # per window: summed NLL and predicted tokens, what paired intervals need
+        PER_ITEM: {"window_loss": window_losses, "window_tokens": window_tokens},
     }
 
 
@@ -326,6 +337,7 @@ def task_accuracy(model, tokenizer, items: List[dict], *, use_bos: bool = True) 
     bos = _bos(tokenizer, use_bos)
     correct = {"generate": 0, "choices": 0}
     seen = {"generate": 0, "choices": 0}
+    outcomes: List[str] = []
     for item in items:
         prompt = bos + tokenizer.encode(item["prompt"])
         if not prompt:
@@ -341,12 +353,15 @@ def task_accuracy(model, tokenizer, items: List[dict], *, use_bos: bool = True) 
             kind, ok = "generate", tokenizer.decode(generated).strip() == item["answer"].strip()
         seen[kind] += 1
         correct[kind] += int(ok)
+        outcomes.append("1" if ok else "0")
     total = sum(seen.values())
     return {
         "accuracy": sum(correct.values()) / total,
         "examples": total,
         "correct": sum(correct.values()),
         "by_kind": {k: {"examples": seen[k], "correct": correct[k]} for k in seen if seen[k]},
+        # per prompt, in file order: "1" correct, "0" wrong (paired comparisons need it)
+        PER_ITEM: {"correct": "".join(outcomes)},
     }
 
 
@@ -357,6 +372,7 @@ __all__ = [
     "EVAL_DTYPES",
     "EvalInputError",
     "HFTokenizer",
+    "PER_ITEM",
     "greedy_continuation",
     "load_model",
     "load_task",

@@ -8,11 +8,19 @@ results needs neither torch nor mergekit.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from fapm_merge.io.jsonl import iter_jsonl
+
+PER_ITEM = "per_item"
+"""Key of the per-prompt / per-window values inside a metric of a record."""
+
+ITEMS_SUFFIX = ".items.jsonl"
+"""``results.jsonl`` keeps its per-item values in ``results.items.jsonl``."""
 
 SWEEP_MANIFEST = "sweep.json"
 """The file ``fapm-merge sweep`` writes into its output folder, listing the variants."""
@@ -42,15 +50,45 @@ def expand_models(paths: Sequence[Path]) -> List[Path]:
     return folders
 
 
+def items_path(results: Path) -> Path:
+    """The items file beside a results file: ``results.jsonl`` -> ``results.items.jsonl``."""
+    results = Path(results)
+    return results.with_name(results.stem + ITEMS_SUFFIX)
+
+
+def _record_key(record: Dict[str, Any]) -> str:
+    text = json.dumps(record, sort_keys=True, default=str)
+    return f"{record.get('name', 'model')}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
 def append_result(path: Path, record: Dict[str, Any]) -> None:
-    """Append one JSON line (results files collect runs over time)."""
+    """Append one record as a JSON line; its per-item values go to the items file.
+
+    Results files collect runs over time. The per-prompt outcomes and per-window
+    losses (``metrics.<metric>.per_item``) are what paired intervals need but would
+    make every results line thousands of characters long, so they are written as
+    one line of :func:`items_path` under a key the results line names
+    (``"items": {"file": ..., "key": ...}``). The items line is written first: a
+    results line never points at items that are not there.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    record = copy.deepcopy(record)
+    per_item = {}
+    for metric, values in (record.get("metrics") or {}).items():
+        if isinstance(values, dict) and PER_ITEM in values:
+            per_item[metric] = values.pop(PER_ITEM)
+    if per_item:
+        key = _record_key(record)
+        side = items_path(path)
+        with side.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"key": key, "model": record.get("model"), **per_item}) + "\n")
+        record["items"] = {"file": side.name, "key": key}
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record, sort_keys=False) + "\n")
 
 
-def read_results(path: Path, error: type = ResultsError) -> List[dict]:
+def read_results(path: Path, error: type = ResultsError, *, with_items: bool = False) -> List[dict]:
     """The records of a results file, the last line per model winning (in the
     file order of those last lines).
 
@@ -58,6 +96,9 @@ def read_results(path: Path, error: type = ResultsError) -> List[dict]:
         path (`Path`): a JSON-lines file written by ``fapm-merge eval``.
         error (`type`, defaults to `ResultsError`): the exception raised for a
             missing, unreadable or empty file (the caller's own input-error type).
+        with_items (`bool`, defaults to False): put each record's per-item values
+            back under ``metrics.<metric>.per_item`` from the items file (records
+            without them are left as they are).
     """
     path = Path(path)
     if not path.exists():
@@ -69,7 +110,38 @@ def read_results(path: Path, error: type = ResultsError) -> List[dict]:
             latest[record["model"]] = record
     if not latest:
         raise error(f"{path} holds no fapm-merge eval records")
-    return list(latest.values())
+    records = list(latest.values())
+    if with_items:
+        _attach_items(path, records, error)
+    return records
 
 
-__all__ = ["ResultsError", "SWEEP_MANIFEST", "append_result", "expand_models", "read_results"]
+def _attach_items(path: Path, records: List[dict], error: type) -> None:
+    wanted = {}
+    for record in records:
+        items = record.get("items")
+        if isinstance(items, dict) and isinstance(items.get("key"), str):
+            wanted.setdefault(path.parent / str(items.get("file")), set()).add(items["key"])
+    found: Dict[str, dict] = {}
+    for side, keys in wanted.items():
+        if not side.exists():
+            raise error(f"{side} (the per-item values of {path}) is missing; it is written "
+                        f"beside the results file by fapm-merge eval: rerun the evaluation")
+        for _, line in iter_jsonl(side, error):
+            if isinstance(line, dict) and line.get("key") in keys:
+                found[line["key"]] = line
+    for record in records:
+        items = record.get("items")
+        if not isinstance(items, dict):
+            continue
+        line = found.get(items.get("key"))
+        if line is None:
+            raise error(f"{path}: the per-item values of {record['model']} (key "
+                        f"{items.get('key')}) are not in {items.get('file')}; rerun its evaluation")
+        for metric, values in record["metrics"].items():
+            if isinstance(values, dict) and metric in line:
+                values[PER_ITEM] = line[metric]
+
+
+__all__ = ["ITEMS_SUFFIX", "PER_ITEM", "ResultsError", "SWEEP_MANIFEST", "append_result",
+           "expand_models", "items_path", "read_results"]

@@ -37,55 +37,78 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _error(value, low, high):
+    """matplotlib's [below, above] error lengths for a point and its interval ends."""
+    return [[max(0.0, value - low)], [max(0.0, high - value)]]
+
+
 def plot_tradeoff(result, path: Path, *, title: str = "") -> Path:
-    """Task (normalised to the fine-tuned model) against general ability (normalised
-    to the base): one curve per method in order of strength, the two anchors, the
-    selected point and the iso-score line through it."""
+    """Task accuracy against forgetting (CF% on the general text), one curve per
+    method in order of strength, the two anchors, the rule's bounds and the selected
+    point circled. Error bars are each point's 95% paired intervals *of its
+    difference to the fine-tune* (accuracy, and loss mapped to CF%), drawn around
+    the point: a bar that reaches the fine-tune's line is a difference the data
+    cannot tell from none."""
+    from fapm_merge.evaluation.stats import cf_percent
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.8), dpi=130)
+    ft = result.finetuned
     curves: Dict[str, list] = {}
     others = []
     for point in result.points:
         if point.method in ("base", "finetuned"):
             continue
-        if point.strength is None:
-            others.append(point)
-        else:
-            curves.setdefault(point.method, []).append(point)
+        (curves.setdefault(point.method, []) if point.strength is not None else others).append(point)
+
+    forgetting = ft.loss - result.base.loss
+
+    def bars(point, style):
+        if point.loss_vs_ft is None or point.accuracy_vs_ft is None:
+            return
+        x, y = point.loss_vs_ft, point.accuracy_vs_ft
+        ax.errorbar(point.cf_pct, point.accuracy,
+                    xerr=_error(point.cf_pct, cf_percent(forgetting + x.low), cf_percent(forgetting + x.high)),
+                    yerr=_error(point.accuracy, ft.accuracy + y.low, ft.accuracy + y.high),
+                    fmt="none", ecolor=style.get("color", "0.4"), elinewidth=0.8, capsize=2,
+                    alpha=0.55)
+
     for method, points in sorted(curves.items()):
         points.sort(key=lambda p: p.strength)
-        style = METHOD_STYLE.get(method, dict(color="0.4", marker="x"))
+        style = METHOD_STYLE.get(method.removesuffix("_lora"), dict(color="0.4", marker="x"))
         name = points[0].strength_name
-        ax.plot(
-            [p.general_norm for p in points],
-            [p.task_norm for p in points],
-            linestyle="-",
-            linewidth=1.4,
-            markersize=6,
-            label=f"{method} ({name} {points[0].strength:g} → {points[-1].strength:g})",
-            **style,
-        )
+        ax.plot([p.cf_pct for p in points], [p.accuracy for p in points], linestyle="-",
+                linewidth=1.4, markersize=6,
+                label=f"{method} ({name} {points[0].strength:g} → {points[-1].strength:g})", **style)
         for p in points:
-            ax.annotate(f"{p.strength:g}", (p.general_norm, p.task_norm), textcoords="offset points",
+            bars(p, style)
+            ax.annotate(f"{p.strength:g}", (p.cf_pct, p.accuracy), textcoords="offset points",
                         xytext=(4, 4), fontsize=7, color=style["color"])
     for p in others:
-        ax.plot(p.general_norm, p.task_norm, "x", color="0.4")
-        ax.annotate(p.name, (p.general_norm, p.task_norm), fontsize=7, xytext=(4, -8), textcoords="offset points")
-    for anchor, style in ((result.base, dict(color="black", marker="P")), (result.finetuned, dict(color="#ff7f0e", marker="*"))):
-        ax.plot(anchor.general_norm, anchor.task_norm, linestyle="none", markersize=13,
-                label=f"{anchor.method} ({anchor.name})", **style)
+        ax.plot(p.cf_pct, p.accuracy, "x", color="0.4")
+        bars(p, {})
+        ax.annotate(p.name, (p.cf_pct, p.accuracy), fontsize=7, xytext=(4, -8), textcoords="offset points")
+    for anchor, style in ((result.base, dict(color="black", marker="P")), (ft, dict(color="#ff7f0e", marker="*"))):
+        ax.plot(anchor.cf_pct, anchor.accuracy, linestyle="none", markersize=13,
+                label=f"{'base' if anchor is result.base else 'fine-tuned'} ({anchor.name})", **style)
+        bars(anchor, style)
+    ax.axvline(ft.cf_pct, color="#ff7f0e", linestyle=":", linewidth=1,
+               label="forgetting of the fine-tune")
+    if result.rule.kind == "repair":
+        ax.axhline(result.rule.min_retention * ft.accuracy, color="0.5", linestyle="--", linewidth=1,
+                   label=f"{result.rule.min_retention:g} x fine-tune accuracy")
+    elif result.rule.kind == "max-cf":
+        ax.axvline(result.rule.max_cf, color="0.5", linestyle="--", linewidth=1,
+                   label=f"CF bound {result.rule.max_cf:g}%")
     s = result.selected
-    ax.plot(s.general_norm, s.task_norm, "o", markersize=17, markerfacecolor="none",
-            markeredgecolor="black", markeredgewidth=1.6, label=f"selected: {s.label}")
-    # the iso-score line through the selected point: all points on it score the same
-    xs = ax.get_xlim()
-    w = result.task_weight
-    ax.plot(xs, [(s.score - x) / w for x in xs], ":", color="0.5", linewidth=1,
-            label=f"{w:g}·task + general = {s.score:.3f}")
-    ax.set_xlim(xs)
-    ax.set_xlabel("general ability, normalised to base  (perplexity(base) / perplexity(model))")
-    ax.set_ylabel("task accuracy, normalised to fine-tuned")
-    ax.set_title(title or f"forgetting / task trade-off — selected by {result.rule}", fontsize=10)
+    if s is not None:
+        ax.plot(s.cf_pct, s.accuracy, "o", markersize=17, markerfacecolor="none",
+                markeredgecolor="black", markeredgewidth=1.6, label=f"selected: {s.label}")
+    ax.set_xlabel("forgetting: CF % on the general text (100 (PPL - PPL_base) / PPL_base)\n"
+                  "error bars: 95% paired intervals of the difference to the fine-tune", fontsize=9)
+    ax.set_ylabel("task accuracy")
+    chosen = f"selected {s.label}" if s is not None else "nothing qualified"
+    ax.set_title(title or f"forgetting / task trade-off, rule {result.rule.kind}: {chosen}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="best")
     return _save(fig, path)

@@ -76,7 +76,8 @@ class Variant:
 
     Attributes:
         name (`str`): folder name inside OUT_DIR, e.g. ``fapm-s0.9``.
-        method (`str`): ``fapm``, ``magnitude``, ``dare`` or ``wiseft`` (for plots).
+        method (`str`): ``fapm``, ``magnitude``, ``dare``, ``wiseft``, or for a
+            ``fapm_lora`` recipe ``fapm_lora``, ``magnitude_lora``, ``wiseft_lora``.
         strength (`dict`): the swept value, e.g. ``{"sparsity": 0.9}`` or ``{"alpha": 0.3}``.
         recipe (`dict`): the complete mergekit recipe this output equals.
         seed (`int`, *optional*): random seed (DARE only).
@@ -109,13 +110,17 @@ def _fmt(value: float) -> str:
     return repr(float(value))
 
 
+SWEEPABLE = ("fapm", "fapm_lora")
+"""Methods whose recipes a sweep varies: full fine-tunes and LoRA adapters."""
+
+
 def _check_recipe(recipe: dict) -> None:
     wrong = structure_problems(recipe)  # mergekit's own recipe model first
     if wrong:
         raise SweepError("; ".join(str(problem) for problem in wrong))
-    if recipe.get("merge_method") != "fapm":
+    if recipe.get("merge_method") not in SWEEPABLE:
         raise SweepError(
-            f"sweep needs a recipe with merge_method: fapm, got "
+            f"sweep needs a recipe with merge_method: fapm (or fapm_lora), got "
             f"{recipe.get('merge_method')!r}; baselines come from --baselines"
         )
     if not recipe.get("base_model"):
@@ -130,15 +135,34 @@ def _check_recipe(recipe: dict) -> None:
             "sweep does not support tokenizer/tokenizer_source recipes; remove them "
             "(the base tokenizer is copied) or run mergekit-yaml once per value"
         )
-    if not non_base_models(recipe):
+    if recipe.get("merge_method") == "fapm_lora":
+        if not isinstance((recipe.get("parameters") or {}).get("adapter"), str):
+            raise SweepError("a fapm_lora recipe needs parameters: {adapter: /path/to/adapter}")
+    elif not non_base_models(recipe):
         raise SweepError("the recipe lists no fine-tuned model besides base_model")
     missing = missing_local_models(recipe)
     if missing:
         raise SweepError("; ".join(str(problem) for problem in missing))
 
 
+def _with_parameters(recipe: dict, **values) -> dict:
+    """A copy of a fapm_lora recipe with these top-level parameters set (the
+    strength keys sparsity/density replaced, never both)."""
+    recipe = copy.deepcopy(recipe)
+    top = dict(recipe.get("parameters") or {})
+    if "sparsity" in values or "density" in values:
+        top.pop("sparsity", None)
+        top.pop("density", None)
+    top.update(values)
+    recipe["parameters"] = top
+    return recipe
+
+
 def _with_strength(recipe: dict, key: str, value: float) -> dict:
-    """The recipe with ``key`` (sparsity or density) set on every fine-tuned model."""
+    """The recipe with ``key`` (sparsity or density) set: on every fine-tuned model
+    (``fapm``: a per-model parameter) or at the top (``fapm_lora``: shared)."""
+    if recipe.get("merge_method") == "fapm_lora":
+        return _with_parameters(recipe, **{key: value})
     recipe = copy.deepcopy(recipe)
     top = recipe.get("parameters") or {}
     for name in ("sparsity", "density"):
@@ -156,6 +180,15 @@ def _with_strength(recipe: dict, key: str, value: float) -> dict:
     return recipe
 
 
+def finetuned_variant(recipe: dict) -> "Variant":
+    """For a ``fapm_lora`` recipe, the fine-tuned model itself as a variant:
+    ``fapm_lora`` at sparsity 0 is ``W_pre + scale * B @ A`` for every adapted
+    weight, computed as peft's merge computes it."""
+    if recipe.get("merge_method") != "fapm_lora":
+        raise SweepError("only a fapm_lora recipe's fine-tune is made by a merge")
+    return Variant("finetuned", "finetuned", {}, _with_parameters(recipe, sparsity=0.0))
+
+
 def build_variants(
     recipe: dict,
     *,
@@ -165,7 +198,12 @@ def build_variants(
     alphas: Optional[Sequence[float]] = None,
     seed: int = 0,
 ) -> List[Variant]:
-    """The variants of a sweep over ``recipe`` (a one-base ``fapm`` recipe).
+    """The variants of a sweep over ``recipe`` (a one-base ``fapm`` or ``fapm_lora`` recipe).
+
+    For ``fapm_lora`` the baselines go through the same native adapter path on the
+    same update ``dW = scale * B @ A``: magnitude is ``beta: 0``, WiSE-FT is
+    ``sparsity: 0, lambda: alpha`` (``W_pre + alpha * dW``); DARE has no
+    ``fapm_lora`` form.
 
     Args:
         recipe (`dict`): the mergekit recipe; its own sparsity/density is replaced.
@@ -183,23 +221,34 @@ def build_variants(
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise SweepError(f"unknown baseline(s) {sorted(unknown)}; choose from {BASELINES}")
-    if "dare" in baselines or "wiseft" in baselines:
+    lora = recipe.get("merge_method") == "fapm_lora"
+    if lora and "dare" in baselines:
+        raise SweepError("the dare baseline has no fapm_lora form; use magnitude and wiseft, "
+                         "or run dare_linear on a merged copy (model: BASE+ADAPTER)")
+    if not lora and ("dare" in baselines or "wiseft" in baselines):
         if len(non_base_models(recipe)) != 1:
             raise SweepError("DARE and WiSE-FT baselines need exactly one fine-tuned model")
     key, values = ("sparsity", sparsities) if sparsities is not None else ("density", densities)
     tag = "s" if key == "sparsity" else "d"
+    suffix = "_lora" if lora else ""
     variants = [
-        Variant(f"fapm-{tag}{_fmt(v)}", "fapm", {key: v}, _with_strength(recipe, key, v))
+        Variant(f"fapm{suffix}-{tag}{_fmt(v)}", f"fapm{suffix}", {key: v}, _with_strength(recipe, key, v))
         for v in values
     ]
     if "magnitude" in baselines:
         for v in values:
             r = _with_strength(recipe, key, v)
             r.setdefault("parameters", {})["beta"] = 0.0
-            variants.append(Variant(f"magnitude-{tag}{_fmt(v)}", "magnitude", {key: v}, r))
+            variants.append(Variant(f"magnitude{suffix}-{tag}{_fmt(v)}", f"magnitude{suffix}", {key: v}, r))
     def density_of(v: float) -> float:
         return complement(v) if key == "sparsity" else float(v)
 
+    if lora:
+        if "wiseft" in baselines:
+            for a in alphas if alphas is not None else [density_of(v) for v in values]:
+                r = _with_parameters(recipe, sparsity=0.0, **{"lambda": a})
+                variants.append(Variant(f"wiseft_lora-a{_fmt(a)}", "wiseft_lora", {"alpha": a}, r))
+        return _unique(variants)
     finetuned = model_name(non_base_models(recipe)[0])
     common = {k: recipe[k] for k in ("base_model", "dtype", "out_dtype") if k in recipe}
     if "dare" in baselines:
@@ -219,6 +268,10 @@ def build_variants(
                 "models": [{"model": finetuned, "parameters": {"weight": a}}],
             }
             variants.append(Variant(f"wiseft-a{_fmt(a)}", "wiseft", {"alpha": a}, r))
+    return _unique(variants)
+
+
+def _unique(variants: List[Variant]) -> List[Variant]:
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise SweepError(f"two variants share a folder name: {names}")
