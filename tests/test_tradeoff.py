@@ -3,8 +3,11 @@
 import json
 import math
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fapm_merge.cli import main
 from fapm_merge.io.recipe import describe_recipe as describe
@@ -132,3 +135,183 @@ def test_results_file_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes(b'{"model": "\xff"}\n')
     with pytest.raises(TradeoffError, match=r"r.jsonl: not UTF-8 text .* save it as UTF-8"):
         read_results(path)
+
+
+# ----------------------------------------------------------------- paired records
+
+PROMPTS, WINDOWS, WINDOW = 200, 20, 100
+
+
+def paired_record(model, correct, loss_factor, recipe=None, task_sha="task", text_sha="text"):
+    """A results line with per-item values, as fapm-merge eval writes it in memory:
+    ``correct`` prompts right (the first ones), window losses = base's times a factor."""
+    rng = np.random.default_rng(7)  # the same windows for every model: that is the pairing
+    base_losses = 300.0 + rng.normal(0.0, 20.0, WINDOWS)
+    own = np.random.default_rng(sum(map(ord, model)))  # each model's own small noise
+    losses = [float(x) for x in base_losses * loss_factor + own.normal(0.0, 0.5, WINDOWS)]
+    tokens = [WINDOW] * WINDOWS
+    bits = "".join("1" if i in correct else "0" for i in range(PROMPTS))
+    return {
+        "model": model,
+        "name": model.rsplit("/", 1)[1],
+        "recipe": recipe,
+        "metrics": {
+            "text": {"loss": sum(losses) / sum(tokens), "tokens": sum(tokens), "windows": WINDOWS,
+                     "window": WINDOW, "sha256": text_sha, "bos": False,
+                     "per_item": {"window_loss": losses, "window_tokens": tokens}},
+            "task": {"accuracy": bits.count("1") / PROMPTS, "examples": PROMPTS, "sha256": task_sha,
+                     "per_item": {"correct": bits}},
+        },
+    }
+
+
+FT_RIGHT = set(range(180))
+PAIRED = [
+    paired_record(BASE, set(range(20)), 1.0),
+    paired_record(FT, FT_RIGHT, 1.01),  # learned the task, forgets (CF about +3%)
+    # DARE keeps every fine-tune answer, gets 6 more, and forgets more than the fine-tune
+    paired_record("/s/dare-s0.95", FT_RIGHT | set(range(180, 186)), 1.015,
+                  {"merge_method": "dare_linear", "base_model": BASE,
+                   "models": [{"model": FT, "parameters": {"weight": 1.0, "density": 0.05}}]}),
+    # FAPM loses one prompt (not significant) and undoes most of the forgetting
+    paired_record("/s/fapm-s0.9", FT_RIGHT - {0}, 1.002, fapm(0.9)),
+    # magnitude undoes all of it but loses 10 prompts: a significant drop
+    paired_record("/s/magnitude-s0.9", FT_RIGHT - set(range(10)), 1.0, fapm(0.9, beta=0.0)),
+]
+
+
+def test_weighted_rule_picks_more_forgetting_than_the_fine_tune_and_the_default_does_not():
+    # Regression (issue 13): on the replication, maximise 2*task_norm + general_norm chose
+    # DARE at 0.95, which forgets more than the unrepaired fine-tune.
+    weighted = compute_tradeoff(PAIRED, rule=WEIGHTED)
+    assert weighted.selected.name == "dare-s0.95"
+    assert weighted.selected.cf_pct > weighted.finetuned.cf_pct
+    assert any("forgets more than the fine-tune" in w for w in weighted.warnings)
+
+    default = compute_tradeoff(PAIRED)
+    assert default.rule.kind == "repair"
+    assert default.selected.name == "fapm-s0.9"
+    assert default.selected.cf_pct < default.finetuned.cf_pct
+    verdicts = {p.name: p.verdict for p in default.points}
+    assert verdicts == {"base": "anchor", "ft": "anchor", "dare-s0.95": "forg",
+                        "fapm-s0.9": "selected", "magnitude-s0.9": "drop ret"}
+    fapm_point = default.selected
+    assert fapm_point.accuracy_drop_p == pytest.approx(0.5)  # one discordant prompt
+    assert fapm_point.retention == pytest.approx(179 / 180)
+    ft, base = default.finetuned, default.base
+    assert fapm_point.repaired == pytest.approx((ft.loss - fapm_point.loss) / (ft.loss - base.loss))
+    assert 0.7 < fapm_point.repaired < 0.9  # about (1.01 - 1.002) / 0.01
+    assert fapm_point.accuracy_vs_ft.low <= -1 / PROMPTS <= fapm_point.accuracy_vs_ft.high
+
+
+def test_metrics_follow_their_definitions():
+    result = compute_tradeoff(PAIRED)
+    base, ft = result.base, result.finetuned
+    for point in result.points:
+        assert point.cf_pct == pytest.approx(100 * (math.exp(point.loss - base.loss) - 1))
+        assert point.repaired == pytest.approx((ft.loss - point.loss) / (ft.loss - base.loss))
+        assert point.retention == pytest.approx(point.accuracy / ft.accuracy)
+        assert point.cf_interval.low <= point.cf_pct <= point.cf_interval.high
+
+
+def test_nothing_qualifies_is_said_plainly_with_the_closest_candidates():
+    result = compute_tradeoff(PAIRED, rule=Rule(min_retention=1.0))
+    assert result.selected is None
+    assert result.reason.startswith("no variant qualifies")
+    assert [p.name for p in result.closest][0] == "fapm-s0.9"  # one prompt short of retention 1
+    assert "Keep the fine-tuned model" in result.reason
+
+
+def test_a_fine_tune_that_did_not_forget_leaves_nothing_to_repair():
+    records = [paired_record(BASE, set(range(20)), 1.0), paired_record(FT, FT_RIGHT, 0.99)] + PAIRED[3:]
+    result = compute_tradeoff(records)
+    assert result.selected is None
+    assert "did not forget" in result.reason
+
+
+def test_max_cf_rule_takes_the_best_accuracy_under_the_bound():
+    result = compute_tradeoff(PAIRED, rule=Rule("max-cf", max_cf=1.0))
+    assert result.selected.name == "fapm-s0.9"  # dare and the fine-tune are above 1% CF
+    assert compute_tradeoff(PAIRED, rule=Rule("max-cf", max_cf=10.0)).selected.name == "dare-s0.95"
+    with pytest.raises(TradeoffError, match="needs --max-cf"):
+        Rule("max-cf")
+
+
+def test_warnings_say_when_the_evidence_cannot_decide():
+    # Two variants whose losses differ by 0.1%: the repair between them is noise.
+    close = [paired_record("/s/fapm-s0.95", FT_RIGHT - {1}, 1.0021, fapm(0.95))]
+    result = compute_tradeoff(PAIRED + close)
+    assert result.selected.name == "fapm-s0.9"
+    runner = [w for w in result.warnings if "cannot be told apart" in w]
+    assert len(runner) == 1 and "fapm-s0.95" in runner[0] and "windows (now 20) would resolve it" in runner[0]
+
+
+def test_records_measured_on_other_data_or_without_items_are_refused():
+    other = paired_record("/s/fapm-s0.5", FT_RIGHT, 1.01, fapm(0.5), task_sha="another task")
+    with pytest.raises(TradeoffError, match="measured on different task files"):
+        compute_tradeoff(PAIRED + [other])
+    with pytest.raises(TradeoffError, match="carry no per-item values .* choose --rule weighted"):
+        compute_tradeoff(RECORDS)
+    other_base = dict(paired_record("/s/x", FT_RIGHT, 1.0, fapm(0.5)))
+    other_base["recipe"] = {**fapm(0.5), "base_model": "/m/another-base"}
+    with pytest.raises(TradeoffError, match="mix merges of different models"):
+        compute_tradeoff(PAIRED + [other_base])
+
+
+def test_results_and_items_files_round_trip_through_eval_s_writer(tmp_path):
+    from fapm_merge.evaluation.results import append_result, items_path
+
+    path = tmp_path / "results.jsonl"
+    for record_ in PAIRED:
+        append_result(path, record_)
+    lines = path.read_text().splitlines()
+    assert all("per_item" not in line for line in lines)  # short lines: items live beside them
+    assert items_path(path).exists()
+    again = read_results(path)
+    assert [{k: v for k, v in r.items() if k != "items"} for r in again] == PAIRED
+    assert compute_tradeoff(again).selected.name == "fapm-s0.9"
+    items_path(path).unlink()
+    with pytest.raises(TradeoffError, match="results.items.jsonl .* is missing"):
+        read_results(path)
+
+
+def test_the_table_fits_80_columns_and_json_is_for_scripts(tmp_path):
+    from rich.console import Console
+
+    from fapm_merge.workflows.tradeoff import tradeoff_table
+
+    result = compute_tradeoff(PAIRED)
+    console = Console(width=80, record=True)
+    console.print(tradeoff_table(result))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for name in ("magnitude-s0.9", "fapm-s0.9", "dare-s0.95"):  # whole names, not "magni…"
+        assert name in text
+    assert "[-0.0" in text  # intervals are shown
+
+    from fapm_merge.evaluation.results import append_result
+
+    path = tmp_path / "results.jsonl"
+    for record_ in PAIRED:
+        append_result(path, record_)
+    out = CliRunner().invoke(main, ["tradeoff", str(path), "--json", "--plot", str(tmp_path / "p.png")])
+    assert out.exit_code == 0, out.output
+    document = json.loads(out.stdout)
+    assert document["selected"]["name"] == "fapm-s0.9"
+    assert document["selected"]["cf_interval"]["low"] <= document["selected"]["cf_pct"]
+    assert document["rule_settings"]["kind"] == "repair"
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(150, 190), st.floats(0.97, 1.06)), min_size=1, max_size=4))
+def test_the_default_rule_never_selects_more_forgetting_than_the_fine_tune(variants):
+    records = PAIRED[:2] + [
+        paired_record(f"/s/fapm-s0.{index + 1}", set(range(right)), factor, fapm((index + 1) / 10))
+        for index, (right, factor) in enumerate(variants)
+    ]
+    result = compute_tradeoff(records)
+    if result.selected is not None:
+        assert result.selected.loss < result.finetuned.loss
+        assert result.selected.cf_pct < result.finetuned.cf_pct
+        assert result.selected.retention >= 0.99
+        assert result.selected.accuracy_drop_p >= 0.05

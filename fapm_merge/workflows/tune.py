@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+from fapm_merge.core.rules import DEFAULT_LORA_SPARSITY, DEFAULT_SPARSITY
 from fapm_merge.evaluation.evaluate import EvalSettings, evaluate_model, file_digest
 from fapm_merge.evaluation.metrics import EvalInputError, load_task, load_tokenizer, text_windows
 from fapm_merge.evaluation.results import append_result, read_results
@@ -45,8 +46,8 @@ from fapm_merge.workflows.sweep import SweepError, Variant, build_variants, fine
 from fapm_merge.workflows.tradeoff import Rule, Tradeoff, compute_tradeoff
 
 DEFAULT_SPARSITIES = {
-    "fapm": (0.1, 0.3, 0.5, 0.7, 0.9, 0.95),
-    "fapm_lora": (0.05, 0.1, 0.2, 0.3, 0.5),
+    "fapm": (0.1, 0.3, 0.5, 0.7, DEFAULT_SPARSITY, 0.95),
+    "fapm_lora": (0.05, DEFAULT_LORA_SPARSITY, 0.2, 0.3, 0.5),
 }
 """FAPM values swept by default. Full fine-tunes: the paper's default 0.9 and the
 range around it down to light pruning, where most of the task survives. LoRA

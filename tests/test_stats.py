@@ -1,0 +1,112 @@
+"""Paired intervals and the accuracy test, against plain references on small cases.
+
+The references enumerate the whole bootstrap distribution (every one of the n**n
+equally likely resamples) and sum binomial terms by hand; nothing of scipy.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from fapm_merge.evaluation import stats
+
+
+def exact_bootstrap_quantiles(statistic, columns, levels=(0.025, 0.975)):
+    """Quantiles of the exact paired bootstrap distribution (all n**n resamples),
+    with numpy's default (linear) interpolation between order statistics, as
+    scipy's percentile method uses on its Monte Carlo sample."""
+    n = len(columns[0])
+    values = []
+    for draw in itertools.product(range(n), repeat=n):
+        values.append(statistic(*[[column[i] for i in draw] for column in columns]))
+    values.sort()
+    return [values[min(len(values) - 1, round(level * (len(values) - 1)))] for level in levels]
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def test_accuracy_interval_matches_the_exact_paired_bootstrap():
+    model = [1, 0, 1, 1, 0, 1]
+    reference = [1, 1, 1, 0, 1, 1]
+    low, high = exact_bootstrap_quantiles(lambda a, b: mean(a) - mean(b), [model, reference])
+    got = stats.accuracy_difference(model, reference, resamples=40000)
+    assert got.estimate == pytest.approx(mean(model) - mean(reference))
+    # the statistic lives on a grid of 1/6: Monte Carlo lands on the exact grid value
+    assert got.low == pytest.approx(low, abs=1e-9)
+    assert got.high == pytest.approx(high, abs=1e-9)
+
+
+def test_loss_interval_matches_the_exact_paired_bootstrap_of_the_ratio():
+    losses_model = [50.0, 61.0, 40.5, 70.0, 55.0]
+    losses_reference = [48.0, 60.0, 41.0, 66.0, 54.0]
+    tokens = [20, 24, 16, 28, 22]
+
+    def difference(a, b, t):
+        return sum(a) / sum(t) - sum(b) / sum(t)
+
+    exact = exact_bootstrap_quantiles(difference, [losses_model, losses_reference, tokens],
+                                      levels=(0.02, 0.025, 0.03, 0.97, 0.975, 0.98))
+    got = stats.loss_difference(losses_model, losses_reference, tokens, resamples=40000)
+    assert got.estimate == pytest.approx(difference(losses_model, losses_reference, tokens))
+    assert exact[0] <= got.low <= exact[2]  # between the exact 2% and 3% quantiles
+    assert exact[3] <= got.high <= exact[5]
+
+
+def test_pairing_is_what_makes_the_interval_narrow():
+    # Two models that agree on every prompt but two: unpaired, each accuracy alone
+    # carries +-0.07 at n=200; paired, the difference is known to within a few prompts.
+    rng = np.random.default_rng(1)
+    reference = (rng.random(200) < 0.7).astype(int)
+    model = reference.copy()
+    model[np.flatnonzero(reference == 1)[:2]] = 0
+    paired = stats.accuracy_difference(model, reference)
+    assert paired.estimate == pytest.approx(-0.01)
+    assert paired.high <= 1e-12 and paired.low >= -0.025 - 1e-12
+    unpaired_half_width = 1.96 * math.sqrt(0.7 * 0.3 / 200) * math.sqrt(2)
+    assert paired.half_width < unpaired_half_width / 4
+
+
+def reference_mcnemar_greater(worse, better):
+    n = worse + better
+    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2 ** n
+
+
+@pytest.mark.parametrize("worse,better", [(0, 0), (3, 0), (5, 1), (7, 9), (12, 3), (30, 18)])
+def test_accuracy_drop_test_is_the_exact_one_sided_mcnemar_test(worse, better):
+    reference = [1] * worse + [0] * better + [1] * 5 + [0] * 4  # concordant prompts say nothing
+    model = [0] * worse + [1] * better + [1] * 5 + [0] * 4
+    expected = 1.0 if worse + better == 0 else reference_mcnemar_greater(worse, better)
+    assert stats.accuracy_drop_pvalue(model, reference) == pytest.approx(expected, rel=1e-12)
+
+
+def test_repaired_share_and_cf_follow_their_definitions():
+    base = [100.0, 110.0, 90.0, 105.0]
+    finetuned = [104.0, 113.0, 95.0, 108.0]
+    model = [101.0, 111.0, 91.0, 106.0]
+    tokens = [40, 44, 36, 42]
+    total = sum(tokens)
+    l_base, l_ft, l_model = (sum(x) / total for x in (base, finetuned, model))
+    share = stats.repaired_share(model, finetuned, base, tokens)
+    assert share.estimate == pytest.approx((l_ft - l_model) / (l_ft - l_base))
+    assert share.low <= share.estimate <= share.high
+    assert stats.repaired_share(model, base, base, tokens) is None  # the fine-tune did not forget
+    assert stats.cf_percent(math.log(1.05)) == pytest.approx(5.0)
+
+
+def test_identical_models_give_a_zero_width_interval_and_size_estimates_scale_as_one_over_n():
+    same = [1, 0, 1, 1]
+    assert stats.accuracy_difference(same, same) == stats.Interval(0.0, 0.0, 0.0, 4)
+    interval = stats.Interval(-0.01, -0.03, 0.01, 100)  # half width 0.02 around -0.01
+    assert stats.items_needed(interval, -0.01) == 400  # 100 * (0.02 / 0.01) ** 2
+    assert stats.items_needed(interval, 0.0) is None
+
+
+def test_mismatched_items_are_refused():
+    with pytest.raises(ValueError, match="same prompts for both models: 3 vs 2"):
+        stats.accuracy_difference([1, 0, 1], [1, 0])
+    with pytest.raises(ValueError, match="same windows"):
+        stats.loss_difference([1.0, 2.0], [1.0, 2.0], [3])
