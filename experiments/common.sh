@@ -1,4 +1,4 @@
-# Sourced by run_experiment.sh and confirm.sh once PY is set: the tools next to PY, the
+# Sourced by run_experiment.sh once PY is set: the tools next to PY, the
 # work folders, the offline environment, and the fapm_lora recipe of the LoRA arm.
 BIN=$(dirname "$PY")
 FAPM="$BIN/fapm-merge"

@@ -64,8 +64,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("experiments/work"))
     ap.add_argument("--docs", type=Path, default=Path("docs"))
     ap.add_argument("--prefix", default="",
-                    help="read PREFIXmain.jsonl and PREFIXlee.jsonl (experiments/confirm.sh uses "
-                         "'confirm-'); with a prefix only results/PREFIXtable.md is written")
+                    help="read PREFIXmain.jsonl and PREFIXlee.jsonl (a side run); with a prefix "
+                         "only results/PREFIXtable.md is written")
     args = ap.parse_args()
     res = args.work / "results"
     prefix = args.prefix
@@ -128,6 +128,11 @@ def main() -> None:
     if prefix:  # a side run: the docs and the plot show the main protocol only
         return
     write_into_docs(args.docs / "experiments.md", md)
+    decisions = decision_tables(res)
+    if decisions:
+        (res / "decision.md").write_text(decisions)
+        console.print(decisions)
+        write_into_docs(args.docs / "experiments.md", decisions, block="decision")
     (res / "summary.json").write_text(json.dumps({"rows": table, "eval_seconds": sum(r["seconds"] for r in rows)},
                                                  indent=1) + "\n")
     plot(table, args.docs / "images" / "experiment-tradeoff.png")
@@ -204,9 +209,52 @@ def dominance(table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_into_docs(doc: Path, md: str) -> None:
-    """Replace the generated block of docs/experiments.md, so the page shows this run."""
-    start, end = "<!-- results-table:start -->", "<!-- results-table:end -->"
+def _interval(value, interval, digits, signed=True):
+    if value is None:
+        return "undefined"
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    if interval and interval.get("low") is not None:
+        text += f" [{interval['low']:+.{digits}f}, {interval['high']:+.{digits}f}]"
+    return text
+
+
+def decision_tables(res: Path) -> str:
+    """What `fapm-merge tradeoff` (default rule) selects on each arm, with the paired
+    95% intervals it rests on (results/tradeoff-full.json, tradeoff-lora.json)."""
+    out = []
+    for arm, name in (("full", "full fine-tune"), ("lora", "LoRA fine-tune")):
+        path = res / f"tradeoff-{arm}.json"
+        if not path.exists():
+            continue
+        d = json.loads(path.read_text())
+        items = d.get("items", {})
+        out.append(f"**{name.capitalize()} arm** ({items.get('prompts', 0)} prompts, "
+                   f"{items.get('windows', 0)} Wikipedia windows; rule: {d['rule']}).\n")
+        out.append("| model | accuracy | Δ accuracy vs fine-tune [95%] | one-sided p | CF% wiki [95%] "
+                   "| repaired [95%] | rule |")
+        out.append("|---|---|---|---|---|---|---|")
+        rank = {"base": 0, "finetuned": 1}
+        for p in sorted(d["points"], key=lambda p: (rank.get(p["method"], 2), p["method"], p["strength"] or 0)):
+            acc = p.get("accuracy_vs_ft") or {}
+            pval = p.get("accuracy_drop_p")
+            label = p["label"] if p["method"] not in ("base", "finetuned") else p["method"]
+            verdict = p["verdict"] if p["verdict"] != "selected" else "**selected**"
+            out.append(f"| {label} | {p['accuracy']:.3f} | {_interval(acc.get('estimate'), acc, 3)} | "
+                       f"{'-' if pval is None else f'{pval:.3f}'} | "
+                       f"{_interval(p['cf_pct'], p.get('cf_interval'), 2)} | "
+                       f"{_interval(p.get('repaired'), p.get('repaired_interval'), 2)} | {verdict} |")
+        selected = d.get("selected")
+        out.append("")
+        out.append(("Selected: " if selected else "Nothing selected: ") + d["reason"] + ".")
+        for warning in d.get("warnings", []):
+            out.append(f"Warning: {warning}.")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_into_docs(doc: Path, md: str, block: str = "results-table") -> None:
+    """Replace a generated block of docs/experiments.md, so the page shows this run."""
+    start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
     if not doc.exists():
         return
     text = doc.read_text()
