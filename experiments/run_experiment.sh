@@ -52,8 +52,21 @@ evaluate() {
 # fine-tune with its variants, and the LoRA arm, whose fine-tune is fapm_lora at sparsity 0.
 # The per-item values stay in main.items.jsonl, which every line names.
 tradeoff() {
-  grep -v '/lora-' "$R/main.jsonl" > "$R/full-arm.jsonl"
-  grep -E '/lora-|/base"' "$R/main.jsonl" > "$R/lora-arm.jsonl"
+  # split by each line's own model folder (every recipe names the base, so grep cannot)
+  "$PY" - "$R" <<'SPLIT'
+import json, sys
+from pathlib import Path
+results = Path(sys.argv[1])
+arms = {"full-arm.jsonl": [], "lora-arm.jsonl": []}
+for line in (results / "main.jsonl").read_text().splitlines():
+    name = Path(json.loads(line)["model"]).name
+    if name == "base" or not name.startswith("lora-"):
+        arms["full-arm.jsonl"].append(line)
+    if name == "base" or name.startswith("lora-"):
+        arms["lora-arm.jsonl"].append(line)
+for file, lines in arms.items():
+    (results / file).write_text("".join(line + "\n" for line in lines))
+SPLIT
   "$FAPM" tradeoff "$R/full-arm.jsonl" --plot docs/images/experiment-tradeoff-cli.png \
     --json "$R/tradeoff-full.json" \
     --title "SmolLM2-135M, Rotten Tomatoes full SFT: fapm-merge tradeoff, rule repair"
