@@ -7,7 +7,13 @@ from pathlib import Path
 import click
 
 from fapm_merge.core.rules import DEFAULT_SPARSITY
-from fapm_merge.workflows.tradeoff import MIN_RETENTION, TASK_WEIGHT
+from fapm_merge.evaluation.settings import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW, EVAL_DTYPES, EvalSettings
+from fapm_merge.workflows.tradeoff import MIN_RETENTION, RULES, TASK_WEIGHT
+from fapm_merge.workflows.tune import DEFAULT_ALPHAS, DEFAULT_BASELINES, DEFAULT_SPARSITIES, MAX_ON_DISK
+
+
+def _listed(values) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 @click.group()
@@ -40,6 +46,43 @@ def _check_plot_path(ctx, param, value):
     if value is not None and value.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise click.BadParameter(f"{value}: give a .png (or .pdf, .svg) path")
     return value
+
+
+def _options(*decorators):
+    """Apply click options in the order they are listed (as they read in --help)."""
+
+    def apply(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+_eval_options = _options(  # shared by eval and tune: one place for their defaults
+    click.option("--tokenizer", default=None, help="Tokenizer folder (default: each model's own), or 'bytes' for tokenizer-less toy models."),
+    click.option("--window", default=DEFAULT_WINDOW, show_default=True, type=click.IntRange(1), help="Tokens per text window (non-overlapping)."),
+    click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1), help="Windows per forward pass."),
+    click.option("--max-tokens", type=click.IntRange(2), default=None, help="Use only the first N tokens of --text."),
+    click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend the tokenizer's BOS token to each window and prompt."),
+    click.option("--device", default="cpu", show_default=True, callback=_check_device, help="cpu, cuda, cuda:1, ..."),
+    click.option("--dtype", default=EVAL_DTYPES[0], show_default=True, type=click.Choice(EVAL_DTYPES), help="Model dtype for evaluation."),
+)
+
+_rule_options = _options(  # shared by tradeoff and tune
+    click.option("--rule", type=click.Choice(RULES), default=None, help="Selection rule (default repair; --max-cf alone implies max-cf)."),
+    click.option("--min-retention", type=float, default=MIN_RETENTION, show_default=True, help="repair: least share of the fine-tune's accuracy a variant must keep."),
+    click.option("--max-cf", type=float, default=None, help="max-cf: largest CF% on the text allowed; selects the best accuracy under it."),
+    click.option("--task-weight", type=float, default=TASK_WEIGHT, show_default=True, help="weighted: maximise TASK_WEIGHT * task_norm + general_norm."),
+)
+
+
+def _rule(rule, min_retention, max_cf, task_weight):
+    """The selection rule the rule options describe (TradeoffError if they cannot)."""
+    from fapm_merge.workflows.tradeoff import Rule
+
+    return Rule(rule or ("max-cf" if max_cf is not None else "repair"),
+                min_retention=min_retention, max_cf=max_cf, task_weight=task_weight)
 
 
 @main.command()
@@ -137,13 +180,7 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text file: mean token loss and perplexity (general ability).")
 @click.option("--task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL of {prompt, answer} (greedy exact match) or {prompt, choices, answer} (log-likelihood).")
 @click.option("--out", "results", type=click.Path(dir_okay=False, path_type=Path), default=Path("results.jsonl"), show_default=True, help="Results file; one JSON line is appended per model.")
-@click.option("--tokenizer", default=None, help="Tokenizer folder (default: each model's own), or 'bytes' for tokenizer-less toy models.")
-@click.option("--window", default=256, show_default=True, type=click.IntRange(1), help="Tokens per perplexity window (non-overlapping).")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Windows per forward pass.")
-@click.option("--max-tokens", type=click.IntRange(2), default=None, help="Use only the first N tokens of --text.")
-@click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend the tokenizer's BOS token to each window and prompt.")
-@click.option("--device", default="cpu", show_default=True, callback=_check_device, help="cpu, cuda, cuda:1, ...")
-@click.option("--dtype", default="float32", show_default=True, help="Model dtype for evaluation.")
+@_eval_options
 @click.option("--lm-eval", "lm_eval_tasks", default=None, help="Comma-separated lm-evaluation-harness tasks (needs the 'eval' extra).")
 @click.option("--lm-eval-limit", type=int, default=None, help="Examples per lm-eval task (for quick runs).")
 def eval_command(models, text, task, results, tokenizer, window, batch_size, max_tokens, bos, device, dtype, lm_eval_tasks, lm_eval_limit):
@@ -155,7 +192,7 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
     """
     from rich.console import Console
 
-    from fapm_merge.evaluation.evaluate import EvalSettings, evaluate_model
+    from fapm_merge.evaluation.evaluate import evaluate_model
     from fapm_merge.evaluation.metrics import EvalInputError
     from fapm_merge.evaluation.results import ResultsError, append_result, expand_models
 
@@ -252,10 +289,7 @@ def lint(recipe: Path):
 
 @main.command()
 @click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--rule", type=click.Choice(["repair", "max-cf", "weighted"]), default=None, help="Selection rule (default repair; --max-cf implies max-cf). See below.")
-@click.option("--min-retention", type=float, default=MIN_RETENTION, show_default=True, help="repair: least share of the fine-tune's accuracy a variant must keep.")
-@click.option("--max-cf", type=float, default=None, help="max-cf: largest CF% on the text allowed; selects the best accuracy under it.")
-@click.option("--task-weight", type=float, default=TASK_WEIGHT, show_default=True, help="weighted: maximise TASK_WEIGHT * task_norm + general_norm.")
+@_rule_options
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=_check_plot_path, help="PNG to write (default: RESULTS with .png).")
 @click.option("--json", "json_path", is_flag=False, flag_value="-", default=None, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), help="Write the table and the decision as JSON to PATH; `--json` alone prints only the JSON, for scripts.")
 @click.option("--base", default=None, help="Path of the base model's record (default: the recipes' base_model).")
@@ -283,7 +317,6 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
 
     from fapm_merge.workflows.plots import plot_tradeoff
     from fapm_merge.workflows.tradeoff import (
-        Rule,
         TradeoffError,
         compute_tradeoff,
         read_results,
@@ -293,9 +326,8 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
 
     to_stdout = json_path is not None and str(json_path) == "-"
     console = Console(stderr=to_stdout)
-    kind = rule or ("max-cf" if max_cf is not None else "repair")
     try:
-        chosen = Rule(kind, min_retention=min_retention, max_cf=max_cf, task_weight=task_weight)
+        chosen = _rule(rule, min_retention, max_cf, task_weight)
         result = compute_tradeoff(read_results(results), base=base, finetuned=finetuned, rule=chosen)
     except TradeoffError as error:
         raise click.ClickException(str(error)) from None
@@ -319,26 +351,17 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--text", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="General text: forgetting as CF% (perplexity against the base).")
 @click.option("--task", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Task JSONL (as for eval): accuracy, and what the fine-tune must keep.")
-@click.option("--sparsity", default=None, help="FAPM values, comma-separated (default: 0.1,0.3,0.5,0.7,0.9,0.95 for fapm; 0.05,0.1,0.2,0.3,0.5 for fapm_lora).")
-@click.option("--baselines", default="magnitude,wiseft", show_default=True, help="Comma-separated: magnitude, wiseft, dare (fapm only); empty for none.")
-@click.option("--alpha", "alphas", default=None, help="WiSE-FT strengths (default 0.3,0.5,0.7,0.9; fapm_lora 0.5,0.7,0.9).")
+@click.option("--sparsity", default=None, help=f"FAPM values, comma-separated (default: {_listed(DEFAULT_SPARSITIES['fapm'])} for fapm; {_listed(DEFAULT_SPARSITIES['fapm_lora'])} for fapm_lora).")
+@click.option("--baselines", default=_listed(DEFAULT_BASELINES), show_default=True, help="Comma-separated: magnitude, wiseft, dare (fapm only); empty for none.")
+@click.option("--alpha", "alphas", default=None, help=f"WiSE-FT strengths (default {_listed(DEFAULT_ALPHAS['fapm'])}; fapm_lora {_listed(DEFAULT_ALPHAS['fapm_lora'])}).")
 @click.option("--seed", default=0, show_default=True, help="DARE seed (mergekit-yaml --random-seed).")
-@click.option("--rule", type=click.Choice(["repair", "max-cf", "weighted"]), default=None, help="Selection rule, as for tradeoff (default repair).")
-@click.option("--min-retention", type=float, default=MIN_RETENTION, show_default=True, help="repair: least share of the fine-tune's accuracy.")
-@click.option("--max-cf", type=float, default=None, help="max-cf: largest CF% allowed.")
-@click.option("--task-weight", type=float, default=TASK_WEIGHT, show_default=True, help="weighted: weight of task_norm.")
-@click.option("--max-on-disk", type=click.IntRange(1), default=2, show_default=True, help="Variants on disk at once (each is a full checkpoint).")
+@_rule_options
+@click.option("--max-on-disk", type=click.IntRange(1), default=MAX_ON_DISK, show_default=True, help="Variants on disk at once (each is a full checkpoint).")
 @click.option("--keep-variants", is_flag=True, help="Keep every variant's weights in the work folder.")
 @click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Work folder (results, plan, plot; default OUT_DIR.tune). Rerunning resumes there.")
 @click.option("--restart", is_flag=True, help="Discard the work folder's earlier results.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
-@click.option("--tokenizer", default=None, help="Tokenizer for eval (default: each model's own; 'bytes' for tokenizer-less toy models).")
-@click.option("--window", default=256, show_default=True, type=click.IntRange(1), help="Tokens per text window.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Windows per forward pass.")
-@click.option("--max-tokens", type=click.IntRange(2), default=None, help="Use only the first N tokens of --text.")
-@click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend BOS to each window and prompt.")
-@click.option("--device", default="cpu", show_default=True, callback=_check_device, help="Merge and eval device, e.g. cuda.")
-@click.option("--dtype", default="float32", show_default=True, help="Model dtype for evaluation.")
+@_eval_options
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=None, help="Copy the base's tokenizer into outputs (default: when the base has one).")
 def tune(recipe, out_dir, text, task, sparsity, baselines, alphas, seed, rule, min_retention, max_cf,
          task_weight, max_on_disk, keep_variants, work_dir, restart, overwrite, tokenizer, window,
@@ -363,11 +386,10 @@ def tune(recipe, out_dir, text, task, sparsity, baselines, alphas, seed, rule, m
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fapm_merge.core import FapmInputError
-    from fapm_merge.evaluation.evaluate import EvalSettings
     from fapm_merge.evaluation.metrics import EvalInputError
     from fapm_merge.io.recipe import RecipeError, load_recipe
     from fapm_merge.workflows.sweep import SweepError, parse_values
-    from fapm_merge.workflows.tradeoff import Rule, TradeoffError, summary_lines, tradeoff_table
+    from fapm_merge.workflows.tradeoff import TradeoffError, summary_lines, tradeoff_table
     from fapm_merge.workflows.tune import EXIT_NOTHING_CHOSEN, TuneError, TuneSettings, run_tune
 
     console = Console()
@@ -378,8 +400,7 @@ def tune(recipe, out_dir, text, task, sparsity, baselines, alphas, seed, rule, m
             baselines=[b.strip() for b in baselines.split(",") if b.strip()],
             alphas=parse_values(alphas, "--alpha") if alphas else None,
             seed=seed,
-            rule=Rule(rule or ("max-cf" if max_cf is not None else "repair"),
-                      min_retention=min_retention, max_cf=max_cf, task_weight=task_weight),
+            rule=_rule(rule, min_retention, max_cf, task_weight),
             eval=EvalSettings(tokenizer=tokenizer, window=window, batch_size=batch_size,
                               max_tokens=max_tokens, use_bos=bos, device=device, dtype=dtype),
             device=device, copy_tokenizer=copy_tokenizer, max_on_disk=max_on_disk,

@@ -8,13 +8,10 @@ file (:mod:`fapm_merge.evaluation.results`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from fapm_merge.evaluation.metrics import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_WINDOW,
     ByteTokenizer,
     EvalInputError,
     load_model,
@@ -23,6 +20,8 @@ from fapm_merge.evaluation.metrics import (
     mean_token_loss,
     task_accuracy,
 )
+from fapm_merge.evaluation.results import file_digest
+from fapm_merge.evaluation.settings import EvalSettings
 from fapm_merge.io.recipe import RecipeError, read_model_recipe
 
 
@@ -36,31 +35,6 @@ def _model_recipe(model_dir: Path) -> Optional[dict]:
 # ---------------------------------------------------------------------------
 # one model, one JSON line
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class EvalSettings:
-    """What to measure. Attributes mirror the ``fapm-merge eval`` options."""
-
-    text: Optional[Path] = None
-    task: Optional[Path] = None
-    tokenizer: Optional[str] = None
-    window: int = DEFAULT_WINDOW
-    batch_size: int = DEFAULT_BATCH_SIZE
-    max_tokens: Optional[int] = None
-    use_bos: bool = True
-    device: str = "cpu"
-    dtype: str = "float32"
-    lm_eval_tasks: Optional[str] = None
-    lm_eval_limit: Optional[int] = None
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes: two records were measured on the same data only
-    when their digests agree (paired comparisons check it)."""
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
@@ -140,4 +114,4 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
     return record
 
 
-__all__ = ["EvalSettings", "evaluate_model", "file_digest"]
+__all__ = ["EvalSettings", "evaluate_model"]

@@ -31,11 +31,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from fapm_merge.evaluation.results import PER_ITEM
+from fapm_merge.evaluation.settings import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW, EVAL_DTYPES
 from fapm_merge.io.jsonl import iter_jsonl
 
-DEFAULT_WINDOW = 256
-DEFAULT_BATCH_SIZE = 8
-EVAL_DTYPES = ("float32", "bfloat16", "float16")  # model dtypes `eval` accepts
 
 
 class EvalInputError(ValueError):
@@ -367,9 +365,6 @@ def task_accuracy(model, tokenizer, items: List[dict], *, use_bos: bool = True) 
 
 __all__ = [
     "ByteTokenizer",
-    "DEFAULT_BATCH_SIZE",
-    "DEFAULT_WINDOW",
-    "EVAL_DTYPES",
     "EvalInputError",
     "HFTokenizer",
     "PER_ITEM",

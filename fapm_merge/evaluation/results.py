@@ -50,6 +50,12 @@ def expand_models(paths: Sequence[Path]) -> List[Path]:
     return folders
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: two records were measured on the same data only
+    when their digests agree (paired comparisons check it)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def items_path(results: Path) -> Path:
     """The items file beside a results file: ``results.jsonl`` -> ``results.items.jsonl``."""
     results = Path(results)
@@ -144,4 +150,4 @@ def _attach_items(path: Path, records: List[dict], error: type) -> None:
 
 
 __all__ = ["ITEMS_SUFFIX", "PER_ITEM", "ResultsError", "SWEEP_MANIFEST", "append_result",
-           "expand_models", "items_path", "read_results"]
+           "expand_models", "file_digest", "items_path", "read_results"]

@@ -34,16 +34,18 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 from fapm_merge.core.rules import DEFAULT_LORA_SPARSITY, DEFAULT_SPARSITY
-from fapm_merge.evaluation.evaluate import EvalSettings, evaluate_model, file_digest
-from fapm_merge.evaluation.metrics import EvalInputError, load_task, load_tokenizer, text_windows
-from fapm_merge.evaluation.results import append_result, read_results
+from fapm_merge.evaluation.results import append_result, file_digest, read_results
+from fapm_merge.evaluation.settings import EvalSettings
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.recipe import RECIPE_FILE, looks_local, model_name, non_base_models
-from fapm_merge.workflows.sweep import SweepError, Variant, build_variants, finetuned_variant
 from fapm_merge.workflows.tradeoff import Rule, Tradeoff, compute_tradeoff
+
+if TYPE_CHECKING:  # sweep imports mergekit, evaluation.metrics torch: both load on use,
+    # so the command line can show these defaults without them
+    from fapm_merge.workflows.sweep import Variant
 
 DEFAULT_SPARSITIES = {
     "fapm": (0.1, 0.3, 0.5, 0.7, DEFAULT_SPARSITY, 0.95),
@@ -168,6 +170,8 @@ def plan_tune(recipe: dict, settings: TuneSettings, work: Path) -> TunePlan:
             raise TuneError(
                 f"{where} {reference!r}: tune evaluates models from local folders; give the "
                 "absolute path of a downloaded model folder (huggingface-cli download ...)")
+    from fapm_merge.workflows.sweep import SweepError, build_variants, finetuned_variant
+
     sparsities = list(settings.sparsities or DEFAULT_SPARSITIES[method])
     alphas = list(settings.alphas or DEFAULT_ALPHAS[method]) if "wiseft" in settings.baselines else None
     try:
@@ -232,6 +236,8 @@ def _open_work(work: Path, fingerprint: dict, restart: bool) -> None:
 def _check_eval_inputs(plan: TunePlan, settings: TuneSettings) -> None:
     """The task has items and the text gives at least two windows (intervals are
     over windows), before any merge."""
+    from fapm_merge.evaluation.metrics import EvalInputError, load_task, load_tokenizer, text_windows
+
     try:
         items = load_task(settings.task)
         tokenizer = load_tokenizer(settings.eval.tokenizer, plan.base)
@@ -305,6 +311,8 @@ def _merge_batch(batch: List[Variant], work: Path, settings: TuneSettings, copy_
 
 
 def _evaluate(folder: Path, settings: TuneSettings, results: Path) -> None:
+    from fapm_merge.evaluation.evaluate import evaluate_model
+
     record = evaluate_model(folder, settings.eval)
     append_result(results, record)
 

@@ -1,0 +1,54 @@
+"""What ``fapm-merge eval`` measures and how: the settings and their defaults, once.
+
+Light on purpose (no torch): the command line reads its defaults from here before
+anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_WINDOW = 256
+"""Tokens per text window."""
+
+DEFAULT_BATCH_SIZE = 8
+"""Windows per forward pass."""
+
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+"""Model dtypes ``eval`` accepts."""
+
+
+@dataclass
+class EvalSettings:
+    """What to measure. Attributes mirror the ``fapm-merge eval`` options.
+
+    Attributes:
+        text (`Path`, *optional*): general text: mean token loss and perplexity.
+        task (`Path`, *optional*): task JSON lines: accuracy.
+        tokenizer (`str`, *optional*): a tokenizer folder, ``"bytes"``, or None for
+            each model's own.
+        window (`int`, defaults to 256): tokens per text window.
+        batch_size (`int`, defaults to 8): windows per forward pass.
+        max_tokens (`int`, *optional*): only the first tokens of the text.
+        use_bos (`bool`, defaults to True): BOS before each window and prompt.
+        device (`str`, defaults to "cpu"), dtype (`str`, defaults to "float32").
+        lm_eval_tasks (`str`, *optional*), lm_eval_limit (`int`, *optional*):
+            lm-evaluation-harness tasks and their example limit.
+    """
+
+    text: Optional[Path] = None
+    task: Optional[Path] = None
+    tokenizer: Optional[str] = None
+    window: int = DEFAULT_WINDOW
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_tokens: Optional[int] = None
+    use_bos: bool = True
+    device: str = "cpu"
+    dtype: str = EVAL_DTYPES[0]
+    lm_eval_tasks: Optional[str] = None
+    lm_eval_limit: Optional[int] = None
+
+
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_WINDOW", "EVAL_DTYPES", "EvalSettings"]
