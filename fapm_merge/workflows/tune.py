@@ -385,8 +385,8 @@ def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str,
         lines += ["Caveats the evidence leaves:", ""] + [f"- {w}." for w in result.warnings] + [""]
     lines += [
         "## The trade-off", "",
-        f"Accuracy on `{Path(result.finetuned.model).name}`'s task file and forgetting on a general "
-        f"text, every model on the same {result.items.get('prompts', 0)} prompts and "
+        f"Task accuracy on the task file and forgetting on the general text, every model on "
+        f"the same {result.items.get('prompts', 0)} prompts and "
         f"{result.items.get('windows', 0)} text windows; intervals are 95% and paired "
         "(exact one-sided McNemar test for the accuracy criterion, paired bootstrap over "
         "prompts and windows for the intervals). CF % = 100 (PPL - PPL_base) / PPL_base; "
@@ -398,8 +398,7 @@ def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str,
         f"`mergekit-yaml {RECIPE_FILE} OUT{seed_note}` writes these weights again, bit for bit. "
         "The whole decision:", "",
         "```sh", command, "```", "",
-        "Made with [fapm-merge](https://arxiv.org/abs/2509.08255) and "
-        "[mergekit](https://github.com/arcee-ai/mergekit).", "",
+        "Made with fapm-merge (FAPM for [mergekit](https://github.com/arcee-ai/mergekit)).", "",
     ]
     return "\n".join(lines)
 
