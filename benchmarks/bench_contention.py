@@ -21,6 +21,9 @@ Usage::
 
     python benchmarks/make_pair.py benchmarks/data/pair-034b --params 0.34e9
     python benchmarks/bench_contention.py --pair benchmarks/data/pair-034b --reps 2
+    # side by side with an older version's fapm:
+    git archive b9aa636 | tar -x -C /tmp/before
+    python benchmarks/bench_contention.py ... --baseline-src /tmp/before
 """
 
 from __future__ import annotations
@@ -106,6 +109,10 @@ def main() -> None:
     parser.add_argument("--neighbours", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--neighbour-limit", type=float, default=300.0,
                         help="seconds after which a neighbour stops by itself")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="a source tree of another fapm-merge version (e.g. from "
+                             "`git archive`): adds 'fapm (baseline)', the fapm recipe run "
+                             "with that tree first on PYTHONPATH")
     parser.add_argument("--work", type=Path, default=HERE / "data" / "contention-work")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "contention.json")
     args = parser.parse_args()
@@ -127,6 +134,10 @@ def main() -> None:
             path.write_text(yaml.safe_dump(recipe, sort_keys=False))
             commands[method] = [str(BIN / "mergekit-yaml"), str(path), str(work / "out"),
                                 "--no-copy-tokenizer"]
+    envs = {method: env for method in commands}
+    if args.baseline_src and "fapm" in commands:
+        commands["fapm (baseline)"] = commands["fapm"]
+        envs["fapm (baseline)"] = {**env, "PYTHONPATH": str(args.baseline_src.resolve())}
     runs: Dict[str, Dict[str, List[Dict]]] = {m: {"quiet": [], "busy": []} for m in commands}
     started = time.perf_counter()
     names = list(commands)
@@ -137,9 +148,9 @@ def main() -> None:
                 load_before = os.getloadavg()
                 if state == "busy":
                     with Neighbours(args.neighbours, args.neighbour_limit):
-                        row = timed(commands[method], env)
+                        row = timed(commands[method], envs[method])
                 else:
-                    row = timed(commands[method], env)
+                    row = timed(commands[method], envs[method])
                 row.update(load_before=load_before, load_after=os.getloadavg())
                 runs[method][state].append(row)
                 print(f"rep {rep + 1}/{args.reps} {method:16s} {state:5s} {row['wall_s']:7.1f} s"
@@ -162,7 +173,7 @@ def main() -> None:
     verdict = {}
     if "task_arithmetic" in summary:
         floor = summary["task_arithmetic"]["slowdown"]
-        for method in ("fapm", "fapm_lora"):
+        for method in ("fapm", "fapm_lora", "fapm (baseline)"):
             if method in summary:
                 relative = summary[method]["slowdown"] / floor
                 verdict[method] = relative

@@ -127,6 +127,24 @@ def test_pool_workers_run_torch_on_one_thread():
         assert threads.worker_count(torch.empty(8), chunks=10) == 0
 
 
+def test_the_caller_runs_on_one_thread_during_the_call_and_gets_its_count_back(monkeypatch):
+    seen = []
+    real = kernel._select_in_one_pass
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "_select_in_one_pass", spy)
+    pre, ft = pair(BIG, torch.bfloat16, seed=6)
+    k = keep_count(BIG, sparsity=0.9)
+    with torch_threads(3):
+        got = fapm_merge(pre, [ft], keep_counts=[k])
+        assert torch.get_num_threads() == 3
+    assert seen == [1]  # small ops in the caller: no parallel regions
+    assert torch.equal(got, old_merge(pre, ft, k))
+
+
 def test_nan_in_the_finetuned_weight_is_refused_from_a_worker_and_the_pool_goes_on():
     pre, ft = pair(BIG, torch.bfloat16, seed=2)
     bad = ft.clone()
@@ -137,6 +155,7 @@ def test_nan_in_the_finetuned_weight_is_refused_from_a_worker_and_the_pool_goes_
             with pytest.raises(FapmInputError, match="layers.3.mlp"):
                 fapm_merge(pre, [bad], keep_counts=[keep_count(BIG, sparsity=sparsity)],
                            name="layers.3.mlp")
+            assert torch.get_num_threads() == 2  # the caller's count came back
         assert torch.equal(fapm_merge(pre, [ft], keep_counts=[k]), old_merge(pre, ft, k))
 
 

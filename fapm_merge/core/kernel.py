@@ -48,7 +48,7 @@ import torch
 
 from fapm_merge.core.errors import FapmInputError, in_tensor
 from fapm_merge.core.rules import check_beta, is_exact_select, merge_coefficients
-from fapm_merge.core.threads import map_chunks, worker_count
+from fapm_merge.core.threads import caller_on_one_thread, map_chunks, worker_count
 
 MEAN_BLOCK_ELEMENTS = 1 << 16
 """Fixed block size of the float64 accumulation of mean(|W_pre|)."""
@@ -694,18 +694,23 @@ def _fused_single(
     CPU tensors take `_select_in_one_pass`; the rest (and the rare tensor whose
     sample misled the bracket or whose band is too big) take `_three_passes`.
     """
-    cdtype, _, coefficient = _prepare(pre, finetuned, beta, name)
     one_pass = (
         pre.device.type == "cpu"
         and pre.dtype == finetuned.dtype
         and pre.dtype.itemsize in _INT_VIEW
         and pre.numel() > _DIRECT_KTHVALUE_MAX
     )
-    if one_pass:
+    if not one_pass:
+        cdtype, _, coefficient = _prepare(pre, finetuned, beta, name)
+        return _three_passes(pre, finetuned, k, cdtype, coefficient, chunk, name)
+    # every op of this call runs on one thread: the passes on the pool's workers,
+    # the small rest here
+    with caller_on_one_thread(pre):
+        cdtype, _, coefficient = _prepare(pre, finetuned, beta, name)
         out = _select_in_one_pass(pre, finetuned, k, cdtype, coefficient, chunk, name)
-        if out is not None:
-            return out
-    return _three_passes(pre, finetuned, k, cdtype, coefficient, chunk, name)
+        if out is None:
+            out = _three_passes(pre, finetuned, k, cdtype, coefficient, chunk, name)
+    return out
 
 
 def _three_passes(

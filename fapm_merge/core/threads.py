@@ -22,12 +22,13 @@ stays bounded by the largest budget asked for.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -98,12 +99,46 @@ def worker_count(tensor: torch.Tensor, chunks: int, min_chunks: int = 2) -> int:
     """
     if tensor.device.type != "cpu" or chunks < min_chunks:
         return 0
-    budget = torch.get_num_threads()
+    budget = _budget()
     if budget < 2:
         return 0
     workers = min(budget, chunks)
     with _LOCK:
         return workers if _pool(workers) is not None else 0
+
+
+_local = threading.local()
+
+
+def _budget() -> int:
+    """The calling thread's torch thread count, as it was before `caller_on_one_thread`."""
+    return getattr(_local, "budget", 0) or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def caller_on_one_thread(tensor: torch.Tensor) -> Iterator[None]:
+    """For the ``with`` block, the calling thread's own torch ops run on one thread.
+
+    The big passes go to the pool; what stays in the caller (scoring a sample,
+    ``kthvalue`` on the band, a few small copies) would otherwise be parallel
+    regions of the caller's torch threads, each a barrier that stalls on a busy
+    machine. `worker_count` still sees the caller's budget. The caller's count is
+    restored on exit; no other thread is affected (OpenMP's count is per thread).
+    Does nothing for GPU tensors, one torch thread, or where the pool is unusable.
+    """
+    budget = torch.get_num_threads()
+    if getattr(_local, "budget", 0) or worker_count(tensor, chunks=2) == 0:
+        yield  # nested, or nothing to do
+        return
+    setter = _omp_set_num_threads()
+    assert setter is not None, "a usable pool implies a reachable setter"
+    _local.budget = budget
+    setter(1)
+    try:
+        yield
+    finally:
+        setter(budget)
+        _local.budget = 0
 
 
 def map_chunks(
@@ -161,4 +196,4 @@ def map_chunks(
     return results  # type: ignore[return-value]
 
 
-__all__ = ["map_chunks", "worker_count"]
+__all__ = ["caller_on_one_thread", "map_chunks", "worker_count"]
