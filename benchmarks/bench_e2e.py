@@ -12,6 +12,7 @@ Usage::
 
     python benchmarks/bench_e2e.py --pair benchmarks/data/pair-1b --reps 3
     python benchmarks/bench_e2e.py --cuda ...     # adds --cuda to mergekit-yaml
+    python benchmarks/bench_e2e.py ... --baseline-src /tmp/before   # + an older fapm
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ def run(args: argparse.Namespace) -> Dict:
             sys.executable, str(HERE / "authors_fapm.py"), str(base), str(finetuned),
             str(work / "out" / "authors.pt"),
         ]
+    envs = {name: env for name in jobs}
+    if args.baseline_src and "fapm" in jobs:
+        # the same fapm recipe, with another fapm-merge source tree first on the path
+        jobs["fapm (baseline)"] = jobs["fapm"]
+        envs["fapm (baseline)"] = {**env, "PYTHONPATH": str(args.baseline_src.resolve())}
     # Start-up alone: what every mergekit-yaml run pays before reading a tensor.
     jobs["startup_only"] = [sys.executable, "-c", "import mergekit.merge, mergekit.merge_methods"]
 
@@ -121,11 +127,14 @@ def run(args: argparse.Namespace) -> Dict:
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
             shutil.rmtree(work / "out", ignore_errors=True)
-            outcome = timed(jobs[name], env)
+            load_before = os.getloadavg()
+            outcome = timed(jobs[name], envs.get(name, env))
+            outcome.update(load_before=load_before, load_after=os.getloadavg())
             results[name].append(outcome)
             console.print(
                 f"rep {rep + 1}/{args.reps} {name:16s} {outcome['wall_s']:7.1f} s "
-                f"{outcome['peak_rss_gb']:6.2f} GB"
+                f"{outcome['peak_rss_gb']:6.2f} GB  load {load_before[0]:.1f} -> "
+                f"{outcome['load_after'][0]:.1f}"
             )
     shutil.rmtree(work / "out", ignore_errors=True)
 
@@ -191,6 +200,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--no-authors", dest="authors", action="store_false")
     parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="another fapm-merge source tree (e.g. from `git archive`): "
+                             "adds 'fapm (baseline)', the fapm recipe run with it first "
+                             "on PYTHONPATH")
     parser.add_argument("--work", type=Path, default=HERE / "data" / "work")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
