@@ -823,7 +823,7 @@ def _select_in_one_pass(
         mask = mask_buf[:n]
         mask.copy_(band)
         positions = _positions(mask)
-        values = part[positions]
+        values = part.index_select(0, positions)
         return above, inside, (positions.add_(start), values)
 
     bounds = list(_chunk_bounds(numel, chunk))
@@ -843,8 +843,8 @@ def _select_in_one_pass(
     keep = values > value
     ties = k - above_hi - _count(keep)  # scores == value to keep, lowest index first
     keep[torch.nonzero(values == value).view(-1)[:ties]] = True
-    kept = positions[keep]
-    out_bits[kept] = ft_bits[kept]
+    kept = positions.masked_select(keep)
+    out_bits.index_copy_(0, kept, ft_bits.index_select(0, kept))
     return out
 
 
