@@ -31,8 +31,12 @@ Definitions (docs/method.md states them with the reasons):
 
 Selection never sorts the whole tensor: a strided sample brackets the threshold,
 one counting pass over the scores gathers the (small) band of candidates, and
-``kthvalue`` on that band gives the exact k-th value. Scratch memory is the float32
-score buffer (4 bytes per element; 8 for float64 inputs) plus the band.
+``kthvalue`` on that band gives the exact k-th value. For one model at coefficient 1
+on a large CPU tensor (`_select_in_one_pass`) that pass also writes the output, so
+no score buffer is kept: scratch is the band (~0.1 byte per element); elsewhere it
+is the score buffer (4 bytes per element; 8 for float64 inputs) plus the band.
+Large passes run chunk by chunk on the single-threaded workers of
+:mod:`fapm_merge.core.threads`; no result depends on the number of threads.
 """
 
 from __future__ import annotations
@@ -189,7 +193,7 @@ class _Scorer:
             # |dW| - (c * |dW|) / |W_pre| bit for bit (negation is exact), in one
             # pass instead of four (tested against the four-op form).
             torch.addcdiv(a, a, p.abs_(), value=-self.coefficient, out=out)
-        else:  # CUDA's addcdiv divides first: spell the order out
+        else:  # addcdiv's order is only checked on CPU: spell it out elsewhere
             out.copy_(a).mul_(self.coefficient)  # in place: cheaper than mul(out=)
             out.div_(p.abs_())
             torch.sub(a, out, out=out)
@@ -677,7 +681,11 @@ def pruned_delta(
         )
         delta.mul_(flags)  # flags are 0/1: same products as a bool mask
         if rescale:
-            kept_l1 += float(delta.abs().sum(dtype=torch.float64))
+            # on one thread: torch would split a chunk's sum between its threads,
+            # and the float64 total (so the rescale factor) could change in the
+            # last bit with the thread count
+            with caller_on_one_thread(pre):
+                kept_l1 += float(delta.abs().sum(dtype=torch.float64))
         buffer[start:end] = delta
     factor = l1_rescale_factor(scores.delta_l1, kept_l1) if rescale else 1.0
     return PrunedDelta(buffer, factor)
