@@ -139,6 +139,10 @@ def test_pool_workers_run_torch_on_one_thread():
         seen = threads.map_chunks(lambda _, s, e: torch.get_num_threads(), [(0, 1)] * 8, 4)
         assert seen == [1] * 8
         assert torch.get_num_threads() == 4  # the caller's budget is untouched
+        # a kernel called from a worker runs there, inline: no nested pool wait
+        nested = threads.map_chunks(
+            lambda _, s, e: threads.worker_count(torch.empty(8), chunks=10), [(0, 1)] * 4, 4)
+        assert nested == [0] * 4
     with torch_threads(1):
         assert threads.worker_count(torch.empty(8), chunks=10) == 0
 

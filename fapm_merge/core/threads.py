@@ -38,6 +38,7 @@ _LOCK = threading.Lock()
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_SIZE = 0
 _USABLE: Optional[bool] = None  # None: not probed yet
+_local = threading.local()  # per thread: the caller's budget, or "a pool worker"
 
 
 def _omp_set_num_threads() -> Optional[Callable[[int], None]]:
@@ -56,6 +57,7 @@ def _omp_set_num_threads() -> Optional[Callable[[int], None]]:
 
 def _one_thread_here() -> None:
     """Pool initializer: torch ops of this thread run on one thread."""
+    _local.in_worker = True  # a kernel called from here runs inline, never nests
     setter = _omp_set_num_threads()
     # torch sets each thread's OpenMP count on the thread's first use of it; do
     # that first, or it would later overwrite ours.
@@ -97,7 +99,7 @@ def worker_count(tensor: torch.Tensor, chunks: int, min_chunks: int = 2) -> int:
     ``min_chunks=1`` sends even one chunk to a worker: for reductions whose bits
     must not depend on how torch would split them over threads.
     """
-    if tensor.device.type != "cpu" or chunks < min_chunks:
+    if tensor.device.type != "cpu" or chunks < min_chunks or getattr(_local, "in_worker", False):
         return 0
     budget = _budget()
     if budget < 2:
@@ -105,9 +107,6 @@ def worker_count(tensor: torch.Tensor, chunks: int, min_chunks: int = 2) -> int:
     workers = min(budget, chunks)
     with _LOCK:
         return workers if _pool(workers) is not None else 0
-
-
-_local = threading.local()
 
 
 def _budget() -> int:
@@ -166,13 +165,15 @@ def map_chunks(
         for i, (start, end) in enumerate(bounds):
             results[i] = run(state, start, end)
         return results  # type: ignore[return-value]
-    order = itertools.count()  # next() on it is atomic under the GIL
+    order = itertools.count()
+    order_lock = threading.Lock()  # next() alone is atomic only under a GIL
     stop = threading.Event()
 
     def drain() -> None:
         state = scratch()
         while not stop.is_set():
-            i = next(order)
+            with order_lock:
+                i = next(order)
             if i >= len(bounds):
                 return
             try:
