@@ -143,6 +143,9 @@ def test_pool_workers_run_torch_on_one_thread():
         nested = threads.map_chunks(
             lambda _, s, e: threads.worker_count(torch.empty(8), chunks=10), [(0, 1)] * 4, 4)
         assert nested == [0] * 4
+        with torch.no_grad():  # grad mode is per thread: workers take the caller's
+            modes = threads.map_chunks(lambda _, s, e: torch.is_grad_enabled(), [(0, 1)] * 4, 4)
+        assert modes == [False] * 4
     with torch_threads(1):
         assert threads.worker_count(torch.empty(8), chunks=10) == 0
 

@@ -168,8 +168,10 @@ def map_chunks(
     order = itertools.count()
     order_lock = threading.Lock()  # next() alone is atomic only under a GIL
     stop = threading.Event()
+    grad = torch.is_grad_enabled()  # thread-local in torch: carry the caller's over
 
     def drain() -> None:
+        torch.set_grad_enabled(grad)  # this worker thread's own mode
         state = scratch()
         while not stop.is_set():
             with order_lock:
