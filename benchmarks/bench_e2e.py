@@ -12,6 +12,7 @@ Usage::
 
     python benchmarks/bench_e2e.py --pair benchmarks/data/pair-1b --reps 3
     python benchmarks/bench_e2e.py --cuda ...     # adds --cuda to mergekit-yaml
+    python benchmarks/bench_e2e.py ... --baseline-src /tmp/before   # + an older fapm
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def timed(cmd: List[str], env: Dict[str, str]) -> Dict[str, float]:
     stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
+    # CPU seconds (user + sys) of the child too: on a shared machine they move far
+    # less with the load than wall time does
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
 
 
 def machine() -> Dict[str, str]:
@@ -112,6 +116,11 @@ def run(args: argparse.Namespace) -> Dict:
             sys.executable, str(HERE / "authors_fapm.py"), str(base), str(finetuned),
             str(work / "out" / "authors.pt"),
         ]
+    envs = {name: env for name in jobs}
+    if args.baseline_src and "fapm" in jobs:
+        # the same fapm recipe, with another fapm-merge source tree first on the path
+        jobs["fapm (baseline)"] = jobs["fapm"]
+        envs["fapm (baseline)"] = {**env, "PYTHONPATH": str(args.baseline_src.resolve())}
     # Start-up alone: what every mergekit-yaml run pays before reading a tensor.
     jobs["startup_only"] = [sys.executable, "-c", "import mergekit.merge, mergekit.merge_methods"]
 
@@ -121,17 +130,22 @@ def run(args: argparse.Namespace) -> Dict:
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
             shutil.rmtree(work / "out", ignore_errors=True)
-            outcome = timed(jobs[name], env)
+            load_before = os.getloadavg()
+            outcome = timed(jobs[name], envs.get(name, env))
+            outcome.update(load_before=load_before, load_after=os.getloadavg())
             results[name].append(outcome)
             console.print(
                 f"rep {rep + 1}/{args.reps} {name:16s} {outcome['wall_s']:7.1f} s "
-                f"{outcome['peak_rss_gb']:6.2f} GB"
+                f"(CPU {outcome['cpu_s']:6.1f} s) {outcome['peak_rss_gb']:6.2f} GB  "
+                f"load {load_before[0]:.1f} -> "
+                f"{outcome['load_after'][0]:.1f}"
             )
     shutil.rmtree(work / "out", ignore_errors=True)
 
     summary = {
         name: {
             "wall_s": statistics.median(r["wall_s"] for r in runs),
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs),
             "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs),
             "runs": runs,
         }
@@ -139,16 +153,20 @@ def run(args: argparse.Namespace) -> Dict:
     }
     floor = summary.get("task_arithmetic")
     table = Table(title=f"mergekit-yaml on {args.pair.name}, median of {args.reps}")
-    for col in ("method", "wall s", "peak RSS GB", "wall / task_arith", "RSS / task_arith"):
+    console.width = max(console.width, 120)
+    for col in ("method", "wall s", "CPU s", "peak RSS GB", "wall / task_arith",
+                "CPU / task_arith", "RSS / task_arith"):
         table.add_column(col, justify="right")
     for name, row in summary.items():
-        ratios = ("", "")
+        ratios = ("", "", "")
         if floor:
             ratios = (
                 f"{row['wall_s'] / floor['wall_s']:.2f}",
+                f"{row['cpu_s'] / floor['cpu_s']:.2f}",
                 f"{row['peak_rss_gb'] / floor['peak_rss_gb']:.2f}",
             )
-        table.add_row(name, f"{row['wall_s']:.1f}", f"{row['peak_rss_gb']:.2f}", *ratios)
+        table.add_row(name, f"{row['wall_s']:.1f}", f"{row['cpu_s']:.1f}",
+                      f"{row['peak_rss_gb']:.2f}", ratios[0], ratios[1], ratios[2])
     console.print(table)
     if "fapm" in summary and "ties" in summary:
         console.print(f"fapm / ties wall: {summary['fapm']['wall_s'] / summary['ties']['wall_s']:.2f}")
@@ -191,6 +209,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--no-authors", dest="authors", action="store_false")
     parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="another fapm-merge source tree (e.g. from `git archive`): "
+                             "adds 'fapm (baseline)', the fapm recipe run with it first "
+                             "on PYTHONPATH")
     parser.add_argument("--work", type=Path, default=HERE / "data" / "work")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()

@@ -18,6 +18,14 @@ Times are wall seconds and CPU seconds of this process (``process_time``). On a
 shared machine the CPU time with ``--threads 1`` is the robust figure: it leaves
 out the time other processes hold the cores; the table ranks by it.
 
+Thread scaling: ``--threads 1 2 4 8`` repeats ``fapm merge`` (and the baseline)
+at each torch thread count; beyond 1 thread the wall time is what counts (the CPU
+time then also holds whatever the threads spend waiting). Counts above the
+machine's cores oversubscribe it on purpose: that is what a busy machine does to
+a kernel. ``--baseline tests/kernel_before.py`` adds ``fapm merge (baseline)``:
+the same call through another copy of the kernel module (here, the kernel before
+issue 15), timed side by side.
+
 Peak extra memory of each operation is measured on Linux by resetting the process's
 peak RSS (``/proc/self/clear_refs``) before it and reading ``VmHWM`` after it, minus
 the RSS before it: bytes per element beyond the inputs.
@@ -25,6 +33,7 @@ the RSS before it: bytes per element beyond the inputs.
 Usage::
 
     python benchmarks/bench_kernel.py                # CPU, all sizes
+    python benchmarks/bench_kernel.py --threads 1 2 4 8 --baseline tests/kernel_before.py
     python benchmarks/bench_kernel.py --device cuda  # GPU (times use synchronize)
 """
 
@@ -105,13 +114,28 @@ def make_inputs(rows: int, cols: int, device: torch.device, seed: int = 0):
     return pre, ft, scores
 
 
+def load_baseline(path: Optional[Path]):
+    """The kernel module at ``path`` (e.g. a frozen copy of an older kernel), or None."""
+    if path is None:
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def run(args: argparse.Namespace) -> Dict:
     device = torch.device(args.device)
     console = Console()
+    baseline = load_baseline(args.baseline)
     rows_out: List[Dict] = []
     shapes = [s for s in SHAPES if s[0] * s[1] <= args.max_elements]
+    thread_counts = args.threads or [torch.get_num_threads()]
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("kernel sizes", total=len(shapes))
+        task = progress.add_task("kernel sizes", total=len(shapes) * len(thread_counts))
         for rows, cols in shapes:
             numel = rows * cols
             progress.update(task, description=f"{rows}x{cols}")
@@ -126,33 +150,40 @@ def run(args: argparse.Namespace) -> Dict:
                 "torch.topk": lambda: torch.topk(scores, k, sorted=False),
                 "torch.argsort": lambda: torch.argsort(scores, descending=True),
             }
+            if baseline is not None:
+                ops["fapm merge (baseline)"] = lambda: baseline.fapm_merge(pre, [ft], keep_counts=[k])
             if args.ops:
                 ops = {name: fn for name, fn in ops.items() if name in args.ops}
             if device.type == "cuda":
                 # kthvalue has no CUDA kernel in some builds; topk is the GPU peer
                 ops.pop("torch.kthvalue")
             if numel > args.argsort_max:
-                ops.pop("torch.argsort")
+                ops.pop("torch.argsort", None)
             if numel > args.peers_max:
                 ops.pop("torch.topk", None)
                 ops.pop("torch.kthvalue", None)
-            best: Dict[str, Dict[str, float]] = {}
-            for _ in range(args.reps if numel <= 1 << 27 else max(1, args.reps - 1)):
-                for name, fn in ops.items():
-                    got = measure(fn, device)
-                    key = "s" if device.type == "cuda" else "cpu_s"
-                    if name not in best or got[key] < best[name][key]:
-                        best[name] = {**got, "extra_bytes": max(
-                            got["extra_bytes"], best.get(name, {}).get("extra_bytes", 0))}
-            for name, got in best.items():
-                seconds = got["s"] if device.type == "cuda" else got["cpu_s"]
-                rows_out.append({"shape": [rows, cols], "numel": numel, "op": name,
-                                 "wall_s": got["s"], "s": seconds,
-                                 "ns_per_elem": seconds / numel * 1e9,
-                                 "extra_bytes_per_elem": got["extra_bytes"] / numel})
+            for number, threads in enumerate(thread_counts):
+                torch.set_num_threads(threads)
+                # the whole table at the first count; the merges alone at the others
+                now = ops if number == 0 else {n: f for n, f in ops.items() if "merge" in n}
+                best: Dict[str, Dict[str, float]] = {}
+                # cuda: GPU time; one CPU thread: CPU time; several: wall time
+                key = "s" if device.type == "cuda" or threads > 1 else "cpu_s"
+                for _ in range(args.reps if numel <= 1 << 27 else max(1, args.reps - 1)):
+                    for name, fn in now.items():
+                        got = measure(fn, device)
+                        if name not in best or got[key] < best[name][key]:
+                            best[name] = {**got, "extra_bytes": max(
+                                got["extra_bytes"], best.get(name, {}).get("extra_bytes", 0))}
+                for name, got in best.items():
+                    rows_out.append({"shape": [rows, cols], "numel": numel, "op": name,
+                                     "threads": threads, "wall_s": got["s"], "cpu_s": got["cpu_s"],
+                                     "s": got[key], "ns_per_elem": got[key] / numel * 1e9,
+                                     "extra_bytes_per_elem": got["extra_bytes"] / numel,
+                                     "load_avg": os.getloadavg()})
+                progress.advance(task)
             del pre, ft, scores
             gc.collect()
-            progress.advance(task)
     # argsort beyond what was measured: n log n from the largest measured size
     measured = [r for r in rows_out if r["op"] == "torch.argsort"]
     if measured:
@@ -162,11 +193,11 @@ def run(args: argparse.Namespace) -> Dict:
             if numel > ref["numel"]:
                 s = ref["s"] * numel * math.log(numel) / (ref["numel"] * math.log(ref["numel"]))
                 rows_out.append({"shape": [rows, cols], "numel": numel, "op": "torch.argsort",
-                                 "s": s, "ns_per_elem": s / numel * 1e9,
+                                 "threads": ref["threads"], "s": s, "ns_per_elem": s / numel * 1e9,
                                  "extra_bytes_per_elem": ref["extra_bytes_per_elem"],
                                  "extrapolated": True})
     return {"device": str(device), "device_name": device_name(device), "threads":
-            torch.get_num_threads(), "torch": torch.__version__, "density": DENSITY,
+            thread_counts, "torch": torch.__version__, "density": DENSITY,
             "load_avg": os.getloadavg(), "rows": rows_out}
 
 
@@ -180,24 +211,29 @@ def device_name(device: torch.device) -> str:
 
 
 def show(report: Dict) -> None:
-    console = Console()
+    console = Console(width=150)  # a readable table in logs and pipes too
     table = Table(title=f"selection kernel on {report['device_name']}, keep {DENSITY:.0%}, "
-                        f"{report['threads']} threads")
-    metric = "GPU s" if report["device"].startswith("cuda") else "CPU s"
-    for col in ("shape", "elements", "operation", metric, "wall s", "ns/elem", "extra B/elem",
-                "vs fapm select"):
+                        f"torch threads {report['threads']}, load average at the end "
+                        f"{', '.join(f'{x:.1f}' for x in report['load_avg'])}")
+    gpu = report["device"].startswith("cuda")
+    for col in ("shape", "elements", "operation", "threads", "GPU s" if gpu else "CPU s",
+                "wall s", "ns/elem", "extra B/elem", "vs fapm select"):
         table.add_column(col, justify="right")
-    by_size: Dict[int, Dict[str, Dict]] = {}
+    by_size: Dict[int, List[Dict]] = {}
     for row in report["rows"]:
-        by_size.setdefault(row["numel"], {})[row["op"]] = row
-    for numel, ops in sorted(by_size.items()):
-        ours = ops.get("fapm select")
-        for name, row in ops.items():
-            ratio = f"{row['s'] / ours['s']:.1f}x" if ours and name != "fapm select" else ""
+        by_size.setdefault(row["numel"], []).append(row)
+    for numel, rows in sorted(by_size.items()):
+        ours = next((r for r in rows if r["op"] == "fapm select"), None)
+        for row in sorted(rows, key=lambda r: (r.get("threads", 1), r["op"])):
+            ratio = (f"{row['s'] / ours['s']:.1f}x" if ours and row["op"] != "fapm select"
+                     and row.get("threads") == ours.get("threads") else "")
             table.add_row(
-                "x".join(map(str, row["shape"])), f"{numel / 1e6:.1f}M", name,
-                f"{row['s']:.3f}" + (" extrap." if row.get("extrapolated") else ""),
-                f"{row.get('wall_s', float('nan')):.3f}", f"{row['ns_per_elem']:.1f}", f"{row['extra_bytes_per_elem']:.2f}", ratio,
+                "x".join(map(str, row["shape"])), f"{numel / 1e6:.1f}M", row["op"],
+                str(row.get("threads", "")),
+                f"{row.get('cpu_s', row['s']):.3f}" + (" extrap." if row.get("extrapolated") else ""),
+                f"{row.get('wall_s', float('nan')):.3f}",
+                f"{row['ns_per_elem']:.1f}" + (" wall" if row.get("threads", 1) > 1 and not gpu else ""),
+                f"{row['extra_bytes_per_elem']:.2f}", ratio,
             )
         table.add_section()
     console.print(table)
@@ -210,13 +246,17 @@ def plot(report: Dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ops = sorted({r["op"] for r in report["rows"]})
-    for op in ops:
-        rows = sorted((r for r in report["rows"] if r["op"] == op), key=lambda r: r["numel"])
+    first = report["rows"][0].get("threads", 1) if report["rows"] else 1
+    series = sorted({(r["op"], r.get("threads", first)) for r in report["rows"]
+                     if r.get("threads", first) == first or "merge" in r["op"]})
+    for op, threads in series:
+        rows = sorted((r for r in report["rows"] if r["op"] == op
+                       and r.get("threads", first) == threads), key=lambda r: r["numel"])
         xs = [r["numel"] for r in rows]
         style = "-o" if op.startswith("fapm") else "--s"
-        axes[0].plot(xs, [r["ns_per_elem"] for r in rows], style, label=op)
-        axes[1].plot(xs, [r["extra_bytes_per_elem"] for r in rows], style, label=op)
+        label = op if threads == first else f"{op}, {threads} threads (wall)"
+        axes[0].plot(xs, [r["ns_per_elem"] for r in rows], style, label=label)
+        axes[1].plot(xs, [r["extra_bytes_per_elem"] for r in rows], style, label=label)
         extrap = [r for r in rows if r.get("extrapolated")]
         if extrap:
             axes[0].plot([r["numel"] for r in extrap], [r["ns_per_elem"] for r in extrap],
@@ -237,7 +277,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts to run, e.g. 1 2 4 8 (default: torch's)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another kernel module file to time side by side, "
+                             "e.g. tests/kernel_before.py")
     parser.add_argument("--max-elements", type=float, default=6e8)
     parser.add_argument("--argsort-max", type=float, default=6e7,
                         help="largest size argsort runs at (it needs ~16+ B/elem)")
@@ -247,8 +291,6 @@ def main() -> None:
     parser.add_argument("--ops", nargs="+", default=None, help="only these operations")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     report = run(args)
     show(report)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -139,8 +139,10 @@ def main() -> None:
         # neighbours; user+sys of the child does not (RUSAGE_CHILDREN counts
         # children once they are waited for, as timed() does).
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        load_before = os.getloadavg()  # a shared machine: say how busy it was
         row = timed(cmd, env)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        row["load_before"], row["load_after"] = load_before[0], os.getloadavg()[0]
         row["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         row["merged_copy_gb"] = (du(cache) - cache_before) / 1e9
         row["written_gb"] = du(out) / 1e9 + row["merged_copy_gb"]

@@ -216,7 +216,7 @@ def test_subnormal_delta_on_zero_base_scores_minus_inf_not_zero():
 
 
 def test_mean_abs_counts_every_block_of_a_tensor_past_one_row_reduction():
-    # mean_abs reduces 16 blocks of MEAN_BLOCK_ELEMENTS per step; every real LLM
+    # mean_abs reduces 4 blocks of MEAN_BLOCK_ELEMENTS per step; every real LLM
     # weight has more than 16, and the tests' other tensors fewer (a loop that
     # stopped after the first step went unnoticed by them).
     x = torch.randn(core.MEAN_BLOCK_ELEMENTS * 33 + 5, generator=torch.Generator().manual_seed(0))

@@ -37,6 +37,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 
 from fapm_merge.core.errors import FapmInputError
+from fapm_merge.core.threads import map_chunks, worker_count
 from fapm_merge.io.checkpoint import model_type, open_safetensors, tensor_shapes
 from fapm_merge.io.recipe import looks_local
 
@@ -422,10 +423,18 @@ class BoundAdapter:
         product = b @ a
         delta = product.T if f.transpose else product  # shape checked against the base at bind
         rows = max(1, _ADD_BLOCK_ELEMENTS // max(1, delta.shape[1]))
-        for start in range(0, delta.shape[0], rows):
-            block = delta[start : start + rows]
+        blocks = [(start, min(start + rows, delta.shape[0]))
+                  for start in range(0, delta.shape[0], rows)]
+
+        def add(_, start: int, end: int) -> None:
+            block = delta[start:end]
             block.mul_(f.scale)  # in place: the product is ours, nobody else holds it
-            result[start : start + rows] += block
+            result[start:end] += block
+
+        # Blocks on the kernel's single-threaded workers: two small torch ops per
+        # block would otherwise each be a parallel region whose barrier stalls on a
+        # busy machine (same ops per block, so the same bits).
+        map_chunks(add, blocks, worker_count(result, len(blocks)))
 
     @property
     def touched(self) -> List[str]:

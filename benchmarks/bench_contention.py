@@ -1,0 +1,194 @@
+"""A busy machine: each method's ``mergekit-yaml`` time with and without CPU-bound neighbours.
+
+Users merge on workstations that are training something else. This runs
+task_arithmetic, fapm and fapm_lora through the real ``mergekit-yaml`` on the same
+pair, each quiet and then busy, interleaved (the method order rotates every
+repetition), and prints each method's slowdown (busy / quiet, medians) and fapm's
+slowdown relative to task_arithmetic's. Targets (issue 15): fapm's slowdown at
+most 1.3x task_arithmetic's, and no run more than 4x its quiet time.
+
+The neighbours: ``--neighbours`` processes (default: one per core) that busy-loop
+in pure Python, started right before a busy run and killed right after it. Each
+stops by itself at a deadline (``--neighbour-limit`` seconds) or as soon as this
+script is gone, and they are killed in ``finally`` (Ctrl-C included), so no
+spinning process outlives the benchmark.
+
+Every run records the load average before and after it: the machine may be
+shared, and a high quiet-run load makes the quiet times (and so the slowdowns)
+less telling.
+
+Usage::
+
+    python benchmarks/make_pair.py benchmarks/data/pair-034b --params 0.34e9
+    python benchmarks/bench_contention.py --pair benchmarks/data/pair-034b --reps 2
+    # side by side with an older version's fapm:
+    git archive b9aa636 | tar -x -C /tmp/before
+    python benchmarks/bench_contention.py ... --baseline-src /tmp/before
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_e2e import BIN, machine, timed  # noqa: E402  (one timer for all benchmarks)
+from bench_lora import make_adapter  # noqa: E402
+
+# A neighbour: spin until the deadline, or until the parent (this script) is gone.
+NEIGHBOUR = """
+import os, sys, time
+deadline, parent = float(sys.argv[1]), int(sys.argv[2])
+x = 0
+while True:
+    for _ in range(200000):
+        x = (x * 1103515245 + 12345) & 0xFFFFFFFF
+    if time.time() > deadline or os.getppid() != parent:
+        break
+"""
+
+
+class Neighbours:
+    """``count`` busy processes, each in its own process group, for a ``with`` block."""
+
+    def __init__(self, count: int, limit_s: float):
+        self.count, self.limit_s = count, limit_s
+        self.procs: List[subprocess.Popen] = []
+
+    def __enter__(self) -> "Neighbours":
+        deadline = time.time() + self.limit_s
+        for _ in range(self.count):
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-c", NEIGHBOUR, str(deadline), str(os.getpid())],
+                start_new_session=True,  # its own group: killpg reaches it and only it
+            ))
+        time.sleep(0.5)  # let them reach the busy loop
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # already stopped at its deadline
+            proc.wait()
+        self.procs.clear()
+
+
+def recipes(base: Path, finetuned: Path, adapter: Path) -> Dict[str, Dict]:
+    common = {"base_model": str(base), "dtype": "bfloat16"}
+    return {
+        "task_arithmetic": {**common, "merge_method": "task_arithmetic",
+                            "models": [{"model": str(finetuned), "parameters": {"weight": 1.0}}]},
+        "fapm": {**common, "merge_method": "fapm",
+                 "models": [{"model": str(finetuned), "parameters": {"sparsity": 0.9}}]},
+        "fapm_lora": {**common, "merge_method": "fapm_lora", "models": [{"model": str(base)}],
+                      "parameters": {"adapter": str(adapter), "sparsity": 0.1}},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", type=Path, default=HERE / "data" / "pair-034b")
+    parser.add_argument("--params", type=float, default=0.34e9,
+                        help="size of the pair written when --pair is missing")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "fapm", "fapm_lora"])
+    parser.add_argument("--neighbours", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--neighbour-limit", type=float, default=300.0,
+                        help="seconds after which a neighbour stops by itself")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="a source tree of another fapm-merge version (e.g. from "
+                             "`git archive`): adds 'fapm (baseline)', the fapm recipe run "
+                             "with that tree first on PYTHONPATH")
+    parser.add_argument("--work", type=Path, default=HERE / "data" / "contention-work")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "contention.json")
+    args = parser.parse_args()
+
+    pair = args.pair.resolve()
+    if not (pair / "base" / "config.json").exists():
+        from make_pair import write_pair
+
+        write_pair(pair, params=args.params)
+    base, finetuned = pair / "base", pair / "finetuned"
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    adapter = make_adapter(base, work / "adapter")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    commands = {}
+    for method, recipe in recipes(base, finetuned, adapter).items():
+        if method in args.methods:
+            path = work / f"{method}.yml"
+            path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+            commands[method] = [str(BIN / "mergekit-yaml"), str(path), str(work / "out"),
+                                "--no-copy-tokenizer"]
+    envs = {method: env for method in commands}
+    if args.baseline_src and "fapm" in commands:
+        commands["fapm (baseline)"] = commands["fapm"]
+        envs["fapm (baseline)"] = {**env, "PYTHONPATH": str(args.baseline_src.resolve())}
+    runs: Dict[str, Dict[str, List[Dict]]] = {m: {"quiet": [], "busy": []} for m in commands}
+    started = time.perf_counter()
+    names = list(commands)
+    for rep in range(args.reps):
+        for method in names[rep % len(names):] + names[: rep % len(names)]:
+            for state in ("quiet", "busy"):
+                shutil.rmtree(work / "out", ignore_errors=True)
+                load_before = os.getloadavg()
+                if state == "busy":
+                    with Neighbours(args.neighbours, args.neighbour_limit):
+                        row = timed(commands[method], envs[method])
+                else:
+                    row = timed(commands[method], envs[method])
+                row.update(load_before=load_before, load_after=os.getloadavg())
+                runs[method][state].append(row)
+                print(f"rep {rep + 1}/{args.reps} {method:16s} {state:5s} {row['wall_s']:7.1f} s"
+                      f"  load {load_before[0]:.1f} -> {row['load_after'][0]:.1f}", flush=True)
+    shutil.rmtree(work / "out", ignore_errors=True)
+
+    summary = {}
+    for method, states in runs.items():
+        quiet = statistics.median(r["wall_s"] for r in states["quiet"])
+        busy = statistics.median(r["wall_s"] for r in states["busy"])
+        summary[method] = {
+            "quiet_s": quiet, "busy_s": busy, "slowdown": busy / quiet,
+            "worst_run_over_quiet": max(r["wall_s"] for r in states["busy"]) / quiet,
+            "quiet_load_1min": [r["load_before"][0] for r in states["quiet"]],
+        }
+    print(f"\n{'method':16s} {'quiet s':>8s} {'busy s':>8s} {'slowdown':>9s} {'worst/quiet':>12s}")
+    for method, row in summary.items():
+        print(f"{method:16s} {row['quiet_s']:8.1f} {row['busy_s']:8.1f} {row['slowdown']:8.2f}x "
+              f"{row['worst_run_over_quiet']:11.2f}x")
+    verdict = {}
+    if "task_arithmetic" in summary:
+        floor = summary["task_arithmetic"]["slowdown"]
+        for method in ("fapm", "fapm_lora", "fapm (baseline)"):
+            if method in summary:
+                relative = summary[method]["slowdown"] / floor
+                verdict[method] = relative
+                print(f"{method} slowdown / task_arithmetic slowdown: {relative:.2f} "
+                      f"(target <= 1.3)")
+    worst = max(row["worst_run_over_quiet"] for row in summary.values())
+    print(f"worst busy run / its quiet median: {worst:.2f}x (target <= 4)")
+    print(f"total {time.perf_counter() - started:.0f} s, {args.neighbours} neighbours")
+    report = {"machine": machine(), "pair": str(pair), "neighbours": args.neighbours,
+              "reps": args.reps, "summary": summary, "relative_slowdown": verdict,
+              "runs": runs}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
