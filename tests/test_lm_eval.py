@@ -318,6 +318,13 @@ def test_a_missing_or_unusable_axis_is_named_with_the_reason(task_metric, text_m
         compute_tradeoff(_records(), task_metric=task_metric, text_metric=text_metric)
 
 
+def test_tradeoff_with_harness_axes_stays_free_of_torch():
+    result = subprocess.run([sys.executable, "-c", "import sys; import fapm_merge.workflows.tradeoff, "
+                             "fapm_merge.evaluation.lm_eval; print('torch' in sys.modules)"],
+                            capture_output=True, text=True)
+    assert result.stdout.split() == ["False"], result.stderr
+
+
 def test_metric_names_parse_or_fail_clearly():
     assert parse_metric("lm_eval:arc_easy/acc", option="--task-metric").key == "lm_eval:arc_easy/acc"
     assert parse_metric("lm_eval:gsm8k/exact_match,strict-match", option="--task-metric") == \

@@ -34,7 +34,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from fapm_merge.evaluation.metrics import EvalInputError
+from fapm_merge.evaluation.errors import EvalInputError  # torch-free: tradeoff imports this module
 from fapm_merge.evaluation.results import PER_ITEM
 
 PREFIX = "lm_eval:"

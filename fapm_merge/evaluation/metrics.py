@@ -30,16 +30,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from fapm_merge.evaluation.errors import EvalInputError
 from fapm_merge.evaluation.results import PER_ITEM
 from fapm_merge.io.jsonl import iter_jsonl
 
 DEFAULT_WINDOW = 256
 DEFAULT_BATCH_SIZE = 8
 EVAL_DTYPES = ("float32", "bfloat16", "float16")  # model dtypes `eval` accepts
-
-
-class EvalInputError(ValueError):
-    """A model, tokenizer or data file that cannot be evaluated; the message says why."""
 
 
 # ---------------------------------------------------------------------------
