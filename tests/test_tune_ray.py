@@ -198,3 +198,34 @@ def test_gpu_tasks_on_a_cluster_without_gpus_are_refused(local_ray):
 
     with pytest.raises(ExecutorError, match=r"asks 1 GPU\(s\) per task, but the Ray cluster has 0"):
         RayExecutor("local", gpus=1)
+
+
+def _sleepy(job, folder):
+    """A task that sleeps, records when it ran, and fails for job 3."""
+    index, seconds = job
+    start = time.time()
+    time.sleep(seconds)
+    (Path(folder) / f"{index}.json").write_text(json.dumps([start, time.time()]))
+    if index == 3:
+        raise ValueError("job 3 fails on purpose")
+    return index
+
+
+def test_the_executor_bounds_tasks_in_flight_yields_in_order_and_keeps_going(local_ray, tmp_path):
+    """Later jobs finish first and job 3 fails: outcomes still come in job order, the
+    failure is named, the rest complete, and never more than `limit` ran at once
+    (the instance has 3 CPUs, so a third task could run if the bound were ignored)."""
+    import sys
+
+    from ray import cloudpickle
+
+    from fapm_merge.workflows.executors import RayExecutor, TaskFailure
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    jobs = [(0, 6.0), (1, 1.0), (2, 4.0), (3, 0.2), (4, 0.5)]
+    outcomes = list(RayExecutor("local").ordered(_sleepy, jobs, (str(tmp_path),), limit=2))
+    assert [i for i, _ in outcomes] == [0, 1, 2, 3, 4]
+    assert [o for _, o in outcomes] == [0, 1, 2, TaskFailure("ValueError: job 3 fails on purpose"), 4]
+    spans = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(5)]
+    overlap = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+    assert overlap == 2
