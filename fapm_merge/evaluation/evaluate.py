@@ -93,14 +93,18 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
     if settings.lm_eval_tasks:
         from fapm_merge.evaluation.lm_eval import run_lm_eval
 
-        record["metrics"]["lm_eval"] = run_lm_eval(
+        # the aggregates under "lm_eval", each per-sample metric as "lm_eval:TASK/METRIC"
+        record["metrics"].update(run_lm_eval(
             model_dir,
             settings.lm_eval_tasks,
             device=settings.device,
             dtype=settings.dtype,
             batch_size=settings.batch_size,
             limit=settings.lm_eval_limit,
-        )
+            backend=settings.lm_eval_backend,
+            extra_model_args=settings.lm_eval_model_args,
+            include_path=settings.lm_eval_include,
+        ))
     record["settings"] = {
         "tokenizer": settings.tokenizer or "model",
         "window": settings.window,
@@ -109,6 +113,12 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
         "device": settings.device,
         "dtype": settings.dtype,
     }
+    if settings.lm_eval_tasks:
+        record["settings"]["lm_eval"] = {
+            "backend": settings.lm_eval_backend, "model_args": settings.lm_eval_model_args,
+            "limit": settings.lm_eval_limit,
+            "include": str(settings.lm_eval_include) if settings.lm_eval_include else None,
+        }
     record["seconds"] = round(time.perf_counter() - started, 3)
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return record

@@ -30,14 +30,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from fapm_merge.evaluation.errors import EvalInputError
 from fapm_merge.evaluation.results import PER_ITEM
 from fapm_merge.evaluation.settings import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW, EVAL_DTYPES
 from fapm_merge.io.jsonl import iter_jsonl
 
-
-
-class EvalInputError(ValueError):
-    """A model, tokenizer or data file that cannot be evaluated; the message says why."""
 
 
 # ---------------------------------------------------------------------------

@@ -36,6 +36,10 @@ class EvalSettings:
         device (`str`, defaults to "cpu"), dtype (`str`, defaults to "float32").
         lm_eval_tasks (`str`, *optional*), lm_eval_limit (`int`, *optional*):
             lm-evaluation-harness tasks and their example limit.
+        lm_eval_backend (`str`, defaults to "hf"): how the harness runs the model
+            (``hf``, ``vllm``, ``local-completions``).
+        lm_eval_model_args (`str`, *optional*): passed to the harness's model_args.
+        lm_eval_include (`Path`, *optional*): a folder of the user's own task YAMLs.
     """
 
     text: Optional[Path] = None
@@ -49,6 +53,9 @@ class EvalSettings:
     dtype: str = EVAL_DTYPES[0]
     lm_eval_tasks: Optional[str] = None
     lm_eval_limit: Optional[int] = None
+    lm_eval_backend: str = "hf"
+    lm_eval_model_args: Optional[str] = None
+    lm_eval_include: Optional[Path] = None
 
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_WINDOW", "EVAL_DTYPES", "EvalSettings"]

@@ -33,6 +33,12 @@ Rules (:class:`Rule`):
   one accuracy carries several points of noise: the task axis decides, and it can
   select a model that forgets more than the fine-tune (the replication showed it).
 
+The axes are selectable (``task_metric``, ``text_metric``): any metric of the
+records with an ``accuracy`` and per-item ``correct`` values can be the task axis,
+and any with a ``loss`` and per-item window losses the general one; the harness's
+per-sample metrics (:mod:`fapm_merge.evaluation.lm_eval`, e.g.
+``lm_eval:arc_easy/acc`` and ``lm_eval:wikitext/word_perplexity``) have that shape.
+
 The result also carries warnings where the intervals are wider than the
 differences the rule decides between, with about how many more prompts or windows
 would resolve them. The method and strength of a point come from its recipe
@@ -50,6 +56,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from fapm_merge.evaluation import stats
+from fapm_merge.evaluation.lm_eval import explain_missing, is_lm_eval_metric
 from fapm_merge.evaluation.results import PER_ITEM
 from fapm_merge.evaluation.results import read_results as _read_records
 from fapm_merge.io.recipe import describe_recipe, recipe_inputs
@@ -64,6 +71,14 @@ SIGNIFICANCE = 1 - stats.CONFIDENCE
 """One-sided significance level of the accuracy test (5%)."""
 
 RULES = ("repair", "max-cf", "weighted")
+
+TASK_METRIC = "task"
+"""The task axis by default: ``fapm-merge eval --task`` accuracy. Any metric of the
+records with an ``accuracy`` works, e.g. ``lm_eval:arc_easy/acc``."""
+
+TEXT_METRIC = "text"
+"""The general axis by default: ``fapm-merge eval --text`` loss. Any metric with a
+``loss`` works, e.g. ``lm_eval:wikitext/word_perplexity`` (loss per word)."""
 
 
 class TradeoffError(ValueError):
@@ -169,6 +184,8 @@ class Tradeoff:
     skipped: List[str] = field(default_factory=list)
     items: Dict[str, int] = field(default_factory=dict)  # prompts, windows
     window_tokens: Optional[List[int]] = field(default=None, repr=False)
+    task_metric: str = TASK_METRIC
+    text_metric: str = TEXT_METRIC
 
     @property
     def task_weight(self) -> float:
@@ -187,6 +204,8 @@ class Tradeoff:
             "points": [p.to_json() for p in self.points],
             "items": self.items,
             "skipped": self.skipped,
+            "task_metric": self.task_metric,
+            "text_metric": self.text_metric,
         }
 
 
@@ -238,10 +257,11 @@ def _per_item(record: dict, metric: str) -> Optional[dict]:
     return items if isinstance(items, dict) else None
 
 
-def _point(record: dict, base_path: str, ft_path: str) -> Point:
+def _point(record: dict, base_path: str, ft_path: str, task_metric: str = TASK_METRIC,
+           text_metric: str = TEXT_METRIC) -> Point:
     metrics = record["metrics"]
-    accuracy = float(metrics["task"]["accuracy"])
-    loss = float(metrics["text"]["loss"])
+    accuracy = float(metrics[task_metric]["accuracy"])
+    loss = float(metrics[text_metric]["loss"])
     if record["model"] == base_path:
         method, strength, strength_name = "base", None, None
     elif record["model"] == ft_path:
@@ -259,10 +279,12 @@ def _point(record: dict, base_path: str, ft_path: str) -> Point:
     )
 
 
-def _check_same_data(records: Dict[str, dict]) -> Dict[str, int]:
+def _check_same_data(records: Dict[str, dict], task_metric: str = TASK_METRIC,
+                     text_metric: str = TEXT_METRIC) -> Dict[str, int]:
     """Every record must come from the same task and text, else pairing is meaningless."""
     sizes: Dict[str, int] = {}
-    for metric, what in (("task", "task file"), ("text", "text")):
+    for metric, what in ((task_metric, "task file" if task_metric == TASK_METRIC else f"{task_metric} document"),
+                         (text_metric, "text" if text_metric == TEXT_METRIC else f"{text_metric} document")):
         seen = {}
         for model, record in records.items():
             values = record["metrics"][metric]
@@ -277,14 +299,15 @@ def _check_same_data(records: Dict[str, dict]) -> Dict[str, int]:
                 "same settings: re-run fapm-merge eval on all of them into one results file"
             )
     first = next(iter(records.values()))
-    sizes["prompts"] = int(first["metrics"]["task"].get("examples") or 0)
-    sizes["windows"] = int(first["metrics"]["text"].get("windows") or 0)
+    sizes["prompts"] = int(first["metrics"][task_metric].get("examples") or 0)
+    sizes["windows"] = int(first["metrics"][text_metric].get("windows") or 0)
     return sizes
 
 
-def _add_intervals(points: List[Point], records: Dict[str, dict], base: Point, ft: Point) -> List[int]:
+def _add_intervals(points: List[Point], records: Dict[str, dict], base: Point, ft: Point,
+                   task_metric: str = TASK_METRIC, text_metric: str = TEXT_METRIC) -> List[int]:
     """Paired intervals of every point against the anchors; returns the window token counts."""
-    items = {p.model: (_per_item(records[p.model], "task"), _per_item(records[p.model], "text"))
+    items = {p.model: (_per_item(records[p.model], task_metric), _per_item(records[p.model], text_metric))
              for p in points}
     ft_task, ft_text = items[ft.model]
     base_text = items[base.model][1]
@@ -315,6 +338,8 @@ def compute_tradeoff(
     finetuned: Optional[str] = None,
     rule: Optional[Rule] = None,
     task_weight: Optional[float] = None,
+    task_metric: str = TASK_METRIC,
+    text_metric: str = TEXT_METRIC,
 ) -> Tradeoff:
     """Place every record on the plane, add paired intervals, apply the rule.
 
@@ -327,6 +352,10 @@ def compute_tradeoff(
         rule (`Rule`, *optional*): the selection rule; default ``Rule()`` (repair).
         task_weight (`float`, *optional*): shorthand for
             ``Rule("weighted", task_weight=...)`` (the API of earlier releases).
+        task_metric (`str`, defaults to "task"): the record metric whose ``accuracy``
+            is the task axis, e.g. ``lm_eval:arc_easy/acc``.
+        text_metric (`str`, defaults to "text"): the record metric whose ``loss`` is
+            the general axis, e.g. ``lm_eval:wikitext/word_perplexity``.
     """
     if rule is None:
         rule = Rule("weighted", task_weight=task_weight) if task_weight is not None else Rule()
@@ -342,11 +371,14 @@ def compute_tradeoff(
     usable: Dict[str, dict] = {}
     for record in records:
         metrics = record["metrics"] if isinstance(record["metrics"], dict) else {}
-        if "text" not in metrics or "task" not in metrics:
-            skipped.append(f"{record['model']}: needs both --text and --task metrics")
+        if text_metric not in metrics or task_metric not in metrics:
+            skipped.append(f"{record['model']}: needs both --text and --task metrics"
+                           if (task_metric, text_metric) == (TASK_METRIC, TEXT_METRIC) else
+                           f"{record['model']}: needs both the {text_metric} and the {task_metric} "
+                           "metric")
             continue
         try:  # hand-edited or foreign lines: skip them with the reason, never crash
-            point = _point(record, base_path, ft_path)
+            point = _point(record, base_path, ft_path, task_metric, text_metric)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             skipped.append(f"{record['model']}: malformed record ({type(error).__name__}: {error})")
             continue
@@ -362,6 +394,7 @@ def compute_tradeoff(
     for role, path in (("base", base_path), ("finetuned", ft_path)):
         found = [p for p in points if p.model == path]
         if not found:
+            _explain_missing_metric(records, path, task_metric, text_metric)
             why = [reason for reason in skipped if reason.startswith(f"{path}: ")]
             raise TradeoffError(
                 f"the results have no usable line for the {role} model {path}"
@@ -384,31 +417,46 @@ def compute_tradeoff(
         point.cf_pct = stats.cf_percent(point.loss - base_point.loss)
         point.repaired = (ft_point.loss - point.loss) / forgetting if forgetting > 0 else None
     sizes: Dict[str, int] = {}
-    with_items = all(_per_item(usable[p.model], "task") and _per_item(usable[p.model], "text")
+    with_items = all(_per_item(usable[p.model], task_metric) and _per_item(usable[p.model], text_metric)
                      for p in points)
     if rule.kind != "weighted" and not with_items:
         missing = [p.model for p in points
-                   if not (_per_item(usable[p.model], "task") and _per_item(usable[p.model], "text"))]
+                   if not (_per_item(usable[p.model], task_metric)
+                           and _per_item(usable[p.model], text_metric))]
         raise TradeoffError(
             f"{len(missing)} record(s), e.g. {missing[0]}, carry no per-item values (an older "
             "fapm-merge eval, or an items file that was not copied with the results): the "
             f"{rule.kind} rule needs paired intervals. Re-run fapm-merge eval on those models, or "
             "choose --rule weighted")
     if with_items:
-        sizes = _check_same_data(usable)
+        sizes = _check_same_data(usable, task_metric, text_metric)
         if sizes["windows"] < 2 and rule.kind != "weighted":
             raise TradeoffError(
                 f"the text gave {sizes['windows']} window(s): an interval over windows needs at "
                 "least 2 (and a few dozen for a useful one); evaluate a longer text or a "
                 "smaller --window"
             )
-        tokens = _add_intervals(points, usable, base_point, ft_point)
+        tokens = _add_intervals(points, usable, base_point, ft_point, task_metric, text_metric)
     else:
         tokens = None
     result = Tradeoff(points, base_point, ft_point, rule, None, "", skipped=skipped, items=sizes,
-                      window_tokens=tokens)
+                      window_tokens=tokens, task_metric=task_metric, text_metric=text_metric)
     _select(result)
     return result
+
+
+def _explain_missing_metric(records: List[dict], path: str, task_metric: str, text_metric: str) -> None:
+    """An anchor lacks a chosen metric: say which, why, and what the records hold."""
+    record = next((r for r in reversed(records) if r.get("model") == path), None)
+    metrics = record.get("metrics") if record and isinstance(record.get("metrics"), dict) else None
+    if metrics is None:
+        return
+    for name, kind, option in ((task_metric, "accuracy", "--task-metric"),
+                               (text_metric, "loss", "--text-metric")):
+        if not isinstance(metrics.get(name), dict) or kind not in metrics[name]:
+            if name in (TASK_METRIC, TEXT_METRIC) and not any(is_lm_eval_metric(k) for k in metrics):
+                return  # the message of earlier releases (--text/--task) says it
+            raise TradeoffError(f"{path}: " + explain_missing(name, metrics, option=option, kind=kind))
 
 
 # --------------------------------------------------------------------------- rules
@@ -617,6 +665,9 @@ VERDICTS = {
 def summary_lines(result: Tradeoff) -> List[str]:
     """The rule, the decision and its warnings, as plain sentences."""
     lines = [f"rule: {result.rule.text}.", VERDICTS[result.rule.kind] + "."]
+    if (result.task_metric, result.text_metric) != (TASK_METRIC, TEXT_METRIC):
+        lines.append(f"axes: task accuracy from {result.task_metric}, forgetting from "
+                     f"{result.text_metric}.")
     if result.items:
         lines.append(f"intervals: 95%, paired over {result.items.get('prompts', 0)} prompts and "
                      f"{result.items.get('windows', 0)} text windows (every model saw the same).")
@@ -629,6 +680,8 @@ def summary_lines(result: Tradeoff) -> List[str]:
 __all__ = [
     "MIN_RETENTION",
     "RULES",
+    "TASK_METRIC",
+    "TEXT_METRIC",
     "Point",
     "Rule",
     "TASK_WEIGHT",

@@ -22,6 +22,17 @@ Everything lives in a work folder (default ``OUT.tune`` beside OUT): the results
 and their per-item values, the plan, the plot. Running the same command again
 resumes: finished evaluations are reused, a variant merged but not yet evaluated
 is evaluated, and a changed rule is re-decided without evaluating anything.
+
+The task axis is the ``--task`` file's accuracy by default, or any per-sample metric
+of lm-evaluation-harness (``task_metric="lm_eval:arc_easy/acc"``); the general axis
+the ``--text`` loss, or a harness perplexity task (``text_metric="lm_eval:wikitext"``).
+tune then runs those harness tasks on every model itself.
+
+Where the variants run: one after another in this process (batches of
+``max_on_disk`` merged in one ``sweep`` pass), or, with ``ray`` set, as Ray tasks
+(:mod:`fapm_merge.workflows.executors`), one variant per task (merge, evaluate,
+delete), at most ``max_on_disk`` at once. Both write the same results, in the
+plan's order, and resume from each other's work folder.
 """
 
 from __future__ import annotations
@@ -34,14 +45,16 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 from fapm_merge.core.rules import DEFAULT_LORA_SPARSITY, DEFAULT_SPARSITY
+from fapm_merge.evaluation.errors import EvalInputError
+from fapm_merge.evaluation.lm_eval import explain_missing, parse_metric
 from fapm_merge.evaluation.results import append_result, file_digest, read_results
 from fapm_merge.evaluation.settings import EvalSettings
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.recipe import RECIPE_FILE, looks_local, model_name, non_base_models
-from fapm_merge.workflows.tradeoff import Rule, Tradeoff, compute_tradeoff
+from fapm_merge.workflows.tradeoff import TASK_METRIC, TEXT_METRIC, Rule, Tradeoff, compute_tradeoff
 
 if TYPE_CHECKING:  # sweep imports mergekit, evaluation.metrics torch: both load on use,
     # so the command line can show these defaults without them
@@ -81,7 +94,8 @@ class TuneSettings:
     """What ``tune`` sweeps, how it evaluates and decides. Attributes mirror the options.
 
     Attributes:
-        text, task (`Path`): general text (forgetting) and task file (accuracy).
+        text, task (`Path`, *optional*): general text (forgetting) and task file
+            (accuracy); each is needed unless its axis comes from lm-eval.
         sparsities (`Sequence[float]`, *optional*): FAPM values; default `DEFAULT_SPARSITIES`.
         baselines (`Sequence[str]`): any of magnitude, wiseft, dare (dare: fapm only).
         alphas (`Sequence[float]`, *optional*): WiSE-FT strengths; default `DEFAULT_ALPHAS`.
@@ -96,10 +110,19 @@ class TuneSettings:
         work_dir (`Path`, *optional*): default ``OUT.tune`` beside OUT.
         overwrite (`bool`, defaults to False): replace an existing OUT.
         restart (`bool`, defaults to False): discard the work folder's earlier results.
+        task_metric (`str`, defaults to "task"): the task axis: ``task`` (``--task``
+            accuracy) or ``lm_eval:TASK/METRIC`` (a per-sample 0/1 harness metric).
+        text_metric (`str`, defaults to "text"): the general axis: ``text`` (``--text``
+            loss) or ``lm_eval:TASK[/word_perplexity|/byte_perplexity]``.
+        ray (`str`, *optional*): run the variants as Ray tasks: ``"local"`` (start a
+            Ray instance here) or the address of a running cluster (``auto``,
+            ``HOST:6379``); None runs them in this process.
+        ray_gpus (`int`, defaults to 1): GPUs per Ray task when ``device`` is not
+            ``cpu`` (a model vLLM splits over N GPUs needs N).
     """
 
-    text: Path
-    task: Path
+    text: Optional[Path] = None
+    task: Optional[Path] = None
     sparsities: Optional[Sequence[float]] = None
     baselines: Sequence[str] = DEFAULT_BASELINES
     alphas: Optional[Sequence[float]] = None
@@ -113,6 +136,10 @@ class TuneSettings:
     work_dir: Optional[Path] = None
     overwrite: bool = False
     restart: bool = False
+    task_metric: str = TASK_METRIC
+    text_metric: str = TEXT_METRIC
+    ray: Optional[str] = None
+    ray_gpus: int = 1
 
 
 @dataclass
@@ -195,12 +222,14 @@ def _variant_dir(work: Path, variant: Variant) -> Path:
 def _fingerprint(recipe: dict, plan: TunePlan, settings: TuneSettings) -> dict:
     """What the evaluations depend on; a resumed tune must match it exactly."""
     evaluation = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings.eval).items()}
+    if not settings.eval.lm_eval_tasks:  # a tune without the harness keeps its earlier plan
+        evaluation = {k: v for k, v in evaluation.items() if not k.startswith("lm_eval_")}
     return {
         "recipe": recipe,
         "variants": [{"name": v.name, "recipe": v.recipe, "seed": v.seed} for v in plan.variants],
         "evaluation": evaluation,
-        "text_sha256": file_digest(settings.text),
-        "task_sha256": file_digest(settings.task),
+        "text_sha256": file_digest(settings.text) if settings.text else None,
+        "task_sha256": file_digest(settings.task) if settings.task else None,
         "merge_device": settings.device,
     }
 
@@ -233,20 +262,57 @@ def _open_work(work: Path, fingerprint: dict, restart: bool) -> None:
 # --------------------------------------------------------------------------- checks
 
 
+def _axes(settings: TuneSettings) -> None:
+    """Check the two axes and set the harness tasks they need (raises TuneError)."""
+    tasks = [t.strip() for t in (settings.eval.lm_eval_tasks or "").split(",") if t.strip()]
+    for name, option, default, needs, default_metric in (
+            (settings.task_metric, "--task-metric", TASK_METRIC, "task", None),
+            (settings.text_metric, "--text-metric", TEXT_METRIC, "text", "word_perplexity")):
+        if name == default:
+            if getattr(settings, needs) is None:
+                raise TuneError(f"--{needs} is required unless {option} names an lm-eval metric "
+                                f"(lm_eval:TASK/METRIC)")
+            continue
+        try:
+            parsed = parse_metric(name, option=option, default_metric=default_metric)
+        except EvalInputError as error:
+            raise TuneError(f"{error} (or {default!r}: the --{needs} file)") from None
+        if needs == "text" and parsed.metric not in ("word_perplexity", "byte_perplexity"):
+            raise TuneError(f"{option} {name}: the general axis is a perplexity task's "
+                            "word_perplexity or byte_perplexity (loss per word or byte), e.g. "
+                            "lm_eval:wikitext")
+        if parsed.task not in tasks:
+            tasks.append(parsed.task)
+        if needs == "task":
+            settings.task_metric = parsed.key
+        else:
+            settings.text_metric = parsed.key
+    if tasks and settings.eval.lm_eval_backend == "local-completions":
+        raise TuneError("--lm-eval-backend local-completions asks one server for one model, but "
+                        "tune evaluates a new model per variant: use hf or vllm (which load each "
+                        "variant themselves)")
+    settings.eval.lm_eval_tasks = ",".join(tasks) or None
+
+
 def _check_eval_inputs(plan: TunePlan, settings: TuneSettings) -> None:
     """The task has items and the text gives at least two windows (intervals are
-    over windows), before any merge."""
+    over windows), before any merge: for the built-in axes (the harness checks its own)."""
     from fapm_merge.evaluation.metrics import EvalInputError, load_task, load_tokenizer, text_windows
 
     try:
-        items = load_task(settings.task)
-        tokenizer = load_tokenizer(settings.eval.tokenizer, plan.base)
-        text = Path(settings.text).read_text(encoding="utf-8")
+        items = load_task(settings.task) if settings.task is not None else None
+        text = Path(settings.text).read_text(encoding="utf-8") if settings.text is not None else None
+        tokenizer = load_tokenizer(settings.eval.tokenizer, plan.base) if text is not None else None
     except UnicodeDecodeError as error:
         raise TuneError(f"--text {settings.text} is not UTF-8 text ({error.reason}); "
                         "convert it to UTF-8") from None
     except EvalInputError as error:
         raise TuneError(str(error)) from None
+    if items is not None and len(items) < 2:
+        raise TuneError(f"--task {settings.task} has {len(items)} item: a paired accuracy "
+                        "comparison needs many (a few hundred resolve a few points of accuracy)")
+    if text is None:
+        return
     ids = tokenizer.encode(text)
     if settings.eval.max_tokens is not None:
         ids = ids[: settings.eval.max_tokens]
@@ -257,9 +323,6 @@ def _check_eval_inputs(plan: TunePlan, settings: TuneSettings) -> None:
             f"--text {settings.text} gives {len(ids)} tokens, {full} full window(s) of "
             f"{settings.eval.window}: the forgetting intervals are computed over windows and "
             "need at least 2 (a few dozen for useful ones); give a longer text or a smaller --window")
-    if len(items) < 2:
-        raise TuneError(f"--task {settings.task} has {len(items)} item: a paired accuracy "
-                        "comparison needs many (a few hundred resolve a few points of accuracy)")
 
 
 def _checkpoint_bytes(folder: Path) -> int:
@@ -292,11 +355,13 @@ def _check_disk(work: Path, plan: TunePlan, count: int, recipe: dict) -> None:
 # --------------------------------------------------------------------------- merge + evaluate
 
 
-def _merge_batch(batch: List[Variant], work: Path, settings: TuneSettings, copy_tokenizer: bool) -> None:
-    """Merge ``batch`` in one sweep pass; each output lands in work/variants/NAME."""
+def _merge_batch(batch: List[Variant], work: Path, settings: TuneSettings, copy_tokenizer: bool,
+                 staging_name: str = "batch") -> None:
+    """Merge ``batch`` in one sweep pass; each output lands in work/variants/NAME
+    (moved there whole: a folder in variants/ is always a finished merge)."""
     from fapm_merge.workflows.sweep import run_sweep
 
-    staging = work / "batch"
+    staging = work / staging_name
     if staging.exists():
         shutil.rmtree(staging)
     run_sweep(batch, staging, overwrite=True, device=settings.device,
@@ -317,6 +382,40 @@ def _evaluate(folder: Path, settings: TuneSettings, results: Path) -> None:
     append_result(results, record)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One model to evaluate on a Ray worker: merged first when ``variant`` is given
+    and its folder is absent, its weights deleted after evaluation when ``delete``."""
+
+    folder: Path
+    variant: Optional[Variant]
+    delete: bool
+
+
+def run_job(job: Job, work: Path, settings: TuneSettings, copy_tokenizer: bool) -> dict:
+    """Merge (if needed) and evaluate one model; its record (the work of one Ray task).
+
+    The merge is a one-variant ``sweep`` into its own staging folder (tasks run side
+    by side in one work folder), bit for bit what the serial batches write. A task
+    that fails removes the variant's folder, so a rerun merges it afresh instead of
+    trusting a folder the failure may have left half-checked.
+    """
+    from fapm_merge.evaluation.evaluate import evaluate_model
+
+    try:
+        if job.variant is not None and not job.folder.exists():
+            _merge_batch([job.variant], work, settings, copy_tokenizer,
+                         staging_name=f"batch-{job.variant.name}")
+        record = evaluate_model(job.folder, settings.eval)
+    except BaseException:
+        if job.variant is not None and job.folder.exists():
+            shutil.rmtree(job.folder, ignore_errors=True)
+        raise
+    if job.delete:
+        shutil.rmtree(job.folder)
+    return record
+
+
 def _evaluated(results: Path) -> set:
     """Models the work folder's results file already holds."""
     if not results.exists() or not results.read_text(encoding="utf-8").strip():
@@ -328,13 +427,19 @@ def _evaluated(results: Path) -> set:
                         "evaluated again) or pass --restart") from None
 
 
-def _check_anchors(results: Path, plan: TunePlan) -> None:
+def _check_anchors(results: Path, plan: TunePlan, settings: TuneSettings) -> None:
     """Stop before the variants when the decision could never be made."""
     records = {r["model"]: r for r in read_results(results, TuneError)}
     ft = records[str(plan.finetuned)]["metrics"]
-    if ft["task"]["accuracy"] <= 0:
+    for name, kind, option in ((settings.task_metric, "accuracy", "--task-metric"),
+                               (settings.text_metric, "loss", "--text-metric")):
+        if not isinstance(ft.get(name), dict) or kind not in ft[name]:
+            raise TuneError(f"{plan.finetuned}: " + explain_missing(name, ft, option=option, kind=kind))
+    task = ft[settings.task_metric]
+    what = "--task" if settings.task_metric == TASK_METRIC else settings.task_metric
+    if task["accuracy"] <= 0:
         raise TuneError(
-            f"the fine-tuned model scores 0 on --task ({ft['task']['examples']} items): there is "
+            f"the fine-tuned model scores 0 on {what} ({task['examples']} items): there is "
             "no task accuracy to keep, so no variant can be chosen. Check the task file (answers, "
             "prompt format, --bos/--no-bos as in training) before sweeping")
 
@@ -381,13 +486,21 @@ def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str,
         f"Rule: {result.rule.text}.", "",
         f"Decision: {result.reason}.", "",
     ]
+    if (result.task_metric, result.text_metric) == (TASK_METRIC, TEXT_METRIC):
+        measured = (f"Task accuracy on the task file and forgetting on the general text, every model "
+                    f"on the same {result.items.get('prompts', 0)} prompts and "
+                    f"{result.items.get('windows', 0)} text windows; intervals are 95% and paired ")
+    else:
+        measured = (f"Accuracy is `{result.task_metric}` and forgetting `{result.text_metric}` "
+                    f"(`lm_eval:` metrics come from lm-evaluation-harness's per-sample results), "
+                    f"every model on the same {result.items.get('prompts', 0)} task items and "
+                    f"{result.items.get('windows', 0)} text windows or documents; intervals are 95% "
+                    "and paired ")
     if result.warnings:
         lines += ["Caveats the evidence leaves:", ""] + [f"- {w}." for w in result.warnings] + [""]
     lines += [
         "## The trade-off", "",
-        f"Task accuracy on the task file and forgetting on the general text, every model on "
-        f"the same {result.items.get('prompts', 0)} prompts and "
-        f"{result.items.get('windows', 0)} text windows; intervals are 95% and paired "
+        measured +
         "(exact one-sided McNemar test for the accuracy criterion, paired bootstrap over "
         "prompts and windows for the intervals). CF % = 100 (PPL - PPL_base) / PPL_base; "
         "repaired = share of the fine-tune's extra loss undone.", "",
@@ -429,6 +542,107 @@ def _rebuild(variant: Variant, out_dir: Path, settings: TuneSettings, copy_token
 # --------------------------------------------------------------------------- the loop
 
 
+def _serial(plan: TunePlan, work: Path, settings: TuneSettings, copy_tokenizer: bool, recipe: dict,
+            results: Path, done: set, progress: Progress) -> Tuple[int, int]:
+    """Anchors, then the variants in batches of ``max_on_disk`` (one sweep pass per
+    batch), in this process; returns (evaluated, reused)."""
+    reused = evaluated = 0
+    # 1. the anchors
+    anchors = [plan.base, plan.finetuned]
+    for index, folder in enumerate(anchors, 1):
+        if str(folder) in done:
+            reused += 1
+        else:
+            if folder == plan.finetuned and plan.finetuned_variant is not None and not folder.exists():
+                _check_disk(work, plan, 1, recipe)
+                _merge_batch([plan.finetuned_variant], work, settings, copy_tokenizer)
+            _evaluate(folder, settings, results)
+            evaluated += 1
+        progress("anchors", index, len(anchors), folder.name)
+
+    _check_anchors(results, plan, settings)
+
+    # 2. the variants, at most max_on_disk on disk at once
+    todo = [v for v in plan.variants if str(_variant_dir(work, v)) not in done]
+    reused += len(plan.variants) - len(todo)
+    finished = len(plan.variants) - len(todo)
+    progress("variants", finished, len(plan.variants), "")
+    for start in range(0, len(todo), settings.max_on_disk):
+        batch = todo[start : start + settings.max_on_disk]
+        to_merge = [v for v in batch if not _variant_dir(work, v).exists()]
+        if to_merge:
+            _check_disk(work, plan, len(to_merge), recipe)
+            _merge_batch(to_merge, work, settings, copy_tokenizer)
+        for variant in batch:
+            folder = _variant_dir(work, variant)
+            _evaluate(folder, settings, results)
+            evaluated += 1
+            finished += 1
+            if not settings.keep_variants:
+                shutil.rmtree(folder)
+            progress("variants", finished, len(plan.variants), variant.name)
+    return evaluated, reused
+
+
+def _distributed(executor, plan: TunePlan, work: Path, settings: TuneSettings, copy_tokenizer: bool,
+                 recipe: dict, results: Path, done: set, progress: Progress) -> Tuple[int, int]:
+    """The same work as :func:`_serial`, one model per Ray task, at most ``max_on_disk``
+    in flight; records are appended here, in the plan's order, as they are ready.
+
+    A failed task does not stop the others: its variant is named with the cause, the
+    other records are kept, and :class:`TuneError` is raised at the end (nothing is
+    written to OUT); a rerun evaluates only what is missing.
+    """
+    from fapm_merge.workflows.executors import TaskFailure
+
+    evaluated = reused = 0
+    failures: List[str] = []
+
+    def run(stage: str, jobs: List[Job], names: List[str], total: int, finished: int) -> int:
+        nonlocal evaluated
+        progress(stage, finished, total, "")
+
+        def before_submit(index: int) -> None:  # on the driver, as each task is submitted
+            if jobs[index].variant is not None and not jobs[index].folder.exists():
+                _check_disk(work, plan, 1, recipe)
+
+        for index, outcome in executor.ordered(run_job, jobs, (work, settings, copy_tokenizer),
+                                               limit=settings.max_on_disk,
+                                               before_submit=before_submit):
+            if isinstance(outcome, TaskFailure):
+                failures.append(f"{names[index]}: {outcome.message}")
+            else:
+                append_result(results, outcome)
+                evaluated += 1
+            finished += 1
+            progress(stage, finished, total, names[index])
+        return finished
+
+    # 1. the anchors
+    anchors = [(plan.base, None), (plan.finetuned, plan.finetuned_variant)]
+    jobs = [Job(folder, variant, delete=False) for folder, variant in anchors if str(folder) not in done]
+    reused += len(anchors) - len(jobs)
+    run("anchors", jobs, [j.folder.name for j in jobs], len(anchors), len(anchors) - len(jobs))
+    if failures:
+        raise TuneError(_failed_message(failures, work))
+    _check_anchors(results, plan, settings)
+
+    # 2. the variants
+    todo = [v for v in plan.variants if str(_variant_dir(work, v)) not in done]
+    reused += len(plan.variants) - len(todo)
+    jobs = [Job(_variant_dir(work, v), v, delete=not settings.keep_variants) for v in todo]
+    run("variants", jobs, [v.name for v in todo], len(plan.variants), len(plan.variants) - len(todo))
+    if failures:
+        raise TuneError(_failed_message(failures, work))
+    return evaluated, reused
+
+
+def _failed_message(failures: List[str], work: Path) -> str:
+    return (f"{len(failures)} evaluation(s) failed on Ray: " + "; ".join(failures)
+            + f". The other results are kept in {work / RESULTS_FILE}; nothing was written to the "
+            "output. Run the same command again to retry only the failed ones")
+
+
 def run_tune(
     recipe: dict,
     out_dir: Path,
@@ -455,55 +669,38 @@ def run_tune(
         raise TuneError(f"output folder {out_dir} exists and is not empty; choose another path "
                         "or pass --overwrite")
     work = Path(settings.work_dir or out_dir.with_name(out_dir.name + ".tune")).absolute()
-    settings.eval = EvalSettings(**{**asdict(settings.eval), "text": Path(settings.text).absolute(),
-                                    "task": Path(settings.task).absolute()})
     if settings.max_on_disk < 1:
         raise TuneError(f"--max-on-disk must be at least 1, got {settings.max_on_disk}")
+    _axes(settings)  # first: it says which of --text and --task are needed
+    # a --text or --task given beside a harness axis is measured too: the records can
+    # then be re-decided on either axis (fapm-merge tradeoff --task-metric task)
+    settings.eval = EvalSettings(**{
+        **asdict(settings.eval),
+        "text": Path(settings.text).absolute() if settings.text is not None else None,
+        "task": Path(settings.task).absolute() if settings.task is not None else None})
     plan = plan_tune(recipe, settings, work)
     _check_eval_inputs(plan, settings)
     copy_tokenizer = settings.copy_tokenizer
     if copy_tokenizer is None:  # a base without tokenizer files would log a traceback
         copy_tokenizer = any((plan.base / name).exists()
                              for name in ("tokenizer_config.json", "tokenizer.json"))
+    executor = None
+    if settings.ray is not None:  # before the work folder: a missing Ray changes nothing
+        from fapm_merge.workflows.executors import ExecutorError, RayExecutor
+
+        try:
+            executor = RayExecutor(settings.ray,
+                                   gpus=settings.ray_gpus if settings.device != "cpu" else 0)
+        except ExecutorError as error:
+            raise TuneError(str(error)) from None
     _open_work(work, _fingerprint(recipe, plan, settings), settings.restart)
     results = work / RESULTS_FILE
     done = _evaluated(results)
-    reused = evaluated = 0
-
-    # 1. the anchors
-    anchors = [plan.base, plan.finetuned]
-    for index, folder in enumerate(anchors, 1):
-        if str(folder) in done:
-            reused += 1
-        else:
-            if folder == plan.finetuned and plan.finetuned_variant is not None and not folder.exists():
-                _check_disk(work, plan, 1, recipe)
-                _merge_batch([plan.finetuned_variant], work, settings, copy_tokenizer)
-            _evaluate(folder, settings, results)
-            evaluated += 1
-        progress("anchors", index, len(anchors), folder.name)
-
-    _check_anchors(results, plan)
-
-    # 2. the variants, at most max_on_disk on disk at once
-    todo = [v for v in plan.variants if str(_variant_dir(work, v)) not in done]
-    reused += len(plan.variants) - len(todo)
-    finished = len(plan.variants) - len(todo)
-    progress("variants", finished, len(plan.variants), "")
-    for start in range(0, len(todo), settings.max_on_disk):
-        batch = todo[start : start + settings.max_on_disk]
-        to_merge = [v for v in batch if not _variant_dir(work, v).exists()]
-        if to_merge:
-            _check_disk(work, plan, len(to_merge), recipe)
-            _merge_batch(to_merge, work, settings, copy_tokenizer)
-        for variant in batch:
-            folder = _variant_dir(work, variant)
-            _evaluate(folder, settings, results)
-            evaluated += 1
-            finished += 1
-            if not settings.keep_variants:
-                shutil.rmtree(folder)
-            progress("variants", finished, len(plan.variants), variant.name)
+    if executor is None:
+        evaluated, reused = _serial(plan, work, settings, copy_tokenizer, recipe, results, done, progress)
+    else:
+        evaluated, reused = _distributed(executor, plan, work, settings, copy_tokenizer, recipe,
+                                         results, done, progress)
     if plan.finetuned_variant is not None and not settings.keep_variants and plan.finetuned.exists():
         shutil.rmtree(plan.finetuned)
 
@@ -511,7 +708,8 @@ def run_tune(
     wanted = {str(plan.base), str(plan.finetuned)} | {str(_variant_dir(work, v)) for v in plan.variants}
     records = [r for r in read_results(results, with_items=True) if r["model"] in wanted]
     result = compute_tradeoff(records, base=str(plan.base), finetuned=str(plan.finetuned),
-                              rule=settings.rule)
+                              rule=settings.rule, task_metric=settings.task_metric,
+                              text_metric=settings.text_metric)
     from fapm_merge.workflows.plots import plot_tradeoff
 
     plot = plot_tradeoff(result, work / "tradeoff.png")
