@@ -219,16 +219,21 @@ def verify(out_dir: Path, recipe):
 
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def lint(recipe: Path):
+@click.option("--cuda", is_flag=True, help="The merge will run with mergekit-yaml --cuda: check that torch here has a GPU.")
+@click.option("--device", default=None, help="The merge's mergekit --device (cuda, cuda:1, cpu, ...): check it exists here.")
+@click.option("--intermediate-dir", default=None, help="mergekit-multi's --intermediate-dir: check how stages will be read back.")
+def lint(recipe: Path, cuda: bool, device, intermediate_dir):
     """Find recipe mistakes that plain mergekit-yaml accepts silently.
 
     mergekit 0.1.5 drops unknown parameter names without a word (a typo such as
     `spasity: 0.5` merges at the default 0.9) and ignores shared parameters written
-    per model. Also checks values, required parameters and local model folders.
-    A mergekit-multi file is checked stage by stage. Run this before a long merge;
-    exit status 1 when anything is found.
+    per model. Also checks values, required parameters and model paths the way
+    mergekit will read them from this directory (missing folders; relative paths
+    its model card sends to the Hugging Face hub). A mergekit-multi file is checked
+    stage by stage. Run this before a long merge, from the directory you will merge
+    in, with the --cuda/--device you will pass; exit status 1 when anything is found.
     """
-    from fapm_merge.io.recipe import RecipeError, lint_recipe, load_recipe_documents
+    from fapm_merge.io.recipe import RecipeError, lint_documents, load_recipe_documents
     from fapm_merge.methods import register_methods
 
     register_methods()  # lint reads the methods' parameter specs
@@ -237,15 +242,45 @@ def lint(recipe: Path):
         documents = load_recipe_documents(recipe)
     except RecipeError as error:
         raise click.ClickException(str(error)) from None
-    problems = []
-    for document in documents:
-        stage = f"stage {document['name']!r}: " if len(documents) > 1 and "name" in document else ""
-        problems += [f"{stage}{problem}" for problem in lint_recipe(document)]
-    for problem in problems:
-        click.echo(problem)
-    if problems:
+    problems, notes = lint_documents(documents, intermediate_dir=intermediate_dir)
+    lines = [str(problem) for problem in problems]
+    if cuda or device:
+        lines += _device_problems("cuda" if cuda and not device else device,
+                                  "--cuda" if cuda and not device else f"--device {device}")
+    for line in lines:
+        click.echo(line)
+    for note in notes:
+        click.echo(f"note: {note}")
+    if lines:
         raise SystemExit(1)
     click.echo(f"{recipe}: no problems found")
+
+
+def _device_problems(device: str, option: str) -> list:
+    """Why mergekit-yaml OPTION would fail on this machine, before it creates its output.
+
+    mergekit creates the output folder first and moves the first tensor to the
+    device after (AssertionError: Torch not compiled with CUDA enabled), so a
+    missing GPU costs an empty folder and a traceback; the method code runs too
+    late to stop it (docs/troubleshooting.md).
+    """
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        return [f"{option}: {device!r} is not a torch device; use cpu, cuda or cuda:N"]
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "was built without CUDA" if torch.version.cuda is None else "finds no GPU"
+        return [f"{option}: torch {torch.__version__} here {why}, so mergekit-yaml {option} "
+                "would stop at the first tensor (AssertionError: Torch not compiled with CUDA "
+                f"enabled) and leave an empty output folder; drop {option}: the merge runs on "
+                "the CPU"]
+    if kind == "cuda" and torch.device(device).index is not None \
+            and torch.device(device).index >= torch.cuda.device_count():
+        return [f"{option}: this machine has {torch.cuda.device_count()} GPU(s); "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"]
+    return []
 
 
 @main.command()

@@ -1,0 +1,227 @@
+"""What a new user met following the docs word for word (issue 17), one test per finding.
+
+1. lint passed a recipe whose relative paths mergekit's model card sends to the hub;
+2. verify said OK on the half-written output that left;
+3. sweep blamed the inputs for a failure caused by the recipe's paths;
+4. "use the choice" did not reproduce the model card;
+5. documented mergekit commands printed tracebacks on the tokenizer-less demo models;
+6. `mergekit-yaml --cuda` without a GPU: an empty folder and a traceback;
+7. tables cut tensor names, eval lines wrapped, results fields contradicted each other.
+
+The ground truth is mergekit itself: the real ``mergekit-yaml`` and ``mergekit-multi``
+console scripts in a subprocess (run from a temporary directory holding relative
+``models/...`` folders, offline), and mergekit's own ``card.is_hf``.
+"""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from rich.console import Console
+
+from conftest import fapm_recipe, mergekit_yaml_command, run_merge_in_process, run_mergekit_yaml
+from fapm_merge.cli import main as cli
+from fapm_merge.io.recipe import lint_recipe
+from fapm_merge.workflows.verify import format_report, verify_output
+
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def _tool(name: str) -> str:
+    return str(Path(mergekit_yaml_command()).parent / name)
+
+
+def _relative_recipe(**extra) -> dict:
+    return {"merge_method": "fapm", "base_model": "models/base",
+            "models": [{"model": "models/finetuned", "parameters": {"sparsity": 0.9}}],
+            "dtype": "float32", **extra}
+
+
+@pytest.fixture(scope="module")
+def relative_merge(llama_pair, tmp_path_factory):
+    """A user's folder holding models/base and models/finetuned, a recipe naming them
+    relatively, and what plain `mergekit-yaml r.yml out` (run there, offline) did."""
+    work = tmp_path_factory.mktemp("relative")
+    for name, source in zip(("base", "finetuned"), llama_pair):
+        shutil.copytree(source, work / "models" / name)
+    (work / "r.yml").write_text(yaml.safe_dump(_relative_recipe(), sort_keys=False))
+    result = subprocess.run([mergekit_yaml_command(), "r.yml", "out", "--no-copy-tokenizer"],
+                            cwd=work, capture_output=True, text=True, env=OFFLINE)
+    return work, result
+
+
+# ------------------------------------------------------------------ 1. lint
+
+
+def test_lint_flags_relative_path_that_mergekit_sends_to_the_hub(relative_merge, monkeypatch):
+    work, result = relative_merge
+    # what mergekit does (the behaviour lint must predict): weights and config.json
+    # written, then the model card asks the hub about models/... and the run dies
+    assert result.returncode != 0
+    assert "OfflineModeIsEnabled" in result.stderr and "/api/models/models/" in result.stderr
+    assert sorted(p.name for p in (work / "out").iterdir()) == ["config.json", "model.safetensors"]
+
+    monkeypatch.chdir(work)
+    outcome = CliRunner().invoke(cli, ["lint", "r.yml"])
+    assert outcome.exit_code == 1, outcome.output
+    lines = outcome.output.splitlines()
+    assert lines[0].startswith("base_model: models/base is a relative path with at most one '/'")
+    assert lines[0].endswith(f"write the absolute path {work}/models/base")
+    assert lines[1].startswith("models[0].model: models/finetuned is a relative path")
+    assert lines[1].endswith(f"write the absolute path {work}/models/finetuned")
+
+    # the fix lint names is the fix: the same merge with those paths finishes
+    fixed = _relative_recipe(base_model=f"{work}/models/base")
+    fixed["models"][0]["model"] = f"{work}/models/finetuned"
+    (work / "fixed.yml").write_text(yaml.safe_dump(fixed, sort_keys=False))
+    assert CliRunner().invoke(cli, ["lint", "fixed.yml"]).exit_code == 0
+    again = subprocess.run([mergekit_yaml_command(), "fixed.yml", "fixed-out", "--no-copy-tokenizer"],
+                           cwd=work, capture_output=True, text=True, env=OFFLINE)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (work / "fixed-out" / "README.md").is_file()
+
+
+class _AskedTheHub(Exception):
+    pass
+
+
+@pytest.mark.parametrize("path", [
+    "models/base", "base", "./models/base", "../sibling", "a/b/c", "bad..name", "-dash",
+    "org/not-here", "notthere", "/abs/models/base", "~/models/base", "models/base/",
+])
+def test_card_asks_hub_mirrors_mergekits_own_rule(path, tmp_path, monkeypatch):
+    """card_asks_hub() against mergekit.card.is_hf with the network cut just below
+    huggingface_hub's own repo id validation (which runs first, offline or not)."""
+    from huggingface_hub import HfApi
+    from mergekit import card
+
+    from fapm_merge.io.recipe import card_asks_hub
+
+    for folder in ("work/models/base", "work/base", "sibling", "work/a/b/c", "work/bad..name",
+                   "work/-dash"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path / "work")
+
+    def repo_info(self, repo_id, **kwargs):
+        raise _AskedTheHub(repo_id)
+
+    monkeypatch.setattr(HfApi, "repo_info", repo_info)
+    try:
+        card.is_hf(path)
+        asked = False
+    except _AskedTheHub:
+        asked = True
+    assert card_asks_hub(path) == asked
+
+
+def test_lint_flags_the_relative_adapter_part_of_base_plus_adapter(tmp_path, monkeypatch):
+    """mergekit's card checks the LoRA path of BASE+ADAPTER with the same rule."""
+    from huggingface_hub import HfApi
+    from mergekit import card
+    from mergekit.common import ModelReference
+
+    from fapm_merge.io.recipe import model_path_problems
+
+    (tmp_path / "adapters" / "a").mkdir(parents=True)
+    (tmp_path / "adapters" / "a" / "adapter_config.json").write_text("{}")
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "models" / "base" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kw: asked.append(repo_id))
+    list(card.extract_hf_paths([ModelReference.parse("/abs/base+adapters/a")]))
+    assert asked == ["adapters/a"]
+    recipe = {"merge_method": "fapm", "base_model": "/abs/base",
+              "models": [{"model": "/abs/base+adapters/a"}]}
+    wrong = [p for p in model_path_problems(recipe) if "relative path" in p.message]
+    assert [(p.where, p.message.split(" is ")[0]) for p in wrong] == [("models[0].model", "adapters/a")]
+
+
+def test_lint_flags_a_one_word_intermediate_dir_that_mergekit_multi_sends_to_the_hub(
+        llama_pair, tmp_path, monkeypatch):
+    base, ft = llama_pair
+    documents = [
+        {"name": "first", **fapm_recipe(base, ft, sparsity=0.9)},
+        {"merge_method": "fapm", "base_model": str(base), "dtype": "float32",
+         "models": [{"model": "first", "parameters": {"sparsity": 0.5}}]},
+    ]
+    (tmp_path / "multi.yml").write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+
+    def multi(stages):
+        return subprocess.run([_tool("mergekit-multi"), "multi.yml", "--intermediate-dir", stages,
+                               "--out-path", f"final-{Path(stages).name}", "--no-copy-tokenizer"],
+                              cwd=tmp_path, capture_output=True, text=True, env=OFFLINE)
+
+    relative = multi("stages")  # what mergekit-multi does with a one-word relative folder
+    assert relative.returncode != 0 and "api/models/stages/first" in relative.stderr
+    assert not (tmp_path / "final-stages" / "README.md").exists()
+
+    flagged = CliRunner().invoke(cli, ["lint", "multi.yml", "--intermediate-dir", "stages"])
+    assert flagged.exit_code == 1
+    assert flagged.output.startswith("stage 'final': models[0].model: mergekit-multi reads stage "
+                                     "'first' from stages/first")
+    assert f"pass --intermediate-dir {tmp_path}/stages" in flagged.output
+    noted = CliRunner().invoke(cli, ["lint", "multi.yml"])
+    assert noted.exit_code == 0 and "note: stage 'final': models[0].model: reads stage 'first'" \
+        in noted.output and "absolute --intermediate-dir" in noted.output
+    absolute = str(tmp_path / "abs-stages")
+    assert CliRunner().invoke(cli, ["lint", "multi.yml", "--intermediate-dir", absolute]).exit_code == 0
+    done = multi(absolute)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "final-abs-stages" / "README.md").is_file()
+
+
+def test_lint_notes_what_mergekit_will_fetch_from_the_hub_without_failing(tmp_path, monkeypatch):
+    from fapm_merge.io.recipe import lint_documents
+
+    monkeypatch.chdir(tmp_path)
+    recipe = {"merge_method": "fapm", "base_model": "org/base", "models": [{"model": "org/ft"}]}
+    (tmp_path / "hub.yml").write_text(yaml.safe_dump(recipe))
+    outcome = CliRunner().invoke(cli, ["lint", "hub.yml"])
+    assert outcome.exit_code == 0
+    assert (f"note: base_model: org/base is no folder under {tmp_path}, so mergekit will fetch it "
+            "from the Hugging Face hub (HF_HUB_OFFLINE is set: it is not in the local hub cache, "
+            "so the merge will fail); if it is a local folder, give its absolute path") in outcome.output
+    assert lint_recipe(recipe) == []  # hub ids stay legitimate
+    assert lint_documents([recipe]) == ([], [line[len("note: "):] for line in
+                                              outcome.output.splitlines()[:2]])
+
+
+# ----------------------------------------------------------------- 3. sweep
+
+
+def test_sweep_names_the_recipe_path_not_the_inputs_when_mergekit_would_ask_the_hub(
+        relative_merge, monkeypatch):
+    work, _ = relative_merge
+    monkeypatch.chdir(work)
+    outcome = CliRunner().invoke(cli, ["sweep", "r.yml", "swept", "--sparsity", "0.5,0.9",
+                                       "--no-copy-tokenizer"])
+    assert outcome.exit_code == 1
+    assert "base_model: models/base is a relative path" in outcome.output
+    assert f"write the absolute path {work}/models/base" in outcome.output
+    assert "verify FOLDER" not in outcome.output and "Check each input" not in outcome.output
+    assert not list(work.glob("swept*")) and not list(work.glob(".swept*"))
+
+
+# ------------------------------------------------------------------ 6. --cuda
+
+
+def test_lint_cuda_fails_fast_in_one_line_without_a_gpu(llama_pair, tmp_path, monkeypatch):
+    base, ft = llama_pair
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(fapm_recipe(base, ft)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for option in (["--cuda"], ["--device", "cuda:0"]):
+        outcome = CliRunner().invoke(cli, ["lint", str(tmp_path / "r.yml"), *option])
+        assert outcome.exit_code == 1, outcome.output
+        (line,) = outcome.output.splitlines()
+        assert line.startswith(f"{' '.join(option)}: torch {torch.__version__} here ")
+        assert line.endswith("the merge runs on the CPU")
+    assert CliRunner().invoke(cli, ["lint", str(tmp_path / "r.yml"), "--device", "cpu"]).exit_code == 0
