@@ -90,21 +90,22 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
     RECIPE is a mergekit recipe with merge_method: fapm and a base_model. Each
     output folder OUT_DIR/<method>-s<value> (-d<value> with --density, wiseft-a<alpha>)
     equals `mergekit-yaml` run on the
-    mergekit_config.yml written inside it, bit for bit; OUT_DIR/sweep.json lists
-    the outputs. OUT_DIR appears only when every output is complete.
+    mergekit_config.yml written inside it, bit for bit, when its output folder has
+    the variant's name (mergekit titles the model card with it); OUT_DIR/sweep.json
+    lists the outputs. OUT_DIR appears only when every output is complete. A failure
+    names its cause (a recipe path, the GPU, the disk, an input) and the fix.
     """
     from rich.console import Console
 
-    import torch
-    from safetensors import SafetensorError
-
-    from fapm_merge.core import FapmInputError
+    from fapm_merge.io.failures import explain_failure
     from fapm_merge.workflows.sweep import SweepError, build_variants, load_recipe, parse_values, run_sweep
 
     console = Console(stderr=True)
+    parsed, variants = None, None
     try:
+        parsed = load_recipe(recipe)
         variants = build_variants(
-            load_recipe(recipe),
+            parsed,
             sparsities=parse_values(sparsity, "--sparsity") if sparsity else None,
             densities=parse_values(density, "--density") if density else None,
             baselines=[b.strip() for b in baselines.split(",") if b.strip()],
@@ -112,22 +113,24 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
             seed=seed,
         )
         result = run_sweep(variants, out_dir, overwrite=overwrite, device=device, copy_tokenizer=copy_tokenizer)
-    except (SweepError, FileExistsError, FapmInputError) as error:
+    except (SweepError, FileExistsError) as error:
         raise click.ClickException(str(error)) from None
-    except torch.OutOfMemoryError:
-        raise
-    except (OSError, RuntimeError, SafetensorError) as error:
-        # raised by mergekit/transformers/safetensors while reading an input
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-        raise click.ClickException(
-            f"the sweep stopped ({type(error).__name__}: {reason}); nothing was written. "
-            "Check each input folder with `fapm-merge verify FOLDER`"
-        ) from None
+    except Exception as error:
+        # raised inside mergekit/transformers/huggingface_hub/safetensors/torch: name
+        # the cause (a recipe path, the GPU, the disk, an input), not the symptom;
+        # anything else still gets one line with its type, and what to run next
+        cause = explain_failure(error, recipe=parsed, recipe_path=recipe, out_dir=out_dir,
+                                outputs=len(variants) if variants else 1)
+        raise click.ClickException(f"the sweep stopped, nothing was written: {cause}") from None
     console.print(
         f"{len(variants)} models, {result.tensors} tensors each, in {result.seconds:.1f} s: "
         + ", ".join(v.name for v in variants)
     )
     console.print(f"manifest: {result.out_dir / 'sweep.json'}")
+    # the output folder's name titles mergekit's model card: keep the variant's name
+    console.print(f"to write one again, bit for bit: mergekit-yaml {result.out_dir}/NAME/mergekit_config.yml "
+                  f"DIR/NAME{'' if copy_tokenizer else ' --no-copy-tokenizer'}"
+                  + (f" (dare: --random-seed {seed})" if any(v.seed is not None for v in variants) else ""))
 
 
 @main.command(name="eval")

@@ -211,6 +211,68 @@ def test_sweep_names_the_recipe_path_not_the_inputs_when_mergekit_would_ask_the_
     assert not list(work.glob("swept*")) and not list(work.glob(".swept*"))
 
 
+@pytest.mark.parametrize("raised, kind, words", [
+    (OSError(errno.ENOSPC, "No space left on device"), "disk", "is full ("),
+    (AssertionError("Torch not compiled with CUDA enabled"), "gpu", "run it without --cuda"),
+    (RuntimeError("Found no NVIDIA driver on your system."), "gpu", "no GPU: torch"),
+    (PermissionError(errno.EACCES, "Permission denied", "/ro/out"), "permission", "cannot write /ro/out"),
+    (RuntimeError("Tensor model.norm.weight required but not present in model /m/ft"), "input",
+     "/m/ft lacks tensor model.norm.weight"),
+    (ValueError("something else"), "unknown", "ValueError: something else"),
+])
+def test_sweep_failures_name_the_cause_and_the_fix(llama_pair, tmp_path, monkeypatch, raised, kind, words):
+    """The CLI reports the cause (disk, GPU, permission, input) instead of sending the
+    user to check inputs that are fine."""
+    import fapm_merge.workflows.sweep as sweep_module
+    from fapm_merge.io.failures import explain_failure
+
+    base, ft = llama_pair
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(fapm_recipe(base, ft)))
+
+    def failing(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(sweep_module, "run_sweep", failing)
+    outcome = CliRunner().invoke(cli, ["sweep", str(recipe), str(tmp_path / "s"), "--sparsity", "0.9"])
+    assert outcome.exit_code == 1 and isinstance(outcome.exception, SystemExit)
+    assert outcome.output.startswith("Error: the sweep stopped, nothing was written: ")
+    assert words in outcome.output, outcome.output
+    assert "Check each input folder" not in outcome.output
+    assert explain_failure(raised).kind == kind
+
+
+def test_explain_failure_sends_offline_hub_errors_to_the_recipe_path(relative_merge, monkeypatch):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from fapm_merge.io.failures import explain_failure
+
+    work, result = relative_merge
+    monkeypatch.chdir(work)
+    error = OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/models/models/base: "
+                                 "offline mode is enabled.")
+    cause = explain_failure(error, recipe=_relative_recipe(), recipe_path=Path("r.yml"))
+    assert cause.kind == "model-path"
+    assert f"write absolute paths in r.yml (base_model: {work}/models/base; models[0].model: " \
+           f"{work}/models/finetuned)" in str(cause)
+    hub = explain_failure(OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/models/"
+                                               "org/name: offline"), recipe={"base_model": "org/name"})
+    assert hub.kind == "hub" and "huggingface-cli download org/name" in hub.fix
+
+
+def test_explain_failure_names_the_truncated_input_shard(llama_pair, tmp_path):
+    from safetensors import SafetensorError
+
+    from conftest import truncated_copy
+    from fapm_merge.io.failures import explain_failure
+
+    base, ft = llama_pair
+    shard = truncated_copy(ft, tmp_path / "ft", 1000)
+    cause = explain_failure(SafetensorError("Error while deserializing header: incomplete metadata"),
+                            recipe=fapm_recipe(base, shard.parent))
+    assert cause.kind == "input" and str(cause).startswith(f"{shard} is truncated or corrupt")
+
+
 # ------------------------------------------------------------------ 6. --cuda
 
 
