@@ -195,6 +195,75 @@ def test_lint_notes_what_mergekit_will_fetch_from_the_hub_without_failing(tmp_pa
                                               outcome.output.splitlines()[:2]])
 
 
+# ---------------------------------------------------------------- 2. verify
+
+
+def test_verify_refuses_the_half_written_output_of_the_offline_card_crash(relative_merge, monkeypatch):
+    work, _ = relative_merge
+    monkeypatch.chdir(work)
+    outcome = CliRunner().invoke(cli, ["verify", "out", "--recipe", "r.yml"])
+    assert outcome.exit_code == 1
+    assert "PROBLEM README.md: missing: mergekit writes the model card and the recipe last" in outcome.output
+    assert "PROBLEM mergekit_config.yml: missing" in outcome.output
+    assert "relative path(s) models/base, models/finetuned" in outcome.output
+    assert outcome.output.strip().endswith("FAILED: 2 problem(s)")
+
+    bare = CliRunner().invoke(cli, ["verify", "out"])
+    assert bare.exit_code == 0  # an input model looks the same: structure is all it can check
+    last = bare.output.strip().splitlines()[-1]
+    assert last == "OK as a checkpoint; not verified as a merge (give --recipe RECIPE)"
+    assert "not checked: no recipe (no --recipe, and the folder has no mergekit_config.yml)" in bare.output
+    assert "0 checked" not in bare.output
+
+
+@pytest.fixture(scope="module")
+def good_output(llama_pair, tmp_path_factory):
+    base, ft = llama_pair
+    recipe = fapm_recipe(base, ft, sparsity=0.7)
+    return recipe, run_merge_in_process(recipe, tmp_path_factory.mktemp("verify17") / "out")
+
+
+def test_verify_uses_the_recipe_mergekit_wrote_into_the_folder(good_output, tmp_path):
+    recipe, _ = good_output
+    out = tmp_path / "out"
+    run_mergekit_yaml(recipe, out)  # mergekit-yaml copies the recipe file into the folder
+    report = verify_output(out)
+    assert report.recipe_source == "mergekit_config.yml in the folder"
+    assert report.ok and report.invariants_checked == report.tensors > 0
+    text = format_report(report)
+    assert text.endswith("\nOK")
+    assert f"checked: {report.tensors} tensors recomputed: the FAPM selection, bit for bit" in text
+    assert "checked: model card (README.md) and mergekit_config.yml present" in text
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"vocab_size": 65}, "lm_head.weight: shape (64, 32) but config.json describes (65, 32)"),
+    ({"num_hidden_layers": 3}, "model.layers.2.input_layernorm.weight: config.json describes a "
+                               "LlamaForCausalLM with this tensor but the output lacks it"),
+])
+def test_verify_refuses_a_config_that_does_not_match_the_tensors(good_output, tmp_path, edit, expected):
+    recipe, out = good_output
+    copy = shutil.copytree(out, tmp_path / "out")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, **edit}))
+    report = verify_output(copy, recipe)
+    assert not report.ok
+    assert any(str(p).startswith(expected) for p in report.problems), report.problems
+
+
+def test_verify_refuses_a_shard_the_index_names_but_the_folder_lacks(llama_pair, tmp_path):
+    base, ft = llama_pair
+    recipe = fapm_recipe(base, ft)
+    out = run_merge_in_process(recipe, tmp_path / "out", out_shard_size=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) > 1
+    (out / shards[-1]).unlink()
+    report = verify_output(out, recipe)
+    assert f"{shards[-1]}: listed in the index but missing: the merge did not finish; run it " \
+           "again into an empty folder" in [str(p) for p in report.problems]
+
+
 # ----------------------------------------------------------------- 3. sweep
 
 
