@@ -342,6 +342,42 @@ def test_explain_failure_names_the_truncated_input_shard(llama_pair, tmp_path):
     assert cause.kind == "input" and str(cause).startswith(f"{shard} is truncated or corrupt")
 
 
+def test_demo_model_card_is_titled_after_its_folder(demo_dir):
+    """Regression: the demo merged into a hidden temporary folder, and mergekit
+    titled the card after it ('# .merged.partial-kth2m5t0')."""
+    card = (demo_dir / "merged" / "README.md").read_text()
+    assert "\n# merged\n" in card and ".partial-" not in card
+
+
+# --------------------------------------------------------------- 5. tokenizer
+
+
+def test_documented_mergekit_commands_run_without_tracebacks_on_the_demo_models(demo_dir, tmp_path):
+    """The guide's and lora.md's mergekit-yaml lines have no --no-copy-tokenizer; on the
+    demo models they printed mergekit's 'Failed to copy tokenizer' traceback."""
+    result = subprocess.run([mergekit_yaml_command(), str(demo_dir / "recipe.yml"), "merged"],
+                            cwd=tmp_path, capture_output=True, text=True, env=OFFLINE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Failed to copy tokenizer" not in result.stderr
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "merged").iterdir()}
+
+
+def test_demo_tokenizer_is_the_byte_tokenizer_eval_uses(demo_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fapm_merge.evaluation.evaluate import EvalSettings, evaluate_model
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "models" / "base")
+    text = "héllo, wörld ~ {}\n\tend"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert ids == list(text.encode("utf-8")) and tokenizer.decode(ids) == text
+    (tmp_path / "t.txt").write_text(text * 8)
+    own = evaluate_model(demo_dir / "models" / "base", EvalSettings(text=tmp_path / "t.txt"))
+    raw = evaluate_model(demo_dir / "models" / "base",
+                         EvalSettings(text=tmp_path / "t.txt", tokenizer="bytes"))
+    assert own["metrics"]["text"]["loss"] == raw["metrics"]["text"]["loss"]
+
+
 # ------------------------------------------------------------------ 6. --cuda
 
 

@@ -132,16 +132,65 @@ def simulate_finetune(model, seed: int = 1, strength: float = 1.0) -> None:
         param.add_(update.to(param.dtype) * strength)
 
 
+def _bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters
+    (byte-level BPE vocabularies are written in these characters)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def save_byte_tokenizer(folder: Path) -> None:
+    """Write a byte-level tokenizer (token id = UTF-8 byte value, no special tokens)
+    into ``folder``: ``tokenizer.json`` and ``tokenizer_config.json``.
+
+    It tokenizes exactly like ``fapm-merge eval --tokenizer bytes``, and gives the
+    demo models what real checkpoints have, so ``mergekit-yaml`` copies a tokenizer
+    into every output instead of logging a traceback for the missing one.
+
+    Args:
+        folder (`Path`): a model folder (its vocabulary must have >= 256 tokens).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(str(folder))
+
+
 def save_pair(
-    config: dict, directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    config: dict, directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+    tokenizer: bool = False,
 ) -> Tuple[Path, Path]:
-    """Write ``directory/base`` and ``directory/finetuned`` (safetensors) and return them."""
+    """Write ``directory/base`` and ``directory/finetuned`` (safetensors) and return them.
+
+    Args:
+        config (`dict`): a transformers config with ``model_type`` (see :data:`TINY_CONFIGS`).
+        directory (`Path`): gets ``base/`` and ``finetuned/``.
+        seed (`int`, defaults to 0): seed of the base; the fine-tune uses ``seed + 1``.
+        dtype (`torch.dtype`, defaults to float32): dtype of the saved weights.
+        tokenizer (`bool`, defaults to False): also save a byte-level tokenizer
+            (:func:`save_byte_tokenizer`) into both folders; needs a vocabulary >= 256.
+    """
     directory = Path(directory)
     base_dir, ft_dir = directory / "base", directory / "finetuned"
     model = build_model(config, seed=seed).to(dtype)
     model.save_pretrained(base_dir)
     simulate_finetune(model, seed=seed + 1)
     model.save_pretrained(ft_dir)
+    if tokenizer:
+        for folder in (base_dir, ft_dir):
+            save_byte_tokenizer(folder)
     return base_dir.resolve(), ft_dir.resolve()
 
 
@@ -349,9 +398,9 @@ def run_demo(
     started = time.perf_counter()
     if console is not None:
         with console.status("building the demo pair (Llama-shaped, ~4M parameters)"):
-            base, finetuned = save_pair(DEMO_CONFIG, out_dir / "models")
+            base, finetuned = save_pair(DEMO_CONFIG, out_dir / "models", tokenizer=True)
     else:
-        base, finetuned = save_pair(DEMO_CONFIG, out_dir / "models")
+        base, finetuned = save_pair(DEMO_CONFIG, out_dir / "models", tokenizer=True)
     recipe = {
         "merge_method": "fapm",
         "base_model": str(base),
@@ -360,12 +409,13 @@ def run_demo(
     }
     recipe_path = out_dir / "recipe.yml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    command = [mergekit_yaml_command(), str(recipe_path), "", "--no-copy-tokenizer"]
+    command = [mergekit_yaml_command(), str(recipe_path), ""]
     merge_started = time.perf_counter()
-    with atomic_output_dir(merged, overwrite=True) as work:
+    # same_name: mergekit titles the model card after its output folder ("# merged")
+    with atomic_output_dir(merged, overwrite=True, same_name=True) as work:
         command[2] = str(work)
         if console is not None:
-            console.print(f"[bold]running[/bold] mergekit-yaml {recipe_path} {merged} --no-copy-tokenizer")
+            console.print(f"[bold]running[/bold] mergekit-yaml {recipe_path} {merged}")
         result = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if result.returncode != 0:
             raise DemoError(f"mergekit-yaml failed with exit code {result.returncode}")
@@ -375,10 +425,29 @@ def run_demo(
                       time.perf_counter() - started)
 
 
-if __name__ == "__main__":  # python -m fapm_merge.workflows.demo demo-data DEMO_DIR
-    if len(sys.argv) != 3 or sys.argv[1] != "demo-data":
-        sys.exit("usage: python -m fapm_merge.workflows.demo demo-data DEMO_DIR "
-                 "(a `fapm-merge demo` folder)")
-    demo = Path(sys.argv[2])
-    files = demo_eval_data(demo / "models" / "base", demo / "models" / "finetuned", demo / "eval")
+def _main(argv: List[str]) -> int:
+    """``python -m fapm_merge.workflows.demo demo-data DEMO_DIR [--items N] [--text-tokens N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fapm_merge.workflows.demo",
+        description="Write the proxy evaluation files of a `fapm-merge demo` folder: "
+                    "DEMO_DIR/eval/general.txt and DEMO_DIR/eval/task.jsonl.")
+    parser.add_argument("command", choices=["demo-data"])
+    parser.add_argument("demo_dir", type=Path, help="a folder written by `fapm-merge demo`")
+    parser.add_argument("--items", type=int, default=120, help="task items (default 120)")
+    parser.add_argument("--text-tokens", type=int, default=4096,
+                        help="bytes of general text, in 64-byte passages (default 4096)")
+    args = parser.parse_args(argv)
+    models = args.demo_dir / "models"
+    if not (models / "base" / "config.json").is_file():
+        parser.error(f"{args.demo_dir} is not a `fapm-merge demo` folder (no models/base); "
+                     f"run `fapm-merge demo {args.demo_dir}` first")
+    files = demo_eval_data(models / "base", models / "finetuned", args.demo_dir / "eval",
+                           text_tokens=args.text_tokens, items=args.items)
     print(f"wrote {files['text']} and {files['task']}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m fapm_merge.workflows.demo demo-data DEMO_DIR
+    sys.exit(_main(sys.argv[1:]))
