@@ -342,6 +342,57 @@ def test_explain_failure_names_the_truncated_input_shard(llama_pair, tmp_path):
     assert cause.kind == "input" and str(cause).startswith(f"{shard} is truncated or corrupt")
 
 
+# ---------------------------------------------------------- 4. use the choice
+
+
+def test_use_the_choice_reproduces_the_variant_bit_for_bit_including_the_card(llama_pair, tmp_path):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from fapm_merge.workflows.choice import use_the_choice
+    from fapm_merge.workflows.demo import save_byte_tokenizer
+    from fapm_merge.workflows.sweep import build_variants, run_sweep
+
+    base = shutil.copytree(llama_pair[0], tmp_path / "base")
+    save_byte_tokenizer(base)  # a tokenizer to copy, as real models (and the demo's) have
+    recipe = fapm_recipe(base, llama_pair[1])
+    variants = build_variants(recipe, sparsities=[0.9], baselines=["dare"], seed=3)
+    sweep = run_sweep(variants, tmp_path / "sweep", progress=False).out_dir
+    for variant in variants:
+        folder = sweep / variant.name
+        choice = use_the_choice(folder, out_parent=tmp_path / "chosen")
+        assert choice.command[0] == "mergekit-yaml" and choice.shell in choice.advice
+        result = subprocess.run([mergekit_yaml_command(), *choice.command[1:]], cwd=tmp_path,
+                                capture_output=True, text=True, env=OFFLINE)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        again = tmp_path / "chosen" / variant.name
+        files = sorted(p.name for p in folder.iterdir())
+        assert files == sorted(p.name for p in again.iterdir())
+        assert "README.md" in files and "tokenizer.json" in files
+        for name in files:
+            assert (folder / name).read_bytes() == (again / name).read_bytes(), (variant.name, name)
+    # why the folder's name matters: the command the guide used to give (`... merged/`)
+    # titles the card after an output folder without a name
+    run_merge(MergeConfiguration.model_validate(variants[0].recipe), f"{tmp_path}/merged/",
+              MergeOptions(copy_tokenizer=False, lazy_unpickle=False))
+    assert "\n# Untitled Model (1)\n" in (tmp_path / "merged" / "README.md").read_text()
+    assert "\n# fapm-s0.9\n" in (sweep / "fapm-s0.9" / "README.md").read_text()
+
+
+def test_use_the_choice_says_what_to_do_when_the_finetuned_model_or_the_base_wins(demo_dir):
+    from fapm_merge.workflows.choice import use_the_choice
+
+    finetuned = use_the_choice(demo_dir / "models" / "finetuned", role="finetuned")
+    assert finetuned.command is None
+    assert finetuned.advice.startswith(f"the fine-tuned model itself scores best: use "
+                                       f"{demo_dir / 'models' / 'finetuned'} as it is")
+    base = use_the_choice(demo_dir / "models" / "base", role="base")
+    assert base.command is None and "use " + str(demo_dir / "models" / "base") in base.advice
+    plain = use_the_choice(demo_dir / "models" / "base")
+    assert plain.command is None and "holds no mergekit_config.yml" in plain.advice
+
+
 def test_demo_model_card_is_titled_after_its_folder(demo_dir):
     """Regression: the demo merged into a hidden temporary folder, and mergekit
     titled the card after it ('# .merged.partial-kth2m5t0')."""
