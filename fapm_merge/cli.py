@@ -158,7 +158,7 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
 
     from fapm_merge.evaluation.evaluate import EvalSettings, evaluate_model
     from fapm_merge.evaluation.metrics import EvalInputError
-    from fapm_merge.evaluation.results import ResultsError, append_result, expand_models
+    from fapm_merge.evaluation.results import ResultsError, append_result, expand_models, progress_line
 
     console = Console(stderr=True)
     settings = EvalSettings(
@@ -182,15 +182,7 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
         except EvalInputError as error:
             raise click.ClickException(f"{folder}: {error}") from None
         append_result(results, record)
-        metrics = record["metrics"]
-        parts = []
-        if "text" in metrics:
-            parts.append(f"loss {metrics['text']['loss']:.4f} (ppl {metrics['text']['perplexity']:.2f})")
-        if "task" in metrics:
-            parts.append(f"task accuracy {metrics['task']['accuracy']:.2%} of {metrics['task']['examples']}")
-        if "lm_eval" in metrics:
-            parts.append(f"lm-eval: {', '.join(metrics['lm_eval'])}")
-        console.print(f"[{number}/{len(folders)}] {folder.name}: " + "; ".join(parts) + f" ({record['seconds']:.1f} s)")
+        click.echo(progress_line(number, len(folders), record), err=True)
     console.print(f"appended {len(folders)} line(s) to {results}")
 
 

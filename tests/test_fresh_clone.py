@@ -443,3 +443,78 @@ def test_lint_cuda_fails_fast_in_one_line_without_a_gpu(llama_pair, tmp_path, mo
         assert line.startswith(f"{' '.join(option)}: torch {torch.__version__} here ")
         assert line.endswith("the merge runs on the CPU")
     assert CliRunner().invoke(cli, ["lint", str(tmp_path / "r.yml"), "--device", "cpu"]).exit_code == 0
+
+
+# ---------------------------------------------------------- 7. 80 columns
+
+
+def _first_column(text: str) -> str:
+    """The name column of a rendered table, its wrapped lines joined."""
+    cells = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
+    return "".join(cells)
+
+
+def test_tables_fit_80_columns_with_whole_tensor_names(demo_dir, llama_pair):
+    from fapm_merge.workflows.analyze import analysis_table, analyze
+    from fapm_merge.workflows.demo import MergeSummary, TensorSummary, summarize_merge
+
+    console = Console(width=80, record=True)
+    summary = summarize_merge(demo_dir / "models" / "base", demo_dir / "models" / "finetuned",
+                              demo_dir / "merged")
+    console.print(summary.table(title="FAPM demo", limit=100))
+    long_names = ["model.layers.31.post_attention_layernorm.weight",
+                  "model.layers.10.self_attn.q_proj.weight", "model.embed_tokens.weight"]
+    synthetic = MergeSummary([TensorSummary(n, 525_336_576, 1, 1, 0.5, 1.0) for n in long_names])
+    console.print(synthetic.table(title="8B-sized"))
+    base, ft = llama_pair
+    console.print(analysis_table(analyze(base, ft, sparsity=0.9, progress=False)))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    names = _first_column(text)
+    for name in [row.name for row in summary.rows] + long_names + ["lm_head.weight", "model.norm.weight"]:
+        assert name in names, name
+
+
+def test_eval_progress_lines_fit_80_columns(demo_dir, tmp_path):
+    """Regression: `[2/22] finetuned: ... (55.7 s)` was 81-82 characters and wrapped."""
+    # through the command, with the folder names a sweep gives; a wide COLUMNS so
+    # that nothing but the command itself decides where lines break
+    model = tmp_path / "magnitude-s0.95"
+    model.symlink_to(demo_dir / "models" / "finetuned", target_is_directory=True)
+    (tmp_path / "t.txt").write_text("general text, " * 40)
+    (tmp_path / "task.jsonl").write_text(json.dumps({"prompt": "a", "choices": [" b", " c"], "answer": 0}) + "\n")
+    outcome = CliRunner().invoke(cli, ["eval", str(demo_dir / "models" / "base"), str(model),
+                                       "--text", str(tmp_path / "t.txt"), "--task",
+                                       str(tmp_path / "task.jsonl"), "--tokenizer", "bytes",
+                                       "--out", str(tmp_path / "r.jsonl")], env={"COLUMNS": "200"})
+    assert outcome.exit_code == 0, outcome.output
+    assert "[2/2] magnitude-s0.95: loss " in outcome.output
+    # the progress lines and their continuations (not transformers' loading bars, nor
+    # the closing line that names the results file, as long as its path)
+    progress = [line for line in outcome.output.splitlines()
+                if line.startswith(("[1/2]", "[2/2]", " ")) and "it/s]" not in line]
+    assert len(progress) >= 2 and max(len(line) for line in progress) <= 80, progress
+
+    from fapm_merge.evaluation.results import progress_line
+
+    record = {"name": "magnitude-s0.95", "seconds": 32.7,
+              "metrics": {"text": {"loss": 7.6620, "perplexity": 2126.05},
+                          "task": {"accuracy": 0.95, "examples": 120}}}
+    line = progress_line(22, 22, record)
+    assert line == "[22/22] magnitude-s0.95: loss 7.6620, ppl 2126.05; task 95.0% of 120; 32.7 s"
+    wrapped = progress_line(3, 22, {**record, "name": "Meta-Llama-3-8B-Instruct-medqa-sft-fapm-s0.95"})
+    assert wrapped.splitlines()[0] == "[3/22] Meta-Llama-3-8B-Instruct-medqa-sft-fapm-s0.95"
+    assert all(len(part) <= 80 for part in wrapped.splitlines())
+
+
+def test_results_line_settings_cannot_contradict_the_metrics(demo_dir, tmp_path):
+    """Regression: `settings.bos: true` beside `metrics.text.bos: false` (the byte
+    tokenizer has no BOS token; --bos asks for one only when there is one)."""
+    from fapm_merge.evaluation.evaluate import EvalSettings, evaluate_model
+
+    (tmp_path / "t.txt").write_text("some general text " * 20)
+    record = evaluate_model(demo_dir / "models" / "base",
+                            EvalSettings(text=tmp_path / "t.txt", tokenizer="bytes", use_bos=True))
+    assert record["settings"]["bos"] is False
+    assert record["settings"]["bos"] == record["metrics"]["text"]["bos"]

@@ -229,20 +229,30 @@ class MergeSummary:
         return kept / full if full else 0.0
 
     def table(self, title: str = "", limit: int = 12):
-        from rich.table import Table
+        """The largest ``limit`` tensors as a rich table that fits 80 columns with
+        whole tensor names (see :mod:`fapm_merge.workflows.tables`)."""
+        from fapm_merge.workflows.tables import column_widths, name_column_width, table as new_table, wrapped
 
-        table = Table(title=title)
-        for column in ("tensor", "entries", "changed by fine-tune", "kept", "energy kept"):
-            table.add_column(column, justify="left" if column == "tensor" else "right")
         rows = sorted(self.rows, key=lambda r: -r.numel)
-        for row in rows[:limit]:
-            table.add_row(
-                row.name,
+        shown = rows[:limit]
+        cells = [
+            (
                 f"{row.numel:,}",
                 f"{row.changed / max(row.numel, 1):.1%}",
                 f"{row.kept / max(row.numel, 1):.1%}",
                 f"{row.energy_kept:.1%}",
             )
+            for row in shown
+        ]
+        headers = ("entries", "changed by fine-tune", "kept", "energy kept")
+        widths = column_widths(cells, headers)
+        name_width = name_column_width([r.name for r in shown], widths)
+        table = new_table(title)
+        table.add_column("tensor", justify="left", width=name_width)
+        for header, width in zip(headers, widths):
+            table.add_column(header, justify="right", width=width)
+        for name, row_cells in zip(wrapped([r.name for r in shown], name_width), cells):
+            table.add_row(name, *row_cells)
         if len(rows) > limit:
             table.add_row(f"... {len(rows) - limit} more", "", "", "", "")
         return table
