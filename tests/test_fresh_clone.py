@@ -445,6 +445,28 @@ def test_lint_cuda_fails_fast_in_one_line_without_a_gpu(llama_pair, tmp_path, mo
     assert CliRunner().invoke(cli, ["lint", str(tmp_path / "r.yml"), "--device", "cpu"]).exit_code == 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="documents what happens without a GPU")
+def test_mergekit_yaml_cuda_without_a_gpu_leaves_an_empty_folder_as_documented(llama_pair, tmp_path):
+    """mergekit creates OUT before any plugin code can see the device: the reason the
+    plugin cannot fail first, documented in troubleshooting.md."""
+    from fapm_merge.io.failures import explain_failure
+
+    base, ft = llama_pair
+    result = run_mergekit_yaml(fapm_recipe(base, ft), tmp_path / "out", "--cuda", check=False)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert message in ("AssertionError: Torch not compiled with CUDA enabled",
+                       "RuntimeError: Found no NVIDIA driver on your system. Please check that you "
+                       "have an NVIDIA GPU and installed a driver from "
+                       "http://www.nvidia.com/Download/index.aspx") or "CUDA" in message
+    assert (tmp_path / "out").is_dir() and not any((tmp_path / "out").iterdir())
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "troubleshooting.md").read_text()
+    assert "`AssertionError: Torch not compiled with CUDA\n  enabled`" in guide
+    assert "fapm-merge lint RECIPE\n  --cuda" in guide
+    assert explain_failure(AssertionError(message.split(": ", 1)[1])).kind == "gpu"
+    assert not verify_output(tmp_path / "out").ok
+
+
 # ---------------------------------------------------------- 7. 80 columns
 
 
