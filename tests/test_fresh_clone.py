@@ -47,21 +47,28 @@ def _relative_recipe(**extra) -> dict:
 @pytest.fixture(scope="module")
 def relative_merge(llama_pair, tmp_path_factory):
     """A user's folder holding models/base and models/finetuned, a recipe naming them
-    relatively, and what plain `mergekit-yaml r.yml out` (run there, offline) did."""
+    relatively (r.yml) and one naming them absolutely (fixed.yml, what lint asks
+    for), and what plain `mergekit-yaml` did with each, run there, offline."""
     work = tmp_path_factory.mktemp("relative")
     for name, source in zip(("base", "finetuned"), llama_pair):
         shutil.copytree(source, work / "models" / name)
     (work / "r.yml").write_text(yaml.safe_dump(_relative_recipe(), sort_keys=False))
-    result = subprocess.run([mergekit_yaml_command(), "r.yml", "out", "--no-copy-tokenizer"],
-                            cwd=work, capture_output=True, text=True, env=OFFLINE)
-    return work, result
+    fixed = _relative_recipe(base_model=f"{work}/models/base")
+    fixed["models"][0]["model"] = f"{work}/models/finetuned"
+    (work / "fixed.yml").write_text(yaml.safe_dump(fixed, sort_keys=False))
+    results = {
+        recipe: subprocess.run([mergekit_yaml_command(), recipe, out, "--no-copy-tokenizer"],
+                               cwd=work, capture_output=True, text=True, env=OFFLINE)
+        for recipe, out in (("r.yml", "out"), ("fixed.yml", "fixed-out"))
+    }
+    return work, results["r.yml"], results["fixed.yml"]
 
 
 # ------------------------------------------------------------------ 1. lint
 
 
 def test_lint_flags_relative_path_that_mergekit_sends_to_the_hub(relative_merge, monkeypatch):
-    work, result = relative_merge
+    work, result, fixed = relative_merge
     # what mergekit does (the behaviour lint must predict): weights and config.json
     # written, then the model card asks the hub about models/... and the run dies
     assert result.returncode != 0
@@ -78,13 +85,8 @@ def test_lint_flags_relative_path_that_mergekit_sends_to_the_hub(relative_merge,
     assert lines[1].endswith(f"write the absolute path {work}/models/finetuned")
 
     # the fix lint names is the fix: the same merge with those paths finishes
-    fixed = _relative_recipe(base_model=f"{work}/models/base")
-    fixed["models"][0]["model"] = f"{work}/models/finetuned"
-    (work / "fixed.yml").write_text(yaml.safe_dump(fixed, sort_keys=False))
     assert CliRunner().invoke(cli, ["lint", "fixed.yml"]).exit_code == 0
-    again = subprocess.run([mergekit_yaml_command(), "fixed.yml", "fixed-out", "--no-copy-tokenizer"],
-                           cwd=work, capture_output=True, text=True, env=OFFLINE)
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
     assert (work / "fixed-out" / "README.md").is_file()
 
 
@@ -199,7 +201,7 @@ def test_lint_notes_what_mergekit_will_fetch_from_the_hub_without_failing(tmp_pa
 
 
 def test_verify_refuses_the_half_written_output_of_the_offline_card_crash(relative_merge, monkeypatch):
-    work, _ = relative_merge
+    work, _, _ = relative_merge
     monkeypatch.chdir(work)
     outcome = CliRunner().invoke(cli, ["verify", "out", "--recipe", "r.yml"])
     assert outcome.exit_code == 1
@@ -223,10 +225,9 @@ def good_output(llama_pair, tmp_path_factory):
     return recipe, run_merge_in_process(recipe, tmp_path_factory.mktemp("verify17") / "out")
 
 
-def test_verify_uses_the_recipe_mergekit_wrote_into_the_folder(good_output, tmp_path):
-    recipe, _ = good_output
-    out = tmp_path / "out"
-    run_mergekit_yaml(recipe, out)  # mergekit-yaml copies the recipe file into the folder
+def test_verify_uses_the_recipe_mergekit_wrote_into_the_folder(relative_merge):
+    work, _, _ = relative_merge
+    out = work / "fixed-out"  # mergekit-yaml copied fixed.yml into it
     report = verify_output(out)
     assert report.recipe_source == "mergekit_config.yml in the folder"
     assert report.ok and report.invariants_checked == report.tensors > 0
@@ -269,7 +270,7 @@ def test_verify_refuses_a_shard_the_index_names_but_the_folder_lacks(llama_pair,
 
 def test_sweep_names_the_recipe_path_not_the_inputs_when_mergekit_would_ask_the_hub(
         relative_merge, monkeypatch):
-    work, _ = relative_merge
+    work, _, _ = relative_merge
     monkeypatch.chdir(work)
     outcome = CliRunner().invoke(cli, ["sweep", "r.yml", "swept", "--sparsity", "0.5,0.9",
                                        "--no-copy-tokenizer"])
@@ -316,7 +317,7 @@ def test_explain_failure_sends_offline_hub_errors_to_the_recipe_path(relative_me
 
     from fapm_merge.io.failures import explain_failure
 
-    work, result = relative_merge
+    work, _, _ = relative_merge
     monkeypatch.chdir(work)
     error = OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/models/models/base: "
                                  "offline mode is enabled.")
