@@ -135,21 +135,22 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
     baselines magnitude and wiseft run on the same LoRA update) and a base_model. Each
     output folder OUT_DIR/<method>-s<value> (-d<value> with --density, wiseft-a<alpha>)
     equals `mergekit-yaml` run on the
-    mergekit_config.yml written inside it, bit for bit; OUT_DIR/sweep.json lists
-    the outputs. OUT_DIR appears only when every output is complete.
+    mergekit_config.yml written inside it, bit for bit, when its output folder has
+    the variant's name (mergekit titles the model card with it); OUT_DIR/sweep.json
+    lists the outputs. OUT_DIR appears only when every output is complete. A failure
+    names its cause (a recipe path, the GPU, the disk, an input) and the fix.
     """
     from rich.console import Console
 
-    import torch
-    from safetensors import SafetensorError
-
-    from fapm_merge.core import FapmInputError
+    from fapm_merge.io.failures import explain_failure
     from fapm_merge.workflows.sweep import SweepError, build_variants, load_recipe, parse_values, run_sweep
 
     console = Console(stderr=True)
+    parsed, variants = None, None
     try:
+        parsed = load_recipe(recipe)
         variants = build_variants(
-            load_recipe(recipe),
+            parsed,
             sparsities=parse_values(sparsity, "--sparsity") if sparsity else None,
             densities=parse_values(density, "--density") if density else None,
             baselines=[b.strip() for b in baselines.split(",") if b.strip()],
@@ -157,22 +158,24 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
             seed=seed,
         )
         result = run_sweep(variants, out_dir, overwrite=overwrite, device=device, copy_tokenizer=copy_tokenizer)
-    except (SweepError, FileExistsError, FapmInputError) as error:
+    except (SweepError, FileExistsError) as error:
         raise click.ClickException(str(error)) from None
-    except torch.OutOfMemoryError:
-        raise
-    except (OSError, RuntimeError, SafetensorError) as error:
-        # raised by mergekit/transformers/safetensors while reading an input
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-        raise click.ClickException(
-            f"the sweep stopped ({type(error).__name__}: {reason}); nothing was written. "
-            "Check each input folder with `fapm-merge verify FOLDER`"
-        ) from None
+    except Exception as error:
+        # raised inside mergekit/transformers/huggingface_hub/safetensors/torch: name
+        # the cause (a recipe path, the GPU, the disk, an input), not the symptom;
+        # anything else still gets one line with its type, and what to run next
+        cause = explain_failure(error, recipe=parsed, recipe_path=recipe, out_dir=out_dir,
+                                outputs=len(variants) if variants else 1)
+        raise click.ClickException(f"the sweep stopped, nothing was written: {cause}") from None
     console.print(
         f"{len(variants)} models, {result.tensors} tensors each, in {result.seconds:.1f} s: "
         + ", ".join(v.name for v in variants)
     )
     console.print(f"manifest: {result.out_dir / 'sweep.json'}")
+    # the output folder's name titles mergekit's model card: keep the variant's name
+    console.print(f"to write one again, bit for bit: mergekit-yaml {result.out_dir}/NAME/mergekit_config.yml "
+                  f"DIR/NAME{'' if copy_tokenizer else ' --no-copy-tokenizer'}"
+                  + (f" (dare: --random-seed {seed})" if any(v.seed is not None for v in variants) else ""))
 
 
 @main.command(name="eval")
@@ -197,7 +200,7 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
 
     from fapm_merge.evaluation.evaluate import evaluate_model
     from fapm_merge.evaluation.metrics import EvalInputError
-    from fapm_merge.evaluation.results import ResultsError, append_result, expand_models
+    from fapm_merge.evaluation.results import ResultsError, append_result, expand_models, progress_line
 
     console = Console(stderr=True)
     settings = EvalSettings(
@@ -223,34 +226,28 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
         except EvalInputError as error:
             raise click.ClickException(f"{folder}: {error}") from None
         append_result(results, record)
-        metrics = record["metrics"]
-        parts = []
-        if "text" in metrics:
-            parts.append(f"loss {metrics['text']['loss']:.4f} (ppl {metrics['text']['perplexity']:.2f})")
-        if "task" in metrics:
-            parts.append(f"task accuracy {metrics['task']['accuracy']:.2%} of {metrics['task']['examples']}")
-        harness = [f"{k} {v['accuracy']:.2%}" if "accuracy" in v else f"{k} ppl {v['perplexity']:.4g}"
-                   for k, v in metrics.items() if k.startswith("lm_eval:")]
-        if harness:
-            parts.append("; ".join(harness))
-        elif "lm_eval" in metrics:
-            parts.append(f"lm-eval: {', '.join(metrics['lm_eval'].get('results', {}))}")
-        console.print(f"[{number}/{len(folders)}] {folder.name}: " + "; ".join(parts) + f" ({record['seconds']:.1f} s)")
+        click.echo(progress_line(number, len(folders), record), err=True)
     console.print(f"appended {len(folders)} line(s) to {results}")
 
 
 @main.command()
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The YAML recipe OUT_DIR was made from: also check presence and FAPM invariants.")
-def verify(out_dir: Path, recipe):
+              help="The YAML recipe OUT_DIR was made from (default: OUT_DIR/mergekit_config.yml, "
+                   "when mergekit wrote one): also check the card, presence and FAPM invariants.")
+@click.option("--no-model-card", is_flag=True,
+              help="The merge ran with --no-write-model-card: do not expect README.md and "
+                   "mergekit_config.yml.")
+def verify(out_dir: Path, recipe, no_model_card: bool):
     """Check a merged model folder before using it.
 
-    Every shard opens, the index matches the shards, every tensor is finite; with
-    --recipe, every base tensor is present with its shape, recipe keys mergekit
-    ignores are flagged, and one-model fapm outputs are recomputed bit for bit.
-    Exit status 1 when anything is wrong. Also useful on an input folder, to find
-    a truncated download.
+    Every shard opens, the index matches the shards, config.json describes the
+    tensors, every tensor is finite; with a recipe (--recipe, or the
+    mergekit_config.yml mergekit writes into OUT_DIR), the model card is there,
+    every input tensor is present with its shape, recipe keys mergekit ignores
+    are flagged, and one-model fapm outputs are recomputed bit for bit. The
+    report lists what was and was not checked. Exit status 1 when anything is
+    wrong. Also useful on an input folder, to find a truncated download.
     """
     from fapm_merge.io.recipe import RecipeError, load_recipe
     from fapm_merge.workflows.verify import format_report, verify_output
@@ -259,7 +256,7 @@ def verify(out_dir: Path, recipe):
         parsed = load_recipe(recipe) if recipe else None
     except RecipeError as error:
         raise click.ClickException(str(error)) from None
-    report = verify_output(out_dir, parsed)
+    report = verify_output(out_dir, parsed, model_card=not no_model_card)
     click.echo(format_report(report))
     if not report.ok:
         raise SystemExit(1)
@@ -267,16 +264,21 @@ def verify(out_dir: Path, recipe):
 
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def lint(recipe: Path):
+@click.option("--cuda", is_flag=True, help="The merge will run with mergekit-yaml --cuda: check that torch here has a GPU.")
+@click.option("--device", default=None, help="The merge's mergekit --device (cuda, cuda:1, cpu, ...): check it exists here.")
+@click.option("--intermediate-dir", default=None, help="mergekit-multi's --intermediate-dir: check how stages will be read back.")
+def lint(recipe: Path, cuda: bool, device, intermediate_dir):
     """Find recipe mistakes that plain mergekit-yaml accepts silently.
 
     mergekit 0.1.5 drops unknown parameter names without a word (a typo such as
     `spasity: 0.5` merges at the default 0.9) and ignores shared parameters written
-    per model. Also checks values, required parameters and local model folders.
-    A mergekit-multi file is checked stage by stage. Run this before a long merge;
-    exit status 1 when anything is found.
+    per model. Also checks values, required parameters and model paths the way
+    mergekit will read them from this directory (missing folders; relative paths
+    its model card sends to the Hugging Face hub). A mergekit-multi file is checked
+    stage by stage. Run this before a long merge, from the directory you will merge
+    in, with the --cuda/--device you will pass; exit status 1 when anything is found.
     """
-    from fapm_merge.io.recipe import RecipeError, lint_recipe, load_recipe_documents
+    from fapm_merge.io.recipe import RecipeError, lint_documents, load_recipe_documents
     from fapm_merge.methods import register_methods
 
     register_methods()  # lint reads the methods' parameter specs
@@ -285,13 +287,16 @@ def lint(recipe: Path):
         documents = load_recipe_documents(recipe)
     except RecipeError as error:
         raise click.ClickException(str(error)) from None
-    problems = []
-    for document in documents:
-        stage = f"stage {document['name']!r}: " if len(documents) > 1 and "name" in document else ""
-        problems += [f"{stage}{problem}" for problem in lint_recipe(document)]
-    for problem in problems:
-        click.echo(problem)
-    if problems:
+    problems, notes = lint_documents(documents, intermediate_dir=intermediate_dir)
+    lines = [str(problem) for problem in problems]
+    if cuda or device:
+        lines += _device_problems("cuda" if cuda and not device else device,
+                                  "--cuda" if cuda and not device else f"--device {device}")
+    for line in lines:
+        click.echo(line)
+    for note in notes:
+        click.echo(f"note: {note}")
+    if lines:
         raise SystemExit(1)
     click.echo(f"{recipe}: no problems found")
 
@@ -314,6 +319,33 @@ def _metric_keys(task_metric: str, text_metric: str):
         except EvalInputError as error:
             raise TradeoffError(str(error)) from None
     return keys
+
+
+def _device_problems(device: str, option: str) -> list:
+    """Why mergekit-yaml OPTION would fail on this machine, before it creates its output.
+
+    mergekit creates the output folder first and moves the first tensor to the
+    device after (AssertionError: Torch not compiled with CUDA enabled), so a
+    missing GPU costs an empty folder and a traceback; the method code runs too
+    late to stop it (docs/troubleshooting.md).
+    """
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        return [f"{option}: {device!r} is not a torch device; use cpu, cuda or cuda:N"]
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "was built without CUDA" if torch.version.cuda is None else "finds no GPU"
+        return [f"{option}: torch {torch.__version__} here {why}, so mergekit-yaml {option} "
+                "would stop at the first tensor (AssertionError: Torch not compiled with CUDA "
+                f"enabled) and leave an empty output folder; drop {option}: the merge runs on "
+                "the CPU"]
+    if kind == "cuda" and torch.device(device).index is not None \
+            and torch.device(device).index >= torch.cuda.device_count():
+        return [f"{option}: this machine has {torch.cuda.device_count()} GPU(s); "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"]
+    return []
 
 
 @main.command()

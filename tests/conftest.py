@@ -34,6 +34,31 @@ def llama_pair(model_pairs):
     return model_pairs["llama"]
 
 
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """A ``fapm-merge demo`` folder (models/{base,finetuned} with their byte
+    tokenizer, recipe.yml, merged/), built once per test session and worker.
+    Tests read it; a test that changes files copies what it changes."""
+    from fapm_merge.workflows.demo import run_demo
+
+    return run_demo(tmp_path_factory.mktemp("shared-demo") / "demo").recipe.parent
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(demo_dir, tmp_path_factory):
+    """A peft LoRA adapter (rank 4, q/v/up projections, random A and B) on the demo base."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM.from_pretrained(demo_dir / "models" / "base")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["q_proj", "v_proj", "up_proj"]))
+    folder = tmp_path_factory.mktemp("shared-adapter") / "my-lora"
+    model.save_pretrained(folder)
+    return folder.resolve()
+
+
 def mergekit_yaml_command() -> str:
     """The real console script installed next to this interpreter."""
     candidate = Path(sys.executable).parent / "mergekit-yaml"

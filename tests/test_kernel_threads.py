@@ -13,7 +13,6 @@ import threading
 import pytest
 import torch
 
-from fapm_merge import core
 from fapm_merge.core import kernel
 from fapm_merge.core import fapm_merge, fapm_scores, find_threshold, keep_count, keep_mask
 from fapm_merge.methods import register_methods

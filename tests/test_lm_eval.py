@@ -2,7 +2,7 @@
 harness's metrics as tradeoff/tune axes, and the backends' arguments.
 
 The model is a small Llama whose tokenizer (fapm_merge.evaluation.lm_eval.
-write_byte_tokenizer, built locally with `tokenizers`) maps text to its UTF-8 bytes:
+save_byte_tokenizer(bos=True), built locally with `tokenizers`) maps text to its UTF-8 bytes:
 the harness and `fapm-merge eval --tokenizer bytes` then score the very same token
 ids. The tasks are the shipped examples/lm_eval_task YAML files, pointed at local
 JSON files; nothing touches a hub (HF_HUB_OFFLINE and HF_DATASETS_OFFLINE are set,
@@ -30,10 +30,10 @@ from fapm_merge.evaluation.lm_eval import (  # noqa: E402
     model_args,
     parse_metric,
     run_lm_eval,
-    write_byte_tokenizer,
 )
 from fapm_merge.evaluation.metrics import (  # noqa: E402
     EvalInputError,
+    save_byte_tokenizer,
     load_model,
     load_task,
     load_tokenizer,
@@ -71,7 +71,7 @@ def byte_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm-eval-pair")
     base, finetuned = save_pair(BYTE_LLAMA, root / "models")
     for folder in (base, finetuned):
-        write_byte_tokenizer(folder)
+        save_byte_tokenizer(folder, bos=True)
     files = demo_eval_data(base, finetuned, root / "eval", text_tokens=1024, items=24)
     docs = [line for line in files["text"].read_text().splitlines() if line.strip()][:8]
     text_jsonl = root / "eval" / "text.jsonl"

@@ -452,7 +452,9 @@ def test_unreadable_inputs_are_named_by_analyze_verify_and_sweep(llama_pair, tmp
     recipe.write_text(yaml.safe_dump(fapm_recipe(base, truncated)))
     outcome = CliRunner().invoke(cli, ["sweep", str(recipe), str(tmp_path / "s"), "--sparsity", "0.9"])
     assert outcome.exit_code == 1 and "the sweep stopped" in outcome.output
-    assert "fapm-merge verify FOLDER" in outcome.output and not (tmp_path / "s").exists()
+    # the sweep names the broken shard and the folder to check (issue 17), not "FOLDER"
+    assert f"{shard} is truncated or corrupt" in outcome.output
+    assert f"fapm-merge verify {truncated}" in outcome.output and not (tmp_path / "s").exists()
     out = run_merge_in_process(fapm_recipe(base, ft), tmp_path / "out")
     report = verify_output(out, fapm_recipe(base, truncated))
     assert [p.where for p in report.problems] == ["recipe inputs"]

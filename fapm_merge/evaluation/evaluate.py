@@ -43,6 +43,14 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
     Per-prompt and per-window values sit under ``metrics.<metric>.per_item``;
     :func:`fapm_merge.evaluation.results.append_result` stores them in the items
     file beside the results file, so results lines stay short.
+
+    ``record["settings"]`` holds the settings as applied: ``bos`` is whether a BOS
+    token was prepended (``--bos`` and the tokenizer has one), None when neither
+    text nor task was scored.
+
+    Args:
+        model_dir (`Path`): the model folder.
+        settings (`EvalSettings`): what to measure.
     """
     model_dir = Path(model_dir).absolute()
     if settings.text is None and settings.task is None and not settings.lm_eval_tasks:
@@ -54,9 +62,13 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
         "recipe": _model_recipe(model_dir),
         "metrics": {},
     }
+    bos_applied = None  # not applicable: no text or task was scored
     if settings.text is not None or settings.task is not None:
         model = load_model(model_dir, device=settings.device, dtype=settings.dtype)
         tokenizer = load_tokenizer(settings.tokenizer, model_dir)
+        # --bos asks for BOS "when the tokenizer has one": record what happened,
+        # so settings.bos and metrics.text.bos can never disagree.
+        bos_applied = bool(settings.use_bos and tokenizer.bos_token_id is not None)
         vocab = model.get_input_embeddings().num_embeddings
         if isinstance(tokenizer, ByteTokenizer) and vocab < 256:
             raise EvalInputError(
@@ -109,7 +121,7 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
         "tokenizer": settings.tokenizer or "model",
         "window": settings.window,
         "max_tokens": settings.max_tokens,
-        "bos": settings.use_bos,
+        "bos": bos_applied,
         "device": settings.device,
         "dtype": settings.dtype,
     }

@@ -340,35 +340,6 @@ def explain_missing(name: str, record_metrics: Dict[str, Any], *, option: str, k
             + f"; they hold {', '.join(have) or 'none'}")
 
 
-def write_byte_tokenizer(folder: Path) -> None:
-    """Write a transformers tokenizer equal to ``--tokenizer bytes`` into ``folder``.
-
-    Token ids are the text's UTF-8 bytes (0-255), with ``<s>`` = 256 as BOS (added
-    by default, as Llama's tokenizers do) and ``</s>`` = 257 as EOS: tools that need
-    a tokenizer file (lm-evaluation-harness, vLLM) then see exactly the tokens
-    ``fapm-merge eval --tokenizer bytes`` scores. For toy models whose vocabulary
-    has at least 258 entries (the demo pair's has 2048).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    # GPT-2's printable stand-in character for every byte, mapped to the byte's value
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    others = [b for b in range(256) if b not in printable]
-    characters = {b: chr(b) for b in printable}
-    characters.update({b: chr(256 + n) for n, b in enumerate(others)})
-    vocab = {characters[b]: b for b in range(256)}
-    vocab.update({"<s>": 256, "</s>": 257})
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(["<s>", "</s>"])
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>") \
-        .save_pretrained(str(folder))
-
-
 __all__ = [
     "BACKENDS",
     "MetricName",
@@ -379,5 +350,4 @@ __all__ = [
     "model_args",
     "parse_metric",
     "run_lm_eval",
-    "write_byte_tokenizer",
 ]

@@ -80,6 +80,46 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
 
+def save_byte_tokenizer(folder: Path, *, bos: bool = False) -> None:
+    """Write a transformers tokenizer that tokenizes exactly like `ByteTokenizer`
+    (``--tokenizer bytes``: token id = UTF-8 byte value) into ``folder``.
+
+    Tools that need a tokenizer file see the same tokens ``eval --tokenizer bytes``
+    scores: ``mergekit-yaml`` copies it into every output (the demo pair carries
+    one, as real checkpoints do), lm-evaluation-harness and vLLM load it.
+
+    Args:
+        folder (`Path`): a model folder; its vocabulary needs >= 256 entries (258
+            with ``bos``).
+        bos (`bool`, defaults to False): add ``<s>`` = 256 as BOS before every text
+            (as Llama's tokenizers do) and ``</s>`` = 257 as EOS; without, no
+            special tokens at all, like `ByteTokenizer`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    # GPT-2's reversible map from the 256 byte values to printable characters:
+    # byte-level BPE vocabularies are written in these characters
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    others = [b for b in range(256) if b not in printable]
+    characters = {b: chr(b) for b in printable}
+    characters.update({b: chr(256 + n) for n, b in enumerate(others)})
+    vocab = {characters[b]: b for b in range(256)}
+    special = {}
+    if bos:
+        vocab.update({"<s>": 256, "</s>": 257})
+        special = {"bos_token": "<s>", "eos_token": "</s>"}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    if bos:
+        tokenizer.add_special_tokens(["<s>", "</s>"])
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 256)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special).save_pretrained(str(folder))
+
+
 def load_tokenizer(spec: Optional[str], model_dir: Path):
     """``"bytes"``, a tokenizer path, or None for the model folder's own tokenizer."""
     if spec == "bytes":
@@ -365,6 +405,7 @@ __all__ = [
     "EvalInputError",
     "HFTokenizer",
     "PER_ITEM",
+    "save_byte_tokenizer",
     "greedy_continuation",
     "load_model",
     "load_task",

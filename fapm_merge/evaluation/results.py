@@ -149,5 +149,47 @@ def _attach_items(path: Path, records: List[dict], error: type) -> None:
                 values[PER_ITEM] = line[metric]
 
 
+
+def progress_line(number: int, total: int, record: Dict[str, Any], width: int = 80) -> str:
+    """What ``fapm-merge eval`` prints after one model: at most ``width`` columns a
+    line (one line when it fits, else the model's name on its own line and the
+    numbers indented below it, so a terminal never wraps them mid-number).
+
+    Args:
+        number (`int`): this model's position, from 1.
+        total (`int`): models in this run.
+        record (`Dict[str, Any]`): the model's record (:func:`append_result`).
+        width (`int`, defaults to 80): the terminal width.
+    """
+    metrics = record.get("metrics", {})
+    parts = []
+    if "text" in metrics:
+        parts.append(f"loss {metrics['text']['loss']:.4f}, ppl {metrics['text']['perplexity']:.2f}")
+    if "task" in metrics:
+        parts.append(f"task {metrics['task']['accuracy']:.1%} of {metrics['task']['examples']}")
+    harness = [f"{k} {v['accuracy']:.1%}" if "accuracy" in v else f"{k} ppl {v['perplexity']:.4g}"
+               for k, v in metrics.items() if k.startswith("lm_eval:") and isinstance(v, dict)]
+    if harness:
+        parts.extend(harness)
+    elif "lm_eval" in metrics:  # harness results without per-sample values
+        parts.append(f"lm-eval: {', '.join(metrics['lm_eval'].get('results', metrics['lm_eval']))}")
+    parts.append(f"{record.get('seconds', 0.0):.1f} s")
+    head = f"[{number}/{total}] {record.get('name', record.get('model', '?'))}"
+    numbers = "; ".join(parts)
+    if len(head) + 2 + len(numbers) <= width:
+        return f"{head}: {numbers}"
+    indent = " " * (len(f"[{number}/{total}]") + 1)
+    lines = [head]
+    line = indent
+    for index, part in enumerate(parts):  # wrap between parts, never inside one
+        piece = part + (";" if index < len(parts) - 1 else "")
+        if line.strip() and len(line) + 1 + len(piece) > width:
+            lines.append(line)
+            line = indent
+        line += ("" if not line.strip() else " ") + piece
+    lines.append(line)
+    return "\n".join(lines)
+
+
 __all__ = ["ITEMS_SUFFIX", "PER_ITEM", "ResultsError", "SWEEP_MANIFEST", "append_result",
-           "expand_models", "file_digest", "items_path", "read_results"]
+           "expand_models", "file_digest", "items_path", "progress_line", "read_results"]

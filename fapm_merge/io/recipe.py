@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from fapm_merge.core.rules import complement, resolve_sparsity
 
@@ -110,18 +110,28 @@ def _leaf_values(value: Any) -> Iterator[Any]:
         yield value
 
 
-def _named_models(recipe: Dict[str, Any]) -> List[tuple]:
-    """``(where, reference)`` for every model a recipe names."""
+def named_models(recipe: Dict[str, Any]) -> List[tuple]:
+    """``(where, reference)`` for every model a recipe names (the models mergekit's
+    ``referenced_models()`` returns: base, ``models``, slice and module sources)."""
     named = []
-    if isinstance(recipe.get("base_model"), str):
-        named.append(("base_model", recipe["base_model"]))
-    for index, model in enumerate(recipe.get("models") or []):
-        if isinstance(model, dict) and isinstance(model.get("model"), str):
-            named.append((f"models[{index}].model", model["model"]))
-    for s_index, slice_ in enumerate(recipe.get("slices") or []):
-        for index, source in enumerate((slice_ if isinstance(slice_, dict) else {}).get("sources") or []):
-            if isinstance(source, dict) and isinstance(source.get("model"), str):
-                named.append((f"slices[{s_index}].sources[{index}].model", source["model"]))
+
+    def walk(part: Dict[str, Any], prefix: str) -> None:
+        if isinstance(part.get("base_model"), str):
+            named.append((f"{prefix}base_model", part["base_model"]))
+        for index, model in enumerate(part.get("models") or []):
+            if isinstance(model, dict) and isinstance(model.get("model"), str):
+                named.append((f"{prefix}models[{index}].model", model["model"]))
+        for s_index, slice_ in enumerate(part.get("slices") or []):
+            for index, source in enumerate((slice_ if isinstance(slice_, dict) else {}).get("sources") or []):
+                if isinstance(source, dict) and isinstance(source.get("model"), str):
+                    named.append((f"{prefix}slices[{s_index}].sources[{index}].model", source["model"]))
+
+    walk(recipe, "")
+    modules = recipe.get("modules")
+    if isinstance(modules, dict):
+        for key, module in modules.items():
+            if isinstance(module, dict):
+                walk(module, f"modules.{key}.")
     return named
 
 
@@ -144,7 +154,56 @@ def looks_local(reference: str) -> bool:
     )
 
 
-def missing_local_models(recipe: Dict[str, Any]) -> List[Problem]:
+def card_asks_hub(path: str, *, exists: Optional[bool] = None) -> bool:
+    """Whether mergekit's model card asks the Hugging Face hub about ``path``.
+
+    A mirror of ``mergekit.card.is_hf`` (mergekit 0.1.5), minus the network:
+    a path that starts with ``/`` or ``~`` or has more than one ``/`` is local;
+    a path that does not exist is a hub id (no question asked); an existing path
+    that is a valid repo id (``models/base``, ``base``) is sent to
+    ``huggingface_hub.repo_exists``, after the weights and ``config.json`` were
+    written. Offline that raises ``OfflineModeIsEnabled`` and the run stops
+    without ``README.md`` and ``mergekit_config.yml``; online it queries the hub
+    about a local folder. tests/test_fresh_clone.py checks this mirror against
+    mergekit's own function and the real ``mergekit-yaml``.
+
+    Args:
+        path (`str`): the model or adapter path, without ``+adapter`` or ``@revision``.
+        exists (`bool`, *optional*): whether the path will exist when the card is
+            written (a mergekit-multi stage does not exist yet at lint time);
+            default: whether it exists now, relative to the current directory.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not path or path[0] in "/~" or path.count("/") > 1:
+        return False
+    if not (os.path.exists(path) if exists is None else exists):
+        return False
+    try:
+        validate_repo_id(path)  # repo_exists validates before it connects
+    except HFValidationError:
+        return False
+    return True
+
+
+def reference_parts(reference: str) -> List[Tuple[str, str]]:
+    """``(path, marker file)`` of a reference: the model, and the adapter of
+    ``BASE+ADAPTER`` (mergekit splits ``+`` first, then ``@revision``)."""
+    model, _, adapter = reference.partition("+")
+    return [(part.split("@", 1)[0], marker)
+            for part, marker in ((model, "config.json"), (adapter, "adapter_config.json")) if part]
+
+
+def _hub_lookup_problem(where: str, path: str) -> Problem:
+    absolute = os.path.abspath(path)
+    return Problem(where, (
+        f"{path} is a relative path with at most one '/': mergekit reads the folder, "
+        f"then its model card asks the Hugging Face hub whether '{path}' is a repo "
+        "(offline: OfflineModeIsEnabled after the weights are written, and no README.md "
+        f"or mergekit_config.yml); write the absolute path {absolute}"))
+
+
+def missing_local_models(recipe: Dict[str, Any], stages: Sequence[str] = ()) -> List[Problem]:
     """Models a recipe names by a local path that is missing or is not a model folder.
 
     mergekit takes a missing path for a hub id and fails deep inside transformers
@@ -153,14 +212,16 @@ def missing_local_models(recipe: Dict[str, Any]) -> List[Problem]:
 
     Args:
         recipe (`Dict[str, Any]`): the parsed YAML recipe.
+        stages (`Sequence[str]`, defaults to ()): mergekit-multi stage names (skipped).
     """
     problems: List[Problem] = []
-    for where, reference in _named_models(recipe):
-        model, _, adapter = reference.partition("+")
-        for part, marker in ((model, "config.json"), (adapter, "adapter_config.json")):
-            path = part.split("@", 1)[0]  # "@revision" belongs to hub ids
-            if not path or not looks_local(path):
+    for where, reference in named_models(recipe):
+        if reference.split("+", 1)[0].split("@", 1)[0] in stages:
+            continue
+        for path, marker in reference_parts(reference):
+            if not looks_local(path):
                 continue
+            part = path
             if path.startswith("~"):
                 problems.append(Problem(where, f"{part}: mergekit does not expand ~; write the "
                                         "absolute path"))
@@ -175,16 +236,136 @@ def missing_local_models(recipe: Dict[str, Any]) -> List[Problem]:
     return problems
 
 
-def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
+def model_path_problems(recipe: Dict[str, Any], stages: Sequence[str] = ()) -> List[Problem]:
+    """Every model reference mergekit would mishandle, each with its fix.
+
+    * a missing local folder, a folder without ``config.json`` (or
+      ``adapter_config.json`` for the ``+adapter`` part), a ``~`` path
+      (:func:`missing_local_models`);
+    * a relative path that mergekit's model card sends to the Hugging Face hub
+      (:func:`card_asks_hub`), for the model and the ``+adapter`` part alike.
+
+    Args:
+        recipe (`Dict[str, Any]`): the parsed YAML recipe (one document).
+        stages (`Sequence[str]`, defaults to ()): names of the mergekit-multi stages of
+            the same file; references to them are resolved by mergekit-multi, not here.
+    """
+    problems = missing_local_models(recipe, stages)
+    for where, reference in named_models(recipe):
+        if reference.split("+", 1)[0].split("@", 1)[0] in stages:
+            continue
+        for path, _marker in reference_parts(reference):
+            if card_asks_hub(path):
+                problems.append(_hub_lookup_problem(where, path))
+    return problems
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _in_hub_cache(repo_id: str, revision: Optional[str], marker: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, marker, revision=revision), str)
+    except Exception:  # an id the cache layout cannot hold: not cached
+        return False
+
+
+def model_path_notes(recipe: Dict[str, Any], stages: Sequence[str] = ()) -> List[str]:
+    """What mergekit will fetch from the Hugging Face hub, said before it happens.
+
+    A reference that is no folder here and does not look like a path is a hub id
+    to mergekit: right for ``meta-llama/Meta-Llama-3-8B-Instruct``, wrong for a
+    local ``models/base`` run from another directory. Neither can be told apart
+    offline, so these are notes, not problems; with ``HF_HUB_OFFLINE`` set the
+    note says whether the local hub cache has it.
+
+    Args:
+        recipe (`Dict[str, Any]`): the parsed YAML recipe (one document).
+        stages (`Sequence[str]`, defaults to ()): mergekit-multi stage names (skipped).
+    """
+    notes: List[str] = []
+    for where, reference in named_models(recipe):
+        if reference.split("+", 1)[0].split("@", 1)[0] in stages:
+            continue
+        model, _, adapter = reference.partition("+")
+        for part, marker in ((model, "config.json"), (adapter, "adapter_config.json")):
+            if not part:
+                continue
+            path, _, revision = part.partition("@")
+            if not path or looks_local(path):
+                continue
+            text = (f"{where}: {part} is no folder under {os.getcwd()}, so mergekit will fetch "
+                    "it from the Hugging Face hub")
+            if _hub_offline():
+                text += (" (HF_HUB_OFFLINE is set: " + (
+                    "found in the local hub cache)" if _in_hub_cache(path, revision or None, marker)
+                    else "it is not in the local hub cache, so the merge will fail)"))
+            notes.append(text + "; if it is a local folder, give its absolute path")
+    return notes
+
+
+def stage_reference_findings(
+    documents: Sequence[Dict[str, Any]], intermediate_dir: Optional[str] = None
+) -> Tuple[List[Problem], List[str]]:
+    """What mergekit-multi does with references to earlier stages.
+
+    mergekit-multi replaces a model reference equal to a stage's ``name`` by
+    ``os.path.join(--intermediate-dir, name)``. With a one-word relative folder
+    (``--intermediate-dir stages``) that is ``stages/first``, which mergekit's model
+    card sends to the Hugging Face hub (:func:`card_asks_hub`) once the stage
+    exists: offline, the stage that reads it stops after writing its weights.
+
+    Args:
+        documents (`Sequence[Dict[str, Any]]`): the file's documents, in order.
+        intermediate_dir (`str`, *optional*): the ``--intermediate-dir`` to check;
+            without it, a note says which value is safe.
+
+    Returns:
+        ``(problems, notes)``; each problem's ``where`` starts with ``stage '<name>'``.
+    """
+    names = [d["name"] for d in documents if isinstance(d.get("name"), str)]
+    problems: List[Problem] = []
+    notes: List[str] = []
+    for document in documents:
+        label = f"stage {document.get('name', 'final')!r}"
+        for where, reference in named_models(document):
+            stage = reference.split("+", 1)[0].split("@", 1)[0]
+            if stage not in names:
+                continue
+            if intermediate_dir is None:
+                notes.append(
+                    f"{label}: {where}: reads stage {stage!r} from <intermediate-dir>/{stage}; run "
+                    "mergekit-multi with an absolute --intermediate-dir (a one-word relative one, "
+                    f"such as `stages`, makes mergekit's model card ask the Hugging Face hub about "
+                    f"`stages/{stage}`, which fails offline)")
+            elif card_asks_hub(os.path.join(intermediate_dir, stage), exists=True):
+                problems.append(Problem(f"{label}: {where}", (
+                    f"mergekit-multi reads stage {stage!r} from "
+                    f"{os.path.join(intermediate_dir, stage)}, which mergekit's model card sends to "
+                    "the Hugging Face hub (offline: OfflineModeIsEnabled after the weights are "
+                    f"written); pass --intermediate-dir {os.path.abspath(intermediate_dir)}")))
+    return problems, notes
+
+
+def lint_recipe(recipe: Dict[str, Any], *, stages: Sequence[str] = (),
+                check_paths: bool = True) -> List[Problem]:
     """Recipe mistakes that plain mergekit-yaml accepts silently or reports obscurely.
 
     mergekit 0.1.5 drops unknown keys under ``parameters`` without a word (a typo
     such as ``spasity: 0.5`` quietly merges at the default 0.9) and ignores shared
     parameters written per model; a missing local model folder fails deep inside
-    transformers. All are reported here.
+    transformers, and a relative one can stop the run at the model card
+    (:func:`model_path_problems`). All are reported here.
 
     Args:
         recipe (`Dict[str, Any]`): the parsed YAML recipe.
+        stages (`Sequence[str]`, defaults to ()): mergekit-multi stage names of the
+            same file (references to them are not paths).
+        check_paths (`bool`, defaults to True): check the model references;
+            ``verify`` turns this off and reports what the paths did to the output.
     """
     import pydantic
     from mergekit.merge_methods.base import BasePolicy
@@ -192,7 +373,7 @@ def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
     problems = structure_problems(recipe)
     if problems:  # the checks below assume mergekit's shapes
         return problems
-    problems = missing_local_models(recipe)
+    problems = model_path_problems(recipe, stages) if check_paths else []
     method = str(recipe.get("merge_method", ""))
     spec = _method_spec(method)
     if spec is None:
@@ -263,6 +444,38 @@ def lint_recipe(recipe: Dict[str, Any]) -> List[Problem]:
     return problems
 
 
+
+
+def lint_documents(
+    documents: Sequence[Dict[str, Any]], *, intermediate_dir: Optional[str] = None
+) -> Tuple[List[Problem], List[str]]:
+    """:func:`lint_recipe` for every document of a recipe file, plus the path notes.
+
+    A mergekit-multi file (several documents) is checked stage by stage: each
+    problem's ``where`` starts with ``stage '<name>': ``, references to stages are
+    resolved as mergekit-multi resolves them (:func:`stage_reference_findings`).
+
+    Args:
+        documents (`Sequence[Dict[str, Any]]`): from :func:`load_recipe_documents`.
+        intermediate_dir (`str`, *optional*): mergekit-multi's ``--intermediate-dir``.
+
+    Returns:
+        ``(problems, notes)``: problems make ``fapm-merge lint`` exit 1; notes do not.
+    """
+    multi = len(documents) > 1
+    stages = [d["name"] for d in documents if multi and isinstance(d.get("name"), str)]
+    problems: List[Problem] = []
+    notes: List[str] = []
+    for document in documents:
+        prefix = f"stage {document['name']!r}: " if multi and "name" in document else ""
+        problems += [Problem(prefix + p.where, p.message)
+                     for p in lint_recipe(document, stages=stages)]
+        notes += [prefix + note for note in model_path_notes(document, stages)]
+    if multi:
+        stage_problems, stage_notes = stage_reference_findings(documents, intermediate_dir)
+        problems += stage_problems
+        notes += stage_notes
+    return problems, notes
 
 
 # --------------------------------------------------------------------------- meaning
@@ -356,14 +569,21 @@ __all__ = [
     "RECIPE_FILE",
     "RecipeError",
     "describe_recipe",
+    "lint_documents",
     "lint_recipe",
     "load_recipe",
     "load_recipe_documents",
+    "card_asks_hub",
     "looks_local",
     "missing_local_models",
+    "model_path_notes",
+    "model_path_problems",
     "model_name",
+    "named_models",
     "non_base_models",
     "read_model_recipe",
     "recipe_inputs",
+    "reference_parts",
+    "stage_reference_findings",
     "structure_problems",
 ]

@@ -338,27 +338,40 @@ def analyze(
 
 
 def analysis_table(result: Analysis, limit: int = 20):
-    """A rich table: one row per layer, then the tensors outside layers, then totals."""
-    from rich.table import Table
+    """A rich table: one row per layer, then the tensors outside layers, then totals.
 
-    table = Table(title=f"FAPM analysis at sparsity {result.settings['sparsity']:g} (beta {result.settings['beta']:g})")
-    # energy = share of ||dW||² kept; overlap = share of FAPM's kept entries magnitude also keeps
-    for column in ("layer / tensor", "entries", "changed", "S > 0", "energy FAPM", "energy magn.", "overlap"):
-        table.add_column(column, justify="left" if column == "layer / tensor" else "right")
+    Fits 80 columns with whole names (see :mod:`fapm_merge.workflows.tables`).
+    """
+    from fapm_merge.workflows.tables import column_widths, name_column_width, short_count, table as new_table, wrapped
 
     def pct(value):
         return "-" if value is None else f"{value:.1%}"
 
+    names: List[str] = []
+    cells: List[Tuple[str, ...]] = []
     for row in result.layers()[:limit]:
-        table.add_row(f"layer {row['layer']}", f"{row['numel']:,}", pct(row["changed"] / row["numel"]),
-                      pct(row["positive"]), pct(row["energy_kept"]), pct(row["energy_kept_magnitude"]),
-                      pct(row["overlap"]))
+        names.append(f"layer {row['layer']}")
+        cells.append((short_count(row['numel']), pct(row["changed"] / row["numel"]), pct(row["positive"]),
+                      pct(row["energy_kept"]), pct(row["energy_kept_magnitude"]), pct(row["overlap"])))
     for t in [t for t in result.tensors if t.layer is None][:limit]:
-        table.add_row(t.name, f"{t.numel:,}", pct(t.changed / t.numel if t.numel else 0), pct(t.positive),
-                      pct(t.energy_kept), pct(t.energy_kept_magnitude), pct(t.overlap))
+        names.append(t.name)
+        cells.append((short_count(t.numel), pct(t.changed / t.numel if t.numel else 0), pct(t.positive),
+                      pct(t.energy_kept), pct(t.energy_kept_magnitude), pct(t.overlap)))
     tot = result.totals()
-    table.add_row("[bold]all[/bold]", f"{tot['numel']:,}", pct(tot["changed"] / tot["numel"]), pct(tot["positive"]),
-                  pct(tot["energy_kept"]), pct(tot["energy_kept_magnitude"]), pct(tot["overlap"]))
+    names.append("all")
+    cells.append((short_count(tot['numel']), pct(tot["changed"] / tot["numel"]), pct(tot["positive"]),
+                  pct(tot["energy_kept"]), pct(tot["energy_kept_magnitude"]), pct(tot["overlap"])))
+
+    # energy = share of ||dW||² kept; overlap = share of FAPM's kept entries magnitude also keeps
+    headers = ("entries", "changed", "S > 0", "energy FAPM", "energy magn.", "overlap")
+    widths = column_widths(cells, headers)
+    name_width = name_column_width(names, widths)
+    table = new_table(f"FAPM analysis at sparsity {result.settings['sparsity']:g} (beta {result.settings['beta']:g})")
+    table.add_column("layer / tensor", justify="left", width=name_width)
+    for header, width in zip(headers, widths):
+        table.add_column(header, justify="right", width=width)
+    for index, (name, row_cells) in enumerate(zip(wrapped(names, name_width), cells)):
+        table.add_row("[bold]all[/bold]" if index == len(names) - 1 else name, *row_cells)
     return table
 
 

@@ -137,15 +137,31 @@ def simulate_finetune(model, seed: int = 1, strength: float = 1.0) -> None:
 
 
 def save_pair(
-    config: dict, directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+    config: dict, directory: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+    tokenizer: bool = False,
 ) -> Tuple[Path, Path]:
-    """Write ``directory/base`` and ``directory/finetuned`` (safetensors) and return them."""
+    """Write ``directory/base`` and ``directory/finetuned`` (safetensors) and return them.
+
+    Args:
+        config (`dict`): a transformers config with ``model_type`` (see :data:`TINY_CONFIGS`).
+        directory (`Path`): gets ``base/`` and ``finetuned/``.
+        seed (`int`, defaults to 0): seed of the base; the fine-tune uses ``seed + 1``.
+        dtype (`torch.dtype`, defaults to float32): dtype of the saved weights.
+        tokenizer (`bool`, defaults to False): also save a byte-level tokenizer
+            (`fapm_merge.evaluation.metrics.save_byte_tokenizer`) into both folders;
+            needs a vocabulary >= 256.
+    """
     directory = Path(directory)
     base_dir, ft_dir = directory / "base", directory / "finetuned"
     model = build_model(config, seed=seed).to(dtype)
     model.save_pretrained(base_dir)
     simulate_finetune(model, seed=seed + 1)
     model.save_pretrained(ft_dir)
+    if tokenizer:
+        from fapm_merge.evaluation.metrics import save_byte_tokenizer
+
+        for folder in (base_dir, ft_dir):
+            save_byte_tokenizer(folder)
     return base_dir.resolve(), ft_dir.resolve()
 
 
@@ -184,20 +200,30 @@ class MergeSummary:
         return kept / full if full else 0.0
 
     def table(self, title: str = "", limit: int = 12):
-        from rich.table import Table
+        """The largest ``limit`` tensors as a rich table that fits 80 columns with
+        whole tensor names (see :mod:`fapm_merge.workflows.tables`)."""
+        from fapm_merge.workflows.tables import column_widths, name_column_width, table as new_table, wrapped
 
-        table = Table(title=title)
-        for column in ("tensor", "entries", "changed by fine-tune", "kept", "energy kept"):
-            table.add_column(column, justify="left" if column == "tensor" else "right")
         rows = sorted(self.rows, key=lambda r: -r.numel)
-        for row in rows[:limit]:
-            table.add_row(
-                row.name,
+        shown = rows[:limit]
+        cells = [
+            (
                 f"{row.numel:,}",
                 f"{row.changed / max(row.numel, 1):.1%}",
                 f"{row.kept / max(row.numel, 1):.1%}",
                 f"{row.energy_kept:.1%}",
             )
+            for row in shown
+        ]
+        headers = ("entries", "changed by fine-tune", "kept", "energy kept")
+        widths = column_widths(cells, headers)
+        name_width = name_column_width([r.name for r in shown], widths)
+        table = new_table(title)
+        table.add_column("tensor", justify="left", width=name_width)
+        for header, width in zip(headers, widths):
+            table.add_column(header, justify="right", width=width)
+        for name, row_cells in zip(wrapped([r.name for r in shown], name_width), cells):
+            table.add_row(name, *row_cells)
         if len(rows) > limit:
             table.add_row(f"... {len(rows) - limit} more", "", "", "", "")
         return table
@@ -230,14 +256,21 @@ def summarize_merge(base: Path, finetuned: Path, merged: Path) -> MergeSummary:
 # ---------------------------------------------------------------------------
 
 
+DEMO_ITEMS = 120
+"""Task items in the demo's proxy task file."""
+
+DEMO_TEXT_TOKENS = 4096
+"""Bytes of general text in the demo's proxy text (64-byte passages)."""
+
+
 @torch.inference_mode()
 def demo_eval_data(
     base_dir: Path,
     finetuned_dir: Path,
     out_dir: Path,
     *,
-    text_tokens: int = 4096,
-    items: int = 120,
+    text_tokens: int = DEMO_TEXT_TOKENS,
+    items: int = DEMO_ITEMS,
     seed: int = 0,
 ) -> Dict[str, Path]:
     """Evaluation files for the ``fapm-merge demo`` pair, whose "fine-tune" is a
@@ -353,9 +386,9 @@ def run_demo(
     started = time.perf_counter()
     if console is not None:
         with console.status("building the demo pair (Llama-shaped, ~4M parameters)"):
-            base, finetuned = save_pair(DEMO_CONFIG, out_dir / "models")
+            base, finetuned = save_pair(DEMO_CONFIG, out_dir / "models", tokenizer=True)
     else:
-        base, finetuned = save_pair(DEMO_CONFIG, out_dir / "models")
+        base, finetuned = save_pair(DEMO_CONFIG, out_dir / "models", tokenizer=True)
     recipe = {
         "merge_method": "fapm",
         "base_model": str(base),
@@ -364,12 +397,13 @@ def run_demo(
     }
     recipe_path = out_dir / "recipe.yml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    command = [mergekit_yaml_command(), str(recipe_path), "", "--no-copy-tokenizer"]
+    command = [mergekit_yaml_command(), str(recipe_path), ""]
     merge_started = time.perf_counter()
-    with atomic_output_dir(merged, overwrite=True) as work:
+    # same_name: mergekit titles the model card after its output folder ("# merged")
+    with atomic_output_dir(merged, overwrite=True, same_name=True) as work:
         command[2] = str(work)
         if console is not None:
-            console.print(f"[bold]running[/bold] mergekit-yaml {recipe_path} {merged} --no-copy-tokenizer")
+            console.print(f"[bold]running[/bold] mergekit-yaml {recipe_path} {merged}")
         result = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if result.returncode != 0:
             raise DemoError(f"mergekit-yaml failed with exit code {result.returncode}")
@@ -379,10 +413,30 @@ def run_demo(
                       time.perf_counter() - started)
 
 
-if __name__ == "__main__":  # python -m fapm_merge.workflows.demo demo-data DEMO_DIR
-    if len(sys.argv) != 3 or sys.argv[1] != "demo-data":
-        sys.exit("usage: python -m fapm_merge.workflows.demo demo-data DEMO_DIR "
-                 "(a `fapm-merge demo` folder)")
-    demo = Path(sys.argv[2])
-    files = demo_eval_data(demo / "models" / "base", demo / "models" / "finetuned", demo / "eval")
+def _main(argv: List[str]) -> int:
+    """``python -m fapm_merge.workflows.demo demo-data DEMO_DIR [--items N] [--text-tokens N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fapm_merge.workflows.demo",
+        description="Write the proxy evaluation files of a `fapm-merge demo` folder: "
+                    "DEMO_DIR/eval/general.txt and DEMO_DIR/eval/task.jsonl.")
+    parser.add_argument("command", choices=["demo-data"])
+    parser.add_argument("demo_dir", type=Path, help="a folder written by `fapm-merge demo`")
+    parser.add_argument("--items", type=int, default=DEMO_ITEMS,
+                        help=f"task items (default {DEMO_ITEMS})")
+    parser.add_argument("--text-tokens", type=int, default=DEMO_TEXT_TOKENS,
+                        help=f"bytes of general text, in 64-byte passages (default {DEMO_TEXT_TOKENS})")
+    args = parser.parse_args(argv)
+    models = args.demo_dir / "models"
+    if not (models / "base" / "config.json").is_file():
+        parser.error(f"{args.demo_dir} is not a `fapm-merge demo` folder (no models/base); "
+                     f"run `fapm-merge demo {args.demo_dir}` first")
+    files = demo_eval_data(models / "base", models / "finetuned", args.demo_dir / "eval",
+                           text_tokens=args.text_tokens, items=args.items)
     print(f"wrote {files['text']} and {files['task']}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m fapm_merge.workflows.demo demo-data DEMO_DIR
+    sys.exit(_main(sys.argv[1:]))

@@ -53,7 +53,7 @@ from fapm_merge.io.recipe import (
     RECIPE_FILE,
     RecipeError,
     load_recipe as read_recipe_file,
-    missing_local_models,
+    model_path_problems,
     model_name,
     non_base_models,
     structure_problems,
@@ -140,9 +140,11 @@ def _check_recipe(recipe: dict) -> None:
             raise SweepError("a fapm_lora recipe needs parameters: {adapter: /path/to/adapter}")
     elif not non_base_models(recipe):
         raise SweepError("the recipe lists no fine-tuned model besides base_model")
-    missing = missing_local_models(recipe)
-    if missing:
-        raise SweepError("; ".join(str(problem) for problem in missing))
+    # Before any work: a missing folder, or a relative path that mergekit's model
+    # card would send to the hub after every variant was computed (offline: a crash).
+    wrong = model_path_problems(recipe)
+    if wrong:
+        raise SweepError("; ".join(str(problem) for problem in wrong))
 
 
 def _with_parameters(recipe: dict, **values) -> dict:

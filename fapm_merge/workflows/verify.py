@@ -7,11 +7,19 @@ module reads an output folder back one tensor at a time and reports:
 * structure: every file the index names exists and opens (not truncated), every
   tensor the index lists is in its shard, no shard holds tensors the index lacks;
 * values: every floating tensor is finite (no NaN/Inf was written);
-* with the recipe: every tensor of the base model is present with the base's
-  shape, unknown or misplaced recipe parameters (which mergekit silently drops),
-  and for one-model ``fapm`` recipes the FAPM invariants, recomputed by the core:
-  every entry equals the base or the fine-tuned value, and the output equals
-  ``where(mask, W_ft, W_pre)`` bit for bit with exactly ``k`` kept entries.
+* the config: ``config.json`` exists and describes these tensors (the model
+  transformers would build from it has every stored tensor's shape and lacks
+  none of its own);
+* with the recipe (``--recipe``, or the ``mergekit_config.yml`` mergekit wrote
+  into the folder): the model card and ``mergekit_config.yml`` that mergekit
+  writes last are there, every tensor of the input models is present with the
+  input's shape, unknown or misplaced recipe parameters (which mergekit silently
+  drops), and for one-model ``fapm`` recipes the FAPM invariants, recomputed by
+  the core: every entry equals the base or the fine-tuned value, and the output
+  equals ``where(mask, W_ft, W_pre)`` bit for bit with exactly ``k`` kept entries.
+
+The report says what was checked and what was not, and why: "OK" alone means the
+folder was verified as the merge of a recipe.
 
 Only :mod:`fapm_merge.core` decides which entries are kept; this module calls it.
 """
@@ -28,7 +36,17 @@ import torch
 from fapm_merge import core
 from fapm_merge.core import FapmInputError
 from fapm_merge.io import checkpoint
-from fapm_merge.io.recipe import Problem, lint_recipe, non_base_models
+from fapm_merge.io.recipe import (
+    RECIPE_FILE,
+    Problem,
+    RecipeError,
+    card_asks_hub,
+    lint_recipe,
+    load_recipe,
+    named_models,
+    non_base_models,
+    reference_parts,
+)
 
 _FAPM_METHODS = ("fapm",)
 
@@ -41,26 +59,32 @@ class VerifyReport:
         out_dir (`Path`): the folder checked.
         tensors (`int`): tensors read back.
         invariants_checked (`int`): tensors whose FAPM invariants were recomputed.
+        present_checked (`int`): input-model tensors whose presence and shape were checked.
         problems (`List[Problem]`): empty when the folder passed.
         notes (`List[str]`): checks skipped and why.
+        checked (`List[str]`): the checks that ran, in words.
+        recipe_source (`str`, *optional*): where the recipe came from (``--recipe``
+            or the folder's ``mergekit_config.yml``); None: no recipe, so the folder
+            was checked as a checkpoint only.
     """
 
     out_dir: Path
     tensors: int = 0
     invariants_checked: int = 0
+    present_checked: int = 0
     problems: List[Problem] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    checked: List[str] = field(default_factory=list)
+    recipe_source: Optional[str] = None
 
     @property
     def ok(self) -> bool:
+        """No problem found (see :attr:`recipe_source` for how much was checked)."""
         return not self.problems
 
 
 def _problem(report: VerifyReport, where: str, message: str) -> None:
     report.problems.append(Problem(where, message))
-
-
-# --------------------------------------------------------------------------- recipe
 
 
 # --------------------------------------------------------------------------- files
@@ -129,17 +153,115 @@ def _scalar(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
-# --------------------------------------------------------------------------- verify
+def _config_problems(out_dir: Path, shapes: Dict[str, tuple], report: VerifyReport) -> None:
+    """Does ``config.json`` describe these tensors? Compare with the model transformers
+    builds from it (on the meta device: no memory, no weights)."""
+    try:
+        raw = json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = {}
+    if isinstance(raw, dict) and raw.get("auto_map"):  # custom code: never run it here
+        report.notes.append("config.json not compared with the tensors: the architecture is "
+                            "defined by code in the model repository")
+        return
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(str(out_dir))
+    except Exception as error:  # transformers raises ValueError/OSError/KeyError here
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _problem(report, "config.json", f"transformers cannot read it ({reason}); the folder is "
+                 "not a loadable model: copy the base model's config.json or merge again")
+        return
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    if model_class is None:
+        report.notes.append(f"config.json not compared with the tensors: transformers does not "
+                            f"know the architecture {architecture!r}")
+        return
+    try:
+        with torch.device("meta"):
+            model = model_class(config)
+    except Exception as error:
+        report.notes.append(f"config.json not compared with the tensors: transformers could not "
+                            f"build {architecture} from it ({type(error).__name__})")
+        return
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tied: Dict[int, List[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(parameter), []).append(name)
+    known = [name for name in shapes if name in expected]
+    if len(known) * 2 < len(shapes):
+        # e.g. architectures whose checkpoints use converted names (fused experts)
+        report.notes.append(f"config.json not compared with the tensors: most stored names are "
+                            f"not {architecture}'s module names")
+        return
+    for name in known:
+        if expected[name] != shapes[name]:
+            _problem(report, name, f"shape {shapes[name]} but config.json describes "
+                     f"{expected[name]}: config.json belongs to another model (or a merge of "
+                     "other inputs); copy the right one or merge again")
+    for names in tied.values():
+        if not any(name in shapes for name in names) and all(name in expected for name in names):
+            _problem(report, names[0], f"config.json describes a {architecture} with this tensor "
+                     "but the output lacks it: the merge did not finish, or config.json "
+                     "belongs to another model")
+    unknown = [name for name in shapes if name not in expected]
+    if unknown:
+        report.notes.append(f"{len(unknown)} stored tensor(s) are not part of the {architecture} "
+                            f"config.json describes (transformers ignores them): "
+                            + ", ".join(unknown[:3]) + (" ..." if len(unknown) > 3 else ""))
+    report.checked.append(f"config.json describes the stored tensors ({architecture})")
+
+
+def _card_problems(out_dir: Path, recipe: Dict[str, Any], report: VerifyReport) -> None:
+    """mergekit writes README.md (the model card) and mergekit_config.yml last, after
+    config.json; missing ones mean the run stopped there."""
+    lookups = [path for _where, reference in named_models(recipe)
+               for path, _marker in reference_parts(reference) if card_asks_hub(path)]
+    if lookups:
+        why = (f"the recipe's relative path(s) {', '.join(lookups)} are what mergekit's card step "
+               "sends to the Hugging Face hub (offline it stops there): write absolute paths "
+               "(`fapm-merge lint RECIPE` names them) and merge again")
+    else:
+        why = ("merge again into an empty folder; if it ran with --no-write-model-card, pass "
+               "--no-model-card")
+    missing = [name for name in ("README.md", RECIPE_FILE) if not (out_dir / name).is_file()]
+    for name in missing:
+        _problem(report, name, "missing: mergekit writes the model card and the recipe last, "
+                 f"after the weights and config.json, so the run stopped before; {why}")
+    if not missing:
+        report.checked.append(f"model card (README.md) and {RECIPE_FILE} present")
+
+
+def _input_index(recipe: Dict[str, Any], report: VerifyReport):
+    """``(label, tensor -> shard)`` of the recipe's first local input model (the base
+    when it is local), against which the output's tensors are checked for presence."""
+    candidates = [("base model", recipe.get("base_model"))]
+    candidates += [(f"model {model.get('model')}", model) for model in non_base_models(recipe)]
+    for label, reference in candidates:
+        folder = _model_path(reference)
+        if folder is not None:
+            return label, checkpoint.safetensors_index(folder)
+    report.notes.append("presence not checked: no input model of the recipe is a local folder")
+    return None, {}
 
 
 @torch.no_grad()
-def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> VerifyReport:
-    """Check a merged model folder; with ``recipe``, check it against the inputs too.
+def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None, *,
+                  model_card: bool = True) -> VerifyReport:
+    """Check a merged model folder; with a recipe, check it against the inputs too.
 
     Args:
         out_dir (`Path`): the merge output folder.
         recipe (`Dict[str, Any]`, *optional*): the parsed recipe it was made from
-            (see :func:`fapm_merge.io.recipe.load_recipe`); enables the presence and FAPM checks.
+            (see :func:`fapm_merge.io.recipe.load_recipe`); default: the folder's own
+            ``mergekit_config.yml`` when it has one. Enables the model-card,
+            presence and FAPM checks; without any, the folder is checked as a
+            checkpoint only and the report says so.
+        model_card (`bool`, defaults to True): expect ``README.md`` and
+            ``mergekit_config.yml`` (mergekit writes them unless run with
+            ``--no-write-model-card``).
 
     Returns:
         VerifyReport: ``report.ok`` is True when nothing is wrong.
@@ -152,35 +274,66 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> Ver
         return report
     if out_dir.name.startswith(".") and ".partial-" in out_dir.name:
         _problem(report, str(out_dir), "a temporary folder of an unfinished fapm-merge run")
+    if recipe is not None:
+        report.recipe_source = "--recipe"
+    elif (out_dir / RECIPE_FILE).is_file():
+        try:
+            recipe = load_recipe(out_dir / RECIPE_FILE)
+            report.recipe_source = f"{RECIPE_FILE} in the folder"
+        except RecipeError as error:
+            _problem(report, RECIPE_FILE, f"{error}; give the recipe with --recipe")
     out_index = _open_index(out_dir, report)
+    structure_ok = not report.problems
     if not (out_dir / "config.json").exists():
         # mergekit saves config.json only after every shard and the index.
         _problem(report, "config.json", "missing: the merge did not finish (mergekit "
                  "writes config.json after all weights); run it again")
+    elif out_index:
+        shapes = {}
+        for name, shard in out_index.items():
+            try:
+                with checkpoint.open_safetensors(shard) as handle:
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+            except Exception:  # reported by the tensor loop below
+                pass
+        _config_problems(out_dir, shapes, report)
+    if structure_ok and out_index:
+        report.checked.insert(0, f"{len(out_index)} tensors: every shard opens and the index "
+                              "matches the shards")
 
     base_index: Dict[str, Path] = {}
+    present_label = None
     fapm_inputs = None
     if recipe is not None:
         from fapm_merge.methods import register_methods
 
         register_methods()  # lint reads the methods' parameter specs
-        report.problems.extend(lint_recipe(recipe))
-        base_dir = _model_path(recipe.get("base_model"))
+        if model_card:
+            _card_problems(out_dir, recipe, report)
+        else:
+            report.notes.append("model card not checked (--no-model-card)")
+        report.problems.extend(lint_recipe(recipe, check_paths=False))
         try:
-            if base_dir is None:
-                report.notes.append("base model is not a local folder: presence not checked")
-            else:
-                base_index = checkpoint.safetensors_index(base_dir)
-            fapm_inputs = _fapm_setup(recipe, base_index, report)
+            present_label, base_index = _input_index(recipe, report)
+            if _model_path(recipe.get("base_model")) is not None:
+                fapm_inputs = _fapm_setup(recipe, base_index, report)
+            elif recipe.get("merge_method") in _FAPM_METHODS:
+                report.notes.append("FAPM invariants not checked: the base model is not a "
+                                    "local folder")
         except (FapmInputError, FileNotFoundError) as error:
             _problem(report, "recipe inputs", f"{error}; inputs not compared")
             base_index, fapm_inputs = {}, None
+    else:
+        report.notes.append(f"no recipe (no --recipe, and the folder has no {RECIPE_FILE}): "
+                            "checked as a checkpoint only; model card, input tensors and the "
+                            "FAPM selection not checked")
 
     tokenizer_changes_vocab = bool(recipe and (recipe.get("tokenizer") or recipe.get("tokenizer_source")))
     for name in base_index:
         if name not in out_index:
-            _problem(report, name, "in the base model but missing from the output")
+            _problem(report, name, f"in the {present_label} but missing from the output")
 
+    finite = 0
     for name, shard in out_index.items():
         try:
             out = checkpoint.read_tensor(shard, name)
@@ -192,16 +345,26 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None) -> Ver
             bad = int((~torch.isfinite(out)).sum())
             _problem(report, name, f"{bad} NaN/Inf entries: do not use this output")
             continue
+        finite += 1
         if name not in base_index:
             continue
         pre = checkpoint.read_tensor(base_index[name], name)
         if pre.shape != out.shape:
             if not tokenizer_changes_vocab:
-                _problem(report, name, f"shape {tuple(out.shape)} differs from the base's "
-                         f"{tuple(pre.shape)}")
+                _problem(report, name, f"shape {tuple(out.shape)} differs from the "
+                         f"{present_label}'s {tuple(pre.shape)}")
             continue
+        report.present_checked += 1
         if fapm_inputs is not None:
             _check_fapm(name, pre, out, fapm_inputs, report)
+    if report.tensors:
+        report.checked.append(f"{finite} of {report.tensors} tensors finite (no NaN/Inf)")
+    if base_index:
+        report.checked.append(f"{report.present_checked} of {len(base_index)} tensors of the "
+                              f"{present_label} present with its shapes")
+    if report.invariants_checked:
+        report.checked.append(f"{report.invariants_checked} tensors recomputed: the FAPM "
+                              "selection, bit for bit")
     return report
 
 
@@ -301,12 +464,19 @@ def _check_fapm(name: str, pre: torch.Tensor, out: torch.Tensor,
 
 
 def format_report(report: VerifyReport) -> str:
-    """Plain text for the command line."""
-    lines = [f"{report.out_dir}: {report.tensors} tensors read, "
-             f"{report.invariants_checked} checked against the FAPM selection"]
-    lines += [f"  note: {note}" for note in report.notes]
+    """Plain text for the command line: what was checked, what was not, the problems,
+    and a verdict that says how far it goes."""
+    source = report.recipe_source or "none"
+    lines = [f"{report.out_dir}: {report.tensors} tensors read (recipe: {source})"]
+    lines += [f"  checked: {line}" for line in report.checked]
+    lines += [f"  not checked: {note}" for note in report.notes]
     lines += [f"  PROBLEM {problem}" for problem in report.problems]
-    lines.append("OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)")
+    if not report.ok:
+        lines.append(f"FAILED: {len(report.problems)} problem(s)")
+    elif report.recipe_source is None:
+        lines.append("OK as a checkpoint; not verified as a merge (give --recipe RECIPE)")
+    else:
+        lines.append("OK")
     return "\n".join(lines)
 
 
