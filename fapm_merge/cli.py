@@ -507,6 +507,16 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, lm_eval_backend,
         except (TuneError, SweepError, TradeoffError, EvalInputError, FapmInputError,
                 RecipeError, FileExistsError) as error:
             raise click.ClickException(str(error)) from None
+        except Exception as error:
+            # raised inside mergekit/transformers/torch during a merge or an evaluation:
+            # the cause (a recipe path, the GPU, the disk, memory), as sweep names it
+            from fapm_merge.io.failures import explain_failure
+
+            cause = explain_failure(error, recipe=parsed, recipe_path=recipe,
+                                    out_dir=out_dir, outputs=max_on_disk)
+            raise click.ClickException(
+                f"tune stopped: {cause}. OUT_DIR was not written; finished evaluations are "
+                "kept in the work folder, so the same command resumes") from None
     console.print(tradeoff_table(result.tradeoff))
     for line in summary_lines(result.tradeoff):
         console.print(line, markup=False, highlight=False)

@@ -247,3 +247,33 @@ def test_tune_command_line_reports_stages_and_exit_status(demo, tmp_path):
     assert "nothing written to" in result.output and "no variant qualifies" in result.output
     assert not out.exists()
     shutil.rmtree(out.with_name("out.tune"))
+
+
+def test_a_failure_inside_a_merge_names_its_cause_and_the_rerun_resumes(demo, tmp_path, monkeypatch):
+    """Regression: tune let an exception from inside mergekit (here the disk filling up
+    while a shard is written) end in a traceback, where sweep names the cause."""
+    import errno
+
+    import fapm_merge.workflows.sweep as sweep_module
+
+    root, recipe, files = demo
+    recipe_path = tmp_path / "recipe.yml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    args = ["tune", str(recipe_path), str(out), "--text", str(files["text"]), "--task", str(files["task"]),
+            "--tokenizer", "bytes", "--sparsity", "0.9", "--baselines", ""]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "shard"))
+
+    monkeypatch.setattr(sweep_module, "run_sweep", disk_full)
+    failed = CliRunner().invoke(main, args)
+    assert failed.exit_code == 1 and not isinstance(failed.exception, OSError), failed.output
+    assert "tune stopped:" in failed.output and "disk" in failed.output.lower()
+    assert "the same command resumes" in failed.output and "Traceback" not in failed.output
+    assert not out.exists()
+    monkeypatch.undo()
+    resumed = CliRunner().invoke(main, args)
+    assert resumed.exit_code in (0, 3), resumed.output  # 3: no variant qualifies on this proxy
+    assert "1 evaluated, 2 reused" in resumed.output  # base and fine-tune were kept
+    shutil.rmtree(out.with_name("out.tune"))
