@@ -149,13 +149,14 @@ def verdict(a: dict, b: dict) -> str:
 
     Forgetting is CF% on Wikipedia, the primary general text (the fine-tune's
     forgetting on the Lee text is too small to rank methods by; the table shows it).
-    Accuracy within 0.01 (one test prompt) and CF% within 0.1 point count as
-    equal. "wins" = at least as good on both axes and better on one; "loses" = the
+    Accuracy within 0.01 (4 of the 400 test prompts) and CF% within 0.1 point
+    count as equal: a descriptive tolerance; the decision block's paired intervals
+    say what is significant. "wins" = at least as good on both axes and better on one; "loses" = the
     reverse; "trade-off" = better on one axis, worse on the other.
     """
     d_acc = a["acc"] - b["acc"]
     d_cf = b["cf_wiki"] - a["cf_wiki"]  # positive: FAPM forgets less
-    # "within" includes the bound: one prompt (0.01) apart is equal, however the
+    # "within" includes the bound: 0.01 apart is equal, however the
     # subtraction rounds (0.75 - 0.74 is 0.010000000000000009).
     acc_s = 0 if abs(d_acc) <= 0.01 + 1e-9 else (1 if d_acc > 0 else -1)
     cf_s = 0 if abs(d_cf) <= 0.1 + 1e-9 else (1 if d_cf > 0 else -1)
@@ -228,7 +229,7 @@ def decision_tables(res: Path) -> str:
             continue
         d = json.loads(path.read_text())
         items = d.get("items", {})
-        out.append(f"**{name.capitalize()} arm** ({items.get('prompts', 0)} prompts, "
+        out.append(f"**{name[0].upper() + name[1:]} arm** ({items.get('prompts', 0)} prompts, "
                    f"{items.get('windows', 0)} Wikipedia windows; rule: {d['rule']}).\n")
         out.append("| model | accuracy | Δ accuracy vs fine-tune [95%] | one-sided p | CF% wiki [95%] "
                    "| repaired [95%] | rule |")

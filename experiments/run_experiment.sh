@@ -70,7 +70,9 @@ SPLIT
   "$FAPM" tradeoff "$R/full-arm.jsonl" --plot docs/images/experiment-tradeoff-cli.png \
     --json "$R/tradeoff-full.json" \
     --title "SmolLM2-135M, Rotten Tomatoes full SFT: fapm-merge tradeoff, rule repair"
-  "$FAPM" tradeoff "$R/lora-arm.jsonl" --plot docs/images/experiment-tradeoff-lora-cli.png \
+  # the LoRA fine-tune is fapm_lora at sparsity 0, a merged model: name the anchors
+  "$FAPM" tradeoff "$R/lora-arm.jsonl" --base "$W/base" --finetuned "$W/lora-fapm-s0.0" \
+    --plot docs/images/experiment-tradeoff-lora-cli.png \
     --json "$R/tradeoff-lora.json" \
     --title "SmolLM2-135M, Rotten Tomatoes LoRA SFT: fapm-merge tradeoff, rule repair"
 }
@@ -132,7 +134,9 @@ lora_merge() {
   done_mark "$name" && return 0
   write_lora_recipe "$W/$name.yml" "$params"
   rm -rf "$W/$name"
-  "$MKY" "$W/$name.yml" "$W/$name" --no-write-model-card --quiet
+  # with its model card: mergekit_config.yml is the recipe eval records, from which
+  # tradeoff names each point's method and sparsity (absolute paths: no hub lookup)
+  "$MKY" "$W/$name.yml" "$W/$name" --quiet
   evaluate "$W/$name"
   rm -rf "$W/$name"; mark "$name"
 }
