@@ -246,6 +246,19 @@ def test_warnings_say_when_the_evidence_cannot_decide():
     assert len(runner) == 1 and "fapm-s0.95" in runner[0] and "windows (now 20) would resolve it" in runner[0]
 
 
+def test_an_estimate_on_the_bound_is_called_undecided_not_a_prompt_count():
+    """Regression: with the estimate almost on the retention bound, the warning asked for
+    134,944 prompts (the replication's LoRA arm, 400 evaluated): arithmetic, not advice."""
+    # fapm-s0.9 loses 1 of the fine-tune's 180 answers: -0.005; the margin at 0.9939 is 0.0055
+    on_the_bound = compute_tradeoff(PAIRED, rule=Rule("repair", min_retention=0.9939))
+    assert on_the_bound.selected.name == "fapm-s0.9"
+    [warning] = [w for w in on_the_bound.warnings if "retention margin" in w]
+    assert "more prompts would not settle it" in warning and "undecided" in warning
+    # at the default bound the distance is 0.004: a count of prompts is real advice
+    [warning] = [w for w in compute_tradeoff(PAIRED).warnings if "retention margin" in w]
+    assert "prompts (now 200) would bound it" in warning and "undecided" not in warning
+
+
 def test_records_measured_on_other_data_or_without_items_are_refused():
     other = paired_record("/s/fapm-s0.5", FT_RIGHT, 1.01, fapm(0.5), task_sha="another task")
     with pytest.raises(TradeoffError, match="measured on different task files"):

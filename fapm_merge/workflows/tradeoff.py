@@ -519,6 +519,21 @@ def _repair(result: Tradeoff) -> None:
     _repair_warnings(result, best, qualified)
 
 
+# Past this many times the items evaluated, "evaluate more" is not advice anyone can
+# follow: the estimate sits (almost) on the value the interval must exclude.
+PRACTICAL_GROWTH = 100
+
+
+def _more_items(needed: Optional[int], now: int, unit: str, outcome: str) -> str:
+    """The clause of a warning that says how many more prompts or windows would help."""
+    if needed is None:
+        return ""
+    if needed > PRACTICAL_GROWTH * now:
+        return (f"; the estimate lies so close to the bound that more {unit} would not settle it "
+                f"(about {needed}, now {now}): treat the question as undecided")
+    return f"; about {needed} {unit} (now {now}) would {outcome}"
+
+
 def _repair_warnings(result: Tradeoff, best: Point, qualified: List[Point]) -> None:
     margin = (1 - result.rule.min_retention) * result.finetuned.accuracy
     if best.loss_vs_ft is not None and not best.loss_vs_ft.excludes(0.0):
@@ -527,8 +542,7 @@ def _repair_warnings(result: Tradeoff, best: Point, qualified: List[Point]) -> N
             f"{best.name} forgets less than the fine-tune by a loss difference of "
             f"{best.loss_vs_ft.estimate:+.4f}, but its 95% interval [{best.loss_vs_ft.low:+.4f}, "
             f"{best.loss_vs_ft.high:+.4f}] includes 0: the repair is within noise"
-            + (f"; about {needed} windows (now {best.loss_vs_ft.n}) would resolve a difference "
-               "this size" if needed else ""))
+            + _more_items(needed, best.loss_vs_ft.n, "windows", "resolve a difference this size"))
     acc = best.accuracy_vs_ft
     if acc is not None and acc.low < -margin:
         # the interval must shrink to the distance between the estimate and the bound
@@ -537,7 +551,7 @@ def _repair_warnings(result: Tradeoff, best: Point, qualified: List[Point]) -> N
             f"{best.name}'s accuracy change against the fine-tune, {acc.estimate:+.3f} [{acc.low:+.3f}, "
             f"{acc.high:+.3f}], is wider than the {result.rule.min_retention:.0%} retention margin "
             f"({margin:.3f}): the data cannot exclude a larger loss of accuracy"
-            + (f"; about {needed} prompts (now {acc.n}) would bound it" if needed else ""))
+            + _more_items(needed, acc.n, "prompts", "bound it"))
     runners = sorted((p for p in qualified if p is not best), key=lambda p: -(p.repaired or 0.0))
     if runners and _paired_loss(result, best, runners[0]) is not None:
         runner = runners[0]
@@ -547,7 +561,7 @@ def _repair_warnings(result: Tradeoff, best: Point, qualified: List[Point]) -> N
             result.warnings.append(
                 f"{best.name} and the runner-up {runner.name} cannot be told apart on this text: "
                 f"loss difference {between.estimate:+.4f} [{between.low:+.4f}, {between.high:+.4f}]"
-                + (f"; about {needed} windows (now {between.n}) would resolve it" if needed else ""))
+                + _more_items(needed, between.n, "windows", "resolve it"))
 
 
 def _paired_loss(result: Tradeoff, a: Point, b: Point) -> Optional[stats.Interval]:
