@@ -151,8 +151,8 @@ def verdict(a: dict, b: dict) -> str:
     forgetting on the Lee text is too small to rank methods by; the table shows it).
     Accuracy within 0.01 (4 of the 400 test prompts) and CF% within 0.1 point
     count as equal: a descriptive tolerance; the decision block's paired intervals
-    say what is significant. "wins" = at least as good on both axes and better on one; "loses" = the
-    reverse; "trade-off" = better on one axis, worse on the other.
+    say what is significant. "wins" = at least as good on both axes and better on
+    one; "loses" = the reverse; "trade-off" = better on one axis, worse on the other.
     """
     d_acc = a["acc"] - b["acc"]
     d_cf = b["cf_wiki"] - a["cf_wiki"]  # positive: FAPM forgets less

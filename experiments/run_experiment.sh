@@ -70,9 +70,8 @@ SPLIT
   "$FAPM" tradeoff "$R/full-arm.jsonl" --plot docs/images/experiment-tradeoff-cli.png \
     --json "$R/tradeoff-full.json" \
     --title "SmolLM2-135M, Rotten Tomatoes full SFT: fapm-merge tradeoff, rule repair"
-  # the LoRA fine-tune is fapm_lora at sparsity 0, a merged model: name the anchors
-  "$FAPM" tradeoff "$R/lora-arm.jsonl" --base "$W/base" --finetuned "$W/lora-fapm-s0.0" \
-    --plot docs/images/experiment-tradeoff-lora-cli.png \
+  # tradeoff finds the LoRA arm's anchors itself: the fine-tune is fapm_lora at sparsity 0
+  "$FAPM" tradeoff "$R/lora-arm.jsonl" --plot docs/images/experiment-tradeoff-lora-cli.png \
     --json "$R/tradeoff-lora.json" \
     --title "SmolLM2-135M, Rotten Tomatoes LoRA SFT: fapm-merge tradeoff, rule repair"
 }

@@ -524,44 +524,43 @@ def _repair(result: Tradeoff) -> None:
 PRACTICAL_GROWTH = 100
 
 
-def _more_items(needed: Optional[int], now: int, unit: str, outcome: str) -> str:
-    """The clause of a warning that says how many more prompts or windows would help."""
+def _more_items(interval: stats.Interval, distance: float, unit: str, outcome: str) -> str:
+    """The clause of a warning that says how many more prompts or windows would shrink
+    ``interval`` to ``distance`` (see :func:`stats.items_needed`), or that none would."""
+    needed = stats.items_needed(interval, distance)
     if needed is None:
         return ""
-    if needed > PRACTICAL_GROWTH * now:
+    if needed > PRACTICAL_GROWTH * interval.n:
         return (f"; the estimate lies so close to the bound that more {unit} would not settle it "
-                f"(about {needed}, now {now}): treat the question as undecided")
-    return f"; about {needed} {unit} (now {now}) would {outcome}"
+                f"(about {needed}, now {interval.n}): treat the question as undecided")
+    return f"; about {needed} {unit} (now {interval.n}) would {outcome}"
 
 
 def _repair_warnings(result: Tradeoff, best: Point, qualified: List[Point]) -> None:
     margin = (1 - result.rule.min_retention) * result.finetuned.accuracy
     if best.loss_vs_ft is not None and not best.loss_vs_ft.excludes(0.0):
-        needed = stats.items_needed(best.loss_vs_ft, best.loss_vs_ft.estimate)
         result.warnings.append(
             f"{best.name} forgets less than the fine-tune by a loss difference of "
             f"{best.loss_vs_ft.estimate:+.4f}, but its 95% interval [{best.loss_vs_ft.low:+.4f}, "
             f"{best.loss_vs_ft.high:+.4f}] includes 0: the repair is within noise"
-            + _more_items(needed, best.loss_vs_ft.n, "windows", "resolve a difference this size"))
+            + _more_items(best.loss_vs_ft, best.loss_vs_ft.estimate, "windows",
+                          "resolve a difference this size"))
     acc = best.accuracy_vs_ft
     if acc is not None and acc.low < -margin:
-        # the interval must shrink to the distance between the estimate and the bound
-        needed = stats.items_needed(acc, acc.estimate + margin)
         result.warnings.append(
             f"{best.name}'s accuracy change against the fine-tune, {acc.estimate:+.3f} [{acc.low:+.3f}, "
             f"{acc.high:+.3f}], is wider than the {result.rule.min_retention:.0%} retention margin "
             f"({margin:.3f}): the data cannot exclude a larger loss of accuracy"
-            + _more_items(needed, acc.n, "prompts", "bound it"))
+            # the interval must shrink to the distance between the estimate and the bound
+            + _more_items(acc, acc.estimate + margin, "prompts", "bound it"))
     runners = sorted((p for p in qualified if p is not best), key=lambda p: -(p.repaired or 0.0))
-    if runners and _paired_loss(result, best, runners[0]) is not None:
+    between = _paired_loss(result, best, runners[0]) if runners else None  # one bootstrap
+    if between is not None and not between.excludes(0.0):
         runner = runners[0]
-        between = _paired_loss(result, best, runner)
-        if not between.excludes(0.0):
-            needed = stats.items_needed(between, between.estimate)
-            result.warnings.append(
-                f"{best.name} and the runner-up {runner.name} cannot be told apart on this text: "
-                f"loss difference {between.estimate:+.4f} [{between.low:+.4f}, {between.high:+.4f}]"
-                + _more_items(needed, between.n, "windows", "resolve it"))
+        result.warnings.append(
+            f"{best.name} and the runner-up {runner.name} cannot be told apart on this text: "
+            f"loss difference {between.estimate:+.4f} [{between.low:+.4f}, {between.high:+.4f}]"
+            + _more_items(between, between.estimate, "windows", "resolve it"))
 
 
 def _paired_loss(result: Tradeoff, a: Point, b: Point) -> Optional[stats.Interval]:
