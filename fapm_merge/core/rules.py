@@ -22,6 +22,14 @@ DEFAULT_SPARSITY = 0.9
 DEFAULT_LORA_SPARSITY = 0.1
 """The paper's advice for LoRA task vectors (already low rank): prune only ~10%."""
 
+DEFAULT_BETA = 1.0
+"""FAPM's balance factor in the paper's score; 0 gives plain magnitude pruning of dW."""
+
+FAPM = "fapm"
+FAPM_TIES = "fapm_ties"
+FAPM_LORA = "fapm_lora"
+"""The merge-method names this package registers with mergekit."""
+
 _NEAR_ZERO_DIVISOR = 1e-8
 """mergekit's guard: a sum of weights smaller than this divides by 1 instead."""
 

@@ -36,13 +36,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from fapm_merge.evaluation.errors import EvalInputError  # torch-free: tradeoff imports this module
 from fapm_merge.evaluation.results import PER_ITEM
+from fapm_merge.evaluation.settings import LM_EVAL_BACKENDS
 
 PREFIX = "lm_eval:"
 """Metric names from the harness start with this: ``lm_eval:arc_easy/acc``."""
-
-BACKENDS = ("hf", "vllm", "local-completions")
-"""``--lm-eval-backend`` values: transformers in this process, vLLM (tensor and data
-parallel on GPUs), or an OpenAI-compatible completions server (``vllm serve``)."""
 
 PERPLEXITY_METRICS = {"word_perplexity": "word", "byte_perplexity": "byte"}
 """Per-document ``(loglikelihood, count)`` metrics of perplexity tasks, and their unit."""
@@ -111,8 +108,8 @@ def model_args(backend: str, model_dir: Path, *, dtype: str, extra: Optional[str
     ``tensor_parallel_size=8,gpu_memory_utilization=0.8``) is appended and wins
     over a default of the same key.
     """
-    if backend not in BACKENDS:
-        raise EvalInputError(f"unknown --lm-eval-backend {backend!r}; use {', '.join(BACKENDS)}")
+    if backend not in LM_EVAL_BACKENDS:
+        raise EvalInputError(f"unknown --lm-eval-backend {backend!r}; use {', '.join(LM_EVAL_BACKENDS)}")
     given: Dict[str, str] = {}
     for part in (extra or "").split(","):
         if not part.strip():
@@ -168,7 +165,7 @@ def run_lm_eval(
         batch_size (`int`, defaults to 8): requests per forward pass (``hf``).
         limit (`int`, *optional*): documents per task (quick runs; the intervals
             then rest on fewer items).
-        backend (`str`, defaults to "hf"): one of :data:`BACKENDS`.
+        backend (`str`, defaults to "hf"): one of :data:`~fapm_merge.evaluation.settings.LM_EVAL_BACKENDS`.
         extra_model_args (`str`, *optional*): ``--lm-eval-model-args``, passed through.
         include_path (`Path`, *optional*): a folder of task YAML files (your own tasks).
 
@@ -341,7 +338,6 @@ def explain_missing(name: str, record_metrics: Dict[str, Any], *, option: str, k
 
 
 __all__ = [
-    "BACKENDS",
     "MetricName",
     "PREFIX",
     "explain_missing",

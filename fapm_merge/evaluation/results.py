@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.io.jsonl import iter_jsonl
 
 PER_ITEM = "per_item"
@@ -26,7 +27,7 @@ SWEEP_MANIFEST = "sweep.json"
 """The file ``fapm-merge sweep`` writes into its output folder, listing the variants."""
 
 
-class ResultsError(ValueError):
+class ResultsError(FapmMergeError, ValueError):
     """A results file or model list that cannot be read; the message says why."""
 
 

@@ -16,6 +16,18 @@ DEFAULT_WINDOW = 256
 DEFAULT_BATCH_SIZE = 8
 """Windows per forward pass."""
 
+TASK_METRIC = "task"
+"""The task axis by default: ``fapm-merge eval --task`` accuracy. Any metric of the
+records with an ``accuracy`` works, e.g. ``lm_eval:arc_easy/acc``."""
+
+TEXT_METRIC = "text"
+"""The general axis by default: ``fapm-merge eval --text`` loss. Any metric with a
+``loss`` works, e.g. ``lm_eval:wikitext/word_perplexity`` (loss per word)."""
+
+LM_EVAL_BACKENDS = ("hf", "vllm", "local-completions")
+"""``--lm-eval-backend`` values: transformers in this process, vLLM (tensor and data
+parallel on GPUs), or an OpenAI-compatible completions server (``vllm serve``)."""
+
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
 """Model dtypes ``eval`` accepts."""
 
@@ -58,4 +70,5 @@ class EvalSettings:
     lm_eval_include: Optional[Path] = None
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_WINDOW", "EVAL_DTYPES", "EvalSettings"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_WINDOW", "EVAL_DTYPES", "EvalSettings", "LM_EVAL_BACKENDS",
+           "TASK_METRIC", "TEXT_METRIC"]

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.core.rules import complement, resolve_sparsity
 
 RECIPE_FILE = "mergekit_config.yml"
 """The recipe mergekit (and ``fapm-merge sweep``) writes into every output folder."""
 
 
-class RecipeError(ValueError):
+class RecipeError(FapmMergeError, ValueError):
     """A recipe file that cannot be read; the message names the file."""
 
 

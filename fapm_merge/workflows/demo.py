@@ -28,6 +28,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.core.rules import DEFAULT_SPARSITY
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.checkpoint import iter_tensors
@@ -336,7 +337,7 @@ def demo_eval_data(
 # ---------------------------------------------------------------------------
 
 
-class DemoError(RuntimeError):
+class DemoError(FapmMergeError, RuntimeError):
     """The demo cannot run (a tool missing, an output in the way); the message says why."""
 
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
+from fapm_merge.core.errors import FapmMergeError
 
-class ExecutorError(RuntimeError):
+
+class ExecutorError(FapmMergeError, RuntimeError):
     """Ray is missing or cannot be reached; the message says what to do."""
 
 

@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
+from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.core import (
     FapmInputError,
     complement,
@@ -66,7 +67,7 @@ BASELINES = ("magnitude", "dare", "wiseft")
 (mergekit ``task_arithmetic`` with weight alpha: ``W_pre + alpha * dW``)."""
 
 
-class SweepError(ValueError):
+class SweepError(FapmMergeError, ValueError):
     """A recipe or option the sweep cannot run; the message says what to change."""
 
 

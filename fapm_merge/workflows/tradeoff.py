@@ -55,10 +55,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.evaluation import stats
 from fapm_merge.evaluation.lm_eval import explain_missing, is_lm_eval_metric
 from fapm_merge.evaluation.results import PER_ITEM
 from fapm_merge.evaluation.results import read_results as _read_records
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.io.recipe import describe_recipe, recipe_inputs
 
 TASK_WEIGHT = 2.0
@@ -72,16 +74,7 @@ SIGNIFICANCE = 1 - stats.CONFIDENCE
 
 RULES = ("repair", "max-cf", "weighted")
 
-TASK_METRIC = "task"
-"""The task axis by default: ``fapm-merge eval --task`` accuracy. Any metric of the
-records with an ``accuracy`` works, e.g. ``lm_eval:arc_easy/acc``."""
-
-TEXT_METRIC = "text"
-"""The general axis by default: ``fapm-merge eval --text`` loss. Any metric with a
-``loss`` works, e.g. ``lm_eval:wikitext/word_perplexity`` (loss per word)."""
-
-
-class TradeoffError(ValueError):
+class TradeoffError(FapmMergeError, ValueError):
     """Results that cannot be placed on the trade-off plot; the message says why."""
 
 

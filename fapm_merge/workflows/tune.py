@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
+from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.core.rules import DEFAULT_LORA_SPARSITY, DEFAULT_SPARSITY
 from fapm_merge.evaluation.errors import EvalInputError
 from fapm_merge.evaluation.lm_eval import explain_missing, parse_metric
@@ -85,7 +86,7 @@ EXIT_NOTHING_CHOSEN = 3
 """Exit status of ``fapm-merge tune`` when no variant is chosen (nothing is written)."""
 
 
-class TuneError(ValueError):
+class TuneError(FapmMergeError, ValueError):
     """A tune that cannot run or continue; the message says what to change."""
 
 
