@@ -37,7 +37,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from fapm_merge.evaluation.errors import EvalInputError  # torch-free: tradeoff imports this module
 from fapm_merge.evaluation.results import PER_ITEM
-from fapm_merge.evaluation.settings import DEFAULT_BATCH_SIZE, EVAL_DTYPES, LM_EVAL_BACKENDS
+from fapm_merge.evaluation.settings import (
+    DEFAULT_BATCH_SIZE,
+    EVAL_DTYPES,
+    LM_EVAL_BACKENDS,
+    LM_EVAL_SERVER_BACKEND,
+)
 
 PREFIX = "lm_eval:"
 """Metric names from the harness start with this: ``lm_eval:arc_easy/acc``."""
@@ -162,7 +167,7 @@ def model_args(backend: str, model_dir: Path, *, dtype: str, extra: Optional[str
             raise EvalInputError(f"--lm-eval-model-args {extra!r}: write KEY=VALUE pairs separated "
                                  "by commas, e.g. dtype=bfloat16,tensor_parallel_size=8")
         given[key.strip()] = value.strip()
-    if backend == "local-completions":
+    if backend == LM_EVAL_SERVER_BACKEND:
         defaults = {"model": str(model_dir)}
         if "base_url" not in given:
             raise EvalInputError("--lm-eval-backend local-completions needs base_url in "

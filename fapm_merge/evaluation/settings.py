@@ -29,9 +29,12 @@ LM_EVAL_LOADING_BACKENDS = ("hf", "vllm")
 or vLLM (tensor and data parallel on GPUs). ``tune`` needs one, as it evaluates a new
 folder per variant."""
 
-LM_EVAL_BACKENDS = LM_EVAL_LOADING_BACKENDS + ("local-completions",)
-"""``--lm-eval-backend`` values: the loading backends, or an OpenAI-compatible
-completions server (``vllm serve``) that serves one model. The first is the default."""
+LM_EVAL_SERVER_BACKEND = "local-completions"
+"""The backend that asks an OpenAI-compatible completions server (``vllm serve``),
+which serves one model."""
+
+LM_EVAL_BACKENDS = LM_EVAL_LOADING_BACKENDS + (LM_EVAL_SERVER_BACKEND,)
+"""``--lm-eval-backend`` values; the first is the default."""
 
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
 """Model dtypes ``eval`` accepts."""
@@ -100,4 +103,4 @@ class EvalSettings:
 
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_WINDOW", "EVAL_DTYPES", "EvalSettings", "LM_EVAL_BACKENDS",
-           "LM_EVAL_LOADING_BACKENDS", "TASK_METRIC", "TEXT_METRIC"]
+           "LM_EVAL_LOADING_BACKENDS", "LM_EVAL_SERVER_BACKEND", "TASK_METRIC", "TEXT_METRIC"]
