@@ -32,7 +32,6 @@ from fapm_merge.evaluation.lm_eval import (  # noqa: E402
     resolve_axes,
     run_lm_eval,
 )
-from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC  # noqa: E402
 from fapm_merge.evaluation.metrics import (  # noqa: E402
     EvalInputError,
     save_byte_tokenizer,
@@ -41,6 +40,7 @@ from fapm_merge.evaluation.metrics import (  # noqa: E402
     load_tokenizer,
     sequence_logprobs,
 )
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC  # noqa: E402
 from fapm_merge.evaluation.results import read_results  # noqa: E402
 from fapm_merge.workflows.demo import DEMO_CONFIG, demo_eval_data, save_pair  # noqa: E402
 from fapm_merge.workflows.tradeoff import Rule, TradeoffError, compute_tradeoff  # noqa: E402
