@@ -368,7 +368,12 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
 
     from fapm_merge.evaluation.lm_eval import resolve_axes
     from fapm_merge.workflows.plots import plot_tradeoff
-    from fapm_merge.workflows.tradeoff import compute_tradeoff, read_results, summary_lines, tradeoff_table
+    from fapm_merge.workflows.tradeoff import (
+        compute_tradeoff,
+        read_results,
+        summary_lines,
+        tradeoff_table,
+    )
 
     to_stdout = json_path is not None and str(json_path) == "-"
     console = Console(stderr=to_stdout)
