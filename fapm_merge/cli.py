@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 
 import click
 
-from fapm_merge.core.rules import DEFAULT_SPARSITY
-from fapm_merge.evaluation.settings import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW, EVAL_DTYPES, EvalSettings
+from fapm_merge.core.errors import FapmMergeError
+from fapm_merge.core.rules import DEFAULT_BETA, DEFAULT_LORA_SPARSITY, DEFAULT_SPARSITY, FAPM, FAPM_LORA
+from fapm_merge.evaluation.settings import (
+    EVAL_DTYPES,
+    LM_EVAL_BACKENDS,
+    LM_EVAL_LOADING_BACKENDS,
+    TASK_METRIC,
+    TEXT_METRIC,
+    EvalSettings,
+)
 from fapm_merge.workflows.tradeoff import MIN_RETENTION, RULES, TASK_WEIGHT
 from fapm_merge.workflows.tune import DEFAULT_ALPHAS, DEFAULT_BASELINES, DEFAULT_SPARSITIES, MAX_ON_DISK
 
@@ -28,17 +38,18 @@ def main():
 
 def _check_device(ctx, param, value: str) -> str:
     """A --device value torch accepts and this machine has (checked before any work)."""
-    import torch
+    from fapm_merge.core.devices import DeviceError, check_device
 
     try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise click.BadParameter(f"{value!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter(
-            f"{value!r}: CUDA is not available here (torch {torch.__version__}); use cpu"
-        )
+        check_device(value)
+    except DeviceError as error:
+        raise click.BadParameter(str(error)) from None
     return value
+
+
+def _absolute(ctx, param, value):
+    """A folder the harness reads later, maybe from another working folder (Ray)."""
+    return value.absolute() if value is not None else None
 
 
 def _check_plot_path(ctx, param, value):
@@ -59,14 +70,44 @@ def _options(*decorators):
     return apply
 
 
-_eval_options = _options(  # shared by eval and tune: one place for their defaults
-    click.option("--tokenizer", default=None, help="Tokenizer folder (default: each model's own), or 'bytes' for tokenizer-less toy models."),
-    click.option("--window", default=DEFAULT_WINDOW, show_default=True, type=click.IntRange(1), help="Tokens per text window (non-overlapping)."),
-    click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1), help="Windows per forward pass."),
-    click.option("--max-tokens", type=click.IntRange(2), default=None, help="Use only the first N tokens of --text."),
-    click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend the tokenizer's BOS token to each window and prompt."),
-    click.option("--device", default="cpu", show_default=True, callback=_check_device, help="cpu, cuda, cuda:1, ..."),
-    click.option("--dtype", default=EVAL_DTYPES[0], show_default=True, type=click.Choice(EVAL_DTYPES), help="Model dtype for evaluation."),
+class _EvalOption(click.Option):
+    """An option that sets the `EvalSettings` field of its name (see `_takes_eval_settings`)."""
+
+
+_EVAL_DEFAULTS = {field.name: field.default for field in dataclasses.fields(EvalSettings)}
+
+
+def _eval_option(name: str, *declarations: str, **attributes):
+    """The option for `EvalSettings` field NAME (``--name`` unless declared otherwise):
+    its default is the field's, shown in --help when there is one."""
+    default = _EVAL_DEFAULTS[name]
+    attributes.setdefault("show_default", default is not None)
+    return click.option(*(declarations or (f"--{name.replace('_', '-')}",)), name,
+                        cls=_EvalOption, default=default, **attributes)
+
+
+def _takes_eval_settings(function):
+    """Hand the command's `EvalSettings` options to it as one ``evaluation`` argument,
+    as mergekit's add_merge_options hands over one MergeOptions (put it right below
+    the command decorator, above every option)."""
+    fields = [param.name for param in getattr(function, "__click_params__", ())
+              if isinstance(param, _EvalOption)]
+
+    @functools.wraps(function)
+    def command(**values):
+        return function(evaluation=EvalSettings(**{name: values.pop(name) for name in fields}), **values)
+
+    return command
+
+
+_eval_options = _options(  # shared by eval and tune
+    _eval_option("tokenizer", help="Tokenizer folder (default: each model's own), or 'bytes' for tokenizer-less toy models."),
+    _eval_option("window", type=click.IntRange(1), help="Tokens per text window (non-overlapping)."),
+    _eval_option("batch_size", type=click.IntRange(1), help="Windows per forward pass."),
+    _eval_option("max_tokens", type=click.IntRange(2), help="Use only the first N tokens of --text."),
+    _eval_option("use_bos", "--bos/--no-bos", help="Prepend the tokenizer's BOS token to each window and prompt."),
+    _eval_option("device", callback=_check_device, help="cpu, cuda, cuda:1, ..."),
+    _eval_option("dtype", type=click.Choice(EVAL_DTYPES), help="Model dtype for evaluation."),
 )
 
 _rule_options = _options(  # shared by tradeoff and tune
@@ -97,12 +138,12 @@ def demo(out_dir: Path, sparsity: float, overwrite: bool):
     """
     from rich.console import Console
 
-    from fapm_merge.workflows.demo import DemoError, run_demo
+    from fapm_merge.workflows.demo import run_demo
 
     console = Console()
     try:
         result = run_demo(out_dir, sparsity=sparsity, overwrite=overwrite, console=console)
-    except DemoError as error:
+    except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
     summary = result.summary
     console.print(summary.table(title=f"FAPM demo, sparsity {sparsity}"))
@@ -179,17 +220,18 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
 
 
 @main.command(name="eval")
+@_takes_eval_settings
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text file: mean token loss and perplexity (general ability).")
-@click.option("--task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL of {prompt, answer} (greedy exact match) or {prompt, choices, answer} (log-likelihood).")
+@_eval_option("text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text file: mean token loss and perplexity (general ability).")
+@_eval_option("task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL of {prompt, answer} (greedy exact match) or {prompt, choices, answer} (log-likelihood).")
 @click.option("--out", "results", type=click.Path(dir_okay=False, path_type=Path), default=Path("results.jsonl"), show_default=True, help="Results file; one JSON line is appended per model.")
 @_eval_options
-@click.option("--lm-eval", "lm_eval_tasks", default=None, help="Comma-separated lm-evaluation-harness tasks (needs the 'eval' extra); per-sample metrics are kept as lm_eval:TASK/METRIC.")
-@click.option("--lm-eval-limit", type=int, default=None, help="Examples per lm-eval task (for quick runs).")
-@click.option("--lm-eval-backend", type=click.Choice(["hf", "vllm", "local-completions"]), default="hf", show_default=True, help="How the harness runs the model: transformers here, vLLM (GPUs), or a completions server.")
-@click.option("--lm-eval-model-args", default=None, help="Passed to the harness's model_args, e.g. dtype=bfloat16,tensor_parallel_size=8,gpu_memory_utilization=0.8 (docs/scale.md).")
-@click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Folder of your own lm-eval task YAML files (examples/lm_eval_task).")
-def eval_command(models, text, task, results, tokenizer, window, batch_size, max_tokens, bos, device, dtype, lm_eval_tasks, lm_eval_limit, lm_eval_backend, lm_eval_model_args, lm_eval_include):
+@_eval_option("lm_eval_tasks", "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (needs the 'eval' extra); per-sample metrics are kept as lm_eval:TASK/METRIC.")
+@_eval_option("lm_eval_limit", type=int, help="Examples per lm-eval task (for quick runs).")
+@_eval_option("lm_eval_backend", type=click.Choice(LM_EVAL_BACKENDS), help="How the harness runs the model: transformers here, vLLM (GPUs), or a completions server.")
+@_eval_option("lm_eval_model_args", help="Passed to the harness's model_args, e.g. dtype=bfloat16,tensor_parallel_size=8,gpu_memory_utilization=0.8 (docs/scale.md).")
+@_eval_option("lm_eval_include", type=click.Path(exists=True, file_okay=False, path_type=Path), callback=_absolute, help="Folder of your own lm-eval task YAML files (examples/lm_eval_task).")
+def eval_command(models, results, evaluation: EvalSettings):
     """Evaluate MODEL folders; append one JSON line per model to --out.
 
     A MODEL that is a sweep folder (it holds sweep.json) stands for all its
@@ -199,21 +241,13 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
     from rich.console import Console
 
     from fapm_merge.evaluation.evaluate import evaluate_model
-    from fapm_merge.evaluation.metrics import EvalInputError
-    from fapm_merge.evaluation.results import ResultsError, append_result, expand_models, progress_line
+    from fapm_merge.evaluation.results import append_result, expand_models, progress_line
 
     console = Console(stderr=True)
-    settings = EvalSettings(
-        text=text, task=task, tokenizer=tokenizer, window=window, batch_size=batch_size,
-        max_tokens=max_tokens, use_bos=bos, device=device, dtype=dtype,
-        lm_eval_tasks=lm_eval_tasks, lm_eval_limit=lm_eval_limit, lm_eval_backend=lm_eval_backend,
-        lm_eval_model_args=lm_eval_model_args,
-        lm_eval_include=lm_eval_include.absolute() if lm_eval_include else None,
-    )
     try:
         folders = expand_models(models)
         results.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the models
-    except ResultsError as error:
+    except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(f"cannot write --out {results}: {error.strerror}") from None
@@ -222,8 +256,8 @@ def eval_command(models, text, task, results, tokenizer, window, batch_size, max
     for number, folder in enumerate(folders, 1):
         try:
             with console.status(f"[{number}/{len(folders)}] evaluating {folder}"):
-                record = evaluate_model(folder, settings)
-        except EvalInputError as error:
+                record = evaluate_model(folder, evaluation)
+        except FapmMergeError as error:
             raise click.ClickException(f"{folder}: {error}") from None
         append_result(results, record)
         click.echo(progress_line(number, len(folders), record), err=True)
@@ -249,12 +283,12 @@ def verify(out_dir: Path, recipe, no_model_card: bool):
     report lists what was and was not checked. Exit status 1 when anything is
     wrong. Also useful on an input folder, to find a truncated download.
     """
-    from fapm_merge.io.recipe import RecipeError, load_recipe
+    from fapm_merge.io.recipe import load_recipe
     from fapm_merge.workflows.verify import format_report, verify_output
 
     try:
         parsed = load_recipe(recipe) if recipe else None
-    except RecipeError as error:
+    except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
     report = verify_output(out_dir, parsed, model_card=not no_model_card)
     click.echo(format_report(report))
@@ -278,20 +312,21 @@ def lint(recipe: Path, cuda: bool, device, intermediate_dir):
     stage by stage. Run this before a long merge, from the directory you will merge
     in, with the --cuda/--device you will pass; exit status 1 when anything is found.
     """
-    from fapm_merge.io.recipe import RecipeError, lint_documents, load_recipe_documents
+    from fapm_merge.core.devices import merge_device_problems
+    from fapm_merge.io.recipe import lint_documents, load_recipe_documents
     from fapm_merge.methods import register_methods
 
     register_methods()  # lint reads the methods' parameter specs
 
     try:
         documents = load_recipe_documents(recipe)
-    except RecipeError as error:
+    except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
     problems, notes = lint_documents(documents, intermediate_dir=intermediate_dir)
     lines = [str(problem) for problem in problems]
     if cuda or device:
-        lines += _device_problems("cuda" if cuda and not device else device,
-                                  "--cuda" if cuda and not device else f"--device {device}")
+        lines += merge_device_problems("cuda" if cuda and not device else device,
+                                       "--cuda" if cuda and not device else f"--device {device}")
     for line in lines:
         click.echo(line)
     for note in notes:
@@ -299,53 +334,6 @@ def lint(recipe: Path, cuda: bool, device, intermediate_dir):
     if lines:
         raise SystemExit(1)
     click.echo(f"{recipe}: no problems found")
-
-
-def _metric_keys(task_metric: str, text_metric: str):
-    """--task-metric / --text-metric as record keys (``lm_eval:wikitext`` ->
-    ``lm_eval:wikitext/word_perplexity``); a malformed name is a TradeoffError."""
-    from fapm_merge.evaluation.lm_eval import is_lm_eval_metric, parse_metric
-    from fapm_merge.evaluation.metrics import EvalInputError
-    from fapm_merge.workflows.tradeoff import TradeoffError
-
-    keys = []
-    for name, option, default_metric in ((task_metric, "--task-metric", None),
-                                         (text_metric, "--text-metric", "word_perplexity")):
-        if not is_lm_eval_metric(name):
-            keys.append(name)
-            continue
-        try:
-            keys.append(parse_metric(name, option=option, default_metric=default_metric).key)
-        except EvalInputError as error:
-            raise TradeoffError(str(error)) from None
-    return keys
-
-
-def _device_problems(device: str, option: str) -> list:
-    """Why mergekit-yaml OPTION would fail on this machine, before it creates its output.
-
-    mergekit creates the output folder first and moves the first tensor to the
-    device after (AssertionError: Torch not compiled with CUDA enabled), so a
-    missing GPU costs an empty folder and a traceback; the method code runs too
-    late to stop it (docs/troubleshooting.md).
-    """
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        return [f"{option}: {device!r} is not a torch device; use cpu, cuda or cuda:N"]
-    if kind == "cuda" and not torch.cuda.is_available():
-        why = "was built without CUDA" if torch.version.cuda is None else "finds no GPU"
-        return [f"{option}: torch {torch.__version__} here {why}, so mergekit-yaml {option} "
-                "would stop at the first tensor (AssertionError: Torch not compiled with CUDA "
-                f"enabled) and leave an empty output folder; drop {option}: the merge runs on "
-                "the CPU"]
-    if kind == "cuda" and torch.device(device).index is not None \
-            and torch.device(device).index >= torch.cuda.device_count():
-        return [f"{option}: this machine has {torch.cuda.device_count()} GPU(s); "
-                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"]
-    return []
 
 
 @main.command()
@@ -356,8 +344,8 @@ def _device_problems(device: str, option: str) -> list:
 @click.option("--base", default=None, help="Path of the base model's record (default: the recipes' base_model).")
 @click.option("--finetuned", default=None, help="Path of the fine-tuned model's record (default: the recipes' fine-tuned model).")
 @click.option("--title", default="", help="Plot title.")
-@click.option("--task-metric", default="task", show_default=True, help="Task axis: 'task' (eval --task accuracy) or an lm-eval per-sample metric, lm_eval:TASK/METRIC (e.g. lm_eval:arc_easy/acc).")
-@click.option("--text-metric", default="text", show_default=True, help="General axis: 'text' (eval --text loss) or an lm-eval perplexity task, lm_eval:TASK (e.g. lm_eval:wikitext).")
+@click.option("--task-metric", default=TASK_METRIC, show_default=True, help=f"Task axis: {TASK_METRIC!r} (eval --task accuracy) or an lm-eval per-sample metric, lm_eval:TASK/METRIC (e.g. lm_eval:arc_easy/acc).")
+@click.option("--text-metric", default=TEXT_METRIC, show_default=True, help=f"General axis: {TEXT_METRIC!r} (eval --text loss) or an lm-eval perplexity task, lm_eval:TASK (e.g. lm_eval:wikitext).")
 def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_path, base, finetuned, title, task_metric, text_metric):
     """Place every evaluated model of RESULTS (from `fapm-merge eval`) on the
     forgetting / task plane, with paired 95% intervals, and select one by a stated rule.
@@ -378,9 +366,9 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
 
     from rich.console import Console
 
+    from fapm_merge.evaluation.lm_eval import resolve_axes
     from fapm_merge.workflows.plots import plot_tradeoff
     from fapm_merge.workflows.tradeoff import (
-        TradeoffError,
         compute_tradeoff,
         read_results,
         summary_lines,
@@ -391,10 +379,10 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
     console = Console(stderr=to_stdout)
     try:
         chosen = _rule(rule, min_retention, max_cf, task_weight)
-        task_key, text_key = _metric_keys(task_metric, text_metric)
+        axes = resolve_axes(task_metric, text_metric)
         result = compute_tradeoff(read_results(results), base=base, finetuned=finetuned, rule=chosen,
-                                  task_metric=task_key, text_metric=text_key)
-    except TradeoffError as error:
+                                  task_metric=axes.task, text_metric=axes.text)
+    except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
     plot_path = plot_path or results.with_suffix(".png")
     plot_tradeoff(result, plot_path, title=title)
@@ -412,21 +400,22 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
 
 
 @main.command()
+@_takes_eval_settings
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="General text: forgetting as CF% (perplexity against the base). Needed unless --text-metric is an lm-eval task.")
 @click.option("--task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Task JSONL (as for eval): accuracy, and what the fine-tune must keep. Needed unless --task-metric is an lm-eval metric.")
-@click.option("--task-metric", default="task", show_default=True, help="Task axis: 'task' (the --task file) or lm_eval:TASK/METRIC, a per-sample harness metric (e.g. lm_eval:arc_easy/acc).")
-@click.option("--text-metric", default="text", show_default=True, help="General axis: 'text' (the --text file) or lm_eval:TASK, a harness perplexity task (e.g. lm_eval:wikitext).")
-@click.option("--lm-eval-backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True, help="How the harness runs each model: transformers, or vLLM on GPUs.")
-@click.option("--lm-eval-model-args", default=None, help="Passed to the harness's model_args, e.g. dtype=bfloat16,tensor_parallel_size=8 (docs/scale.md).")
-@click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Folder of your own lm-eval task YAML files.")
-@click.option("--lm-eval-limit", type=click.IntRange(1), default=None, help="Documents per lm-eval task (quick runs).")
+@click.option("--task-metric", default=TASK_METRIC, show_default=True, help=f"Task axis: {TASK_METRIC!r} (the --task file) or lm_eval:TASK/METRIC, a per-sample harness metric (e.g. lm_eval:arc_easy/acc).")
+@click.option("--text-metric", default=TEXT_METRIC, show_default=True, help=f"General axis: {TEXT_METRIC!r} (the --text file) or lm_eval:TASK, a harness perplexity task (e.g. lm_eval:wikitext).")
+@_eval_option("lm_eval_backend", type=click.Choice(LM_EVAL_LOADING_BACKENDS), help="How the harness runs each model: transformers, or vLLM on GPUs.")
+@_eval_option("lm_eval_model_args", help="Passed to the harness's model_args, e.g. dtype=bfloat16,tensor_parallel_size=8 (docs/scale.md).")
+@_eval_option("lm_eval_include", type=click.Path(exists=True, file_okay=False, path_type=Path), callback=_absolute, help="Folder of your own lm-eval task YAML files.")
+@_eval_option("lm_eval_limit", type=click.IntRange(1), help="Documents per lm-eval task (quick runs).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, help="Run the variants as Ray tasks (extra 'distributed'): --ray alone starts Ray here; --ray ADDRESS joins a cluster (auto, HOST:6379).")
 @click.option("--ray-gpus", type=click.IntRange(1), default=1, show_default=True, help="GPUs per Ray task with --device cuda (vLLM's tensor_parallel_size).")
-@click.option("--sparsity", default=None, help=f"FAPM values, comma-separated (default: {_listed(DEFAULT_SPARSITIES['fapm'])} for fapm; {_listed(DEFAULT_SPARSITIES['fapm_lora'])} for fapm_lora).")
+@click.option("--sparsity", default=None, help=f"FAPM values, comma-separated (default: {_listed(DEFAULT_SPARSITIES[FAPM])} for {FAPM}; {_listed(DEFAULT_SPARSITIES[FAPM_LORA])} for {FAPM_LORA}).")
 @click.option("--baselines", default=_listed(DEFAULT_BASELINES), show_default=True, help="Comma-separated: magnitude, wiseft, dare (fapm only); empty for none.")
-@click.option("--alpha", "alphas", default=None, help=f"WiSE-FT strengths (default {_listed(DEFAULT_ALPHAS['fapm'])}; fapm_lora {_listed(DEFAULT_ALPHAS['fapm_lora'])}).")
+@click.option("--alpha", "alphas", default=None, help=f"WiSE-FT strengths (default {_listed(DEFAULT_ALPHAS[FAPM])}; {FAPM_LORA} {_listed(DEFAULT_ALPHAS[FAPM_LORA])}).")
 @click.option("--seed", default=0, show_default=True, help="DARE seed (mergekit-yaml --random-seed).")
 @_rule_options
 @click.option("--max-on-disk", type=click.IntRange(1), default=MAX_ON_DISK, show_default=True, help="Variants on disk at once (each is a full checkpoint).")
@@ -436,10 +425,9 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
 @_eval_options
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=None, help="Copy the base's tokenizer into outputs (default: when the base has one).")
-def tune(recipe, out_dir, text, task, task_metric, text_metric, lm_eval_backend, lm_eval_model_args,
-         lm_eval_include, lm_eval_limit, ray_address, ray_gpus, sparsity, baselines, alphas, seed, rule,
-         min_retention, max_cf, task_weight, max_on_disk, keep_variants, work_dir, restart, overwrite,
-         tokenizer, window, batch_size, max_tokens, bos, device, dtype, copy_tokenizer):
+def tune(recipe, out_dir, text, task, task_metric, text_metric, ray_address, ray_gpus, sparsity, baselines,
+         alphas, seed, rule, min_retention, max_cf, task_weight, max_on_disk, keep_variants, work_dir,
+         restart, overwrite, copy_tokenizer, evaluation: EvalSettings):
     """Sweep, evaluate, decide and write the chosen model to OUT_DIR, in one command.
 
     RECIPE is a mergekit recipe with merge_method: fapm (a full fine-tune; one
@@ -462,12 +450,10 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, lm_eval_backend,
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fapm_merge.core import FapmInputError
-    from fapm_merge.evaluation.metrics import EvalInputError
-    from fapm_merge.io.recipe import RecipeError, load_recipe
-    from fapm_merge.workflows.sweep import SweepError, parse_values
-    from fapm_merge.workflows.tradeoff import TradeoffError, summary_lines, tradeoff_table
-    from fapm_merge.workflows.tune import EXIT_NOTHING_CHOSEN, TuneError, TuneSettings, run_tune
+    from fapm_merge.io.recipe import load_recipe
+    from fapm_merge.workflows.sweep import parse_values
+    from fapm_merge.workflows.tradeoff import summary_lines, tradeoff_table
+    from fapm_merge.workflows.tune import EXIT_NOTHING_CHOSEN, TuneSettings, run_tune
 
     console = Console()
     try:
@@ -478,17 +464,13 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, lm_eval_backend,
             alphas=parse_values(alphas, "--alpha") if alphas else None,
             seed=seed,
             rule=_rule(rule, min_retention, max_cf, task_weight),
-            eval=EvalSettings(tokenizer=tokenizer, window=window, batch_size=batch_size,
-                              max_tokens=max_tokens, use_bos=bos, device=device, dtype=dtype,
-                              lm_eval_backend=lm_eval_backend, lm_eval_model_args=lm_eval_model_args,
-                              lm_eval_include=lm_eval_include.absolute() if lm_eval_include else None,
-                              lm_eval_limit=lm_eval_limit),
-            device=device, copy_tokenizer=copy_tokenizer, max_on_disk=max_on_disk,
+            eval=evaluation,
+            device=evaluation.device, copy_tokenizer=copy_tokenizer, max_on_disk=max_on_disk,
             keep_variants=keep_variants, work_dir=work_dir, overwrite=overwrite, restart=restart,
             task_metric=task_metric, text_metric=text_metric, ray=ray_address, ray_gpus=ray_gpus,
         )
         parsed = load_recipe(recipe)
-    except (SweepError, TradeoffError, RecipeError) as error:
+    except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
     names = {"anchors": "evaluate base and fine-tune", "variants": "merge + evaluate variants",
              "decision": "decide", "rebuild": "rebuild the chosen model"}
@@ -504,8 +486,7 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, lm_eval_backend,
         try:
             result = run_tune(parsed, out_dir, settings, progress=progress,
                               command=" ".join(shlex.quote(a) for a in ["fapm-merge", *sys.argv[1:]]))
-        except (TuneError, SweepError, TradeoffError, EvalInputError, FapmInputError,
-                RecipeError, FileExistsError) as error:
+        except (FapmMergeError, FileExistsError) as error:
             raise click.ClickException(str(error)) from None
         except Exception as error:
             # raised inside mergekit/transformers/torch during a merge or an evaluation:
@@ -531,8 +512,8 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, lm_eval_backend,
 @click.argument("base", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("finetuned", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--adapter", default=None, help="A PEFT LoRA adapter folder on BASE instead of FINETUNED.")
-@click.option("--sparsity", type=float, default=None, help="Share FAPM resets (default 0.9; 0.1 with --adapter).")
-@click.option("--beta", type=float, default=1.0, show_default=True, help="The score's balance factor.")
+@click.option("--sparsity", type=float, default=None, help=f"Share FAPM resets (default {DEFAULT_SPARSITY}; {DEFAULT_LORA_SPARSITY} with --adapter).")
+@click.option("--beta", type=float, default=DEFAULT_BETA, show_default=True, help="The score's balance factor.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write every statistic as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=_check_plot_path, help="PNG with layer x module heatmaps and the score histogram.")
 @click.option("--json-only", is_flag=True, help="Print the JSON to stdout and nothing else (for scripts).")
@@ -549,13 +530,12 @@ def analyze(base, finetuned, adapter, sparsity, beta, json_path, plot_path, json
 
     from fapm_merge.workflows.analyze import analysis_table
     from fapm_merge.workflows.analyze import analyze as run_analysis
-    from fapm_merge.core import FapmInputError
 
     if (finetuned is None) == (adapter is None):
         raise click.UsageError("give FINETUNED or --adapter (one of them)")
     try:
         result = run_analysis(base, finetuned, adapter=adapter, sparsity=sparsity, beta=beta, progress=not json_only)
-    except (FapmInputError, FileNotFoundError) as error:
+    except (FapmMergeError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
     document = result.to_json()
     if json_only:

@@ -6,6 +6,7 @@ know fapm_lora); methods.py, fapm_ties.py and lora_method.py imported each other
 """
 
 import ast
+import re
 import os
 import subprocess
 import sys
@@ -216,3 +217,132 @@ def test_importing_the_package_is_cheap():
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
+
+
+def _constants():
+    """Every module-level UPPER_CASE constant of the package given as a literal:
+    ``{name: value}`` (a name defined twice keeps both values, as a set)."""
+    found = {}
+    for _module, path in _modules():
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, ast.AnnAssign) and node.value is not None else []
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id.lstrip("_").isupper() \
+                        and isinstance(node.value, ast.Constant):
+                    found.setdefault(target.id, set()).add(node.value.value)
+    return found
+
+
+def _literal_text(node) -> str:
+    """A string argument's literal parts; what an f-string computes is left out."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "{}".join(_literal_text(part) for part in node.values if not isinstance(part, ast.FormattedValue))
+    return ""
+
+
+_DEFAULT_CLAUSE = re.compile(r"\bdefault\b:?([^()]*)", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+
+
+def _restated_defaults(source: str):
+    """Help and description texts that write a number equal to a numeric constant
+    after the word "default": the default restated by hand, not taken from it."""
+    numbers = {value for values in _constants().values() for value in values
+               if type(value) in (int, float)}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        for keyword in node.keywords:
+            if keyword.arg not in ("help", "description"):
+                continue
+            for clause in _DEFAULT_CLAUSE.findall(_literal_text(keyword.value)):
+                found += [f"line {node.lineno}: {number!r} in 'default{clause}'"
+                          for number in _NUMBER.findall(clause) if float(number) in numbers]
+    return found
+
+
+def test_no_help_text_restates_a_default_by_hand():
+    # "(default 0.9; ...)" written in a help string silently disagrees once the
+    # constant changes; show_default or an f-string of the constant cannot.
+    restated = {module: _restated_defaults(path.read_text()) for module, path in _modules()}
+    assert not {module: hits for module, hits in restated.items() if hits}
+
+
+def test_the_restated_default_check_catches_a_literal():
+    source = textwrap.dedent("""
+        import click
+        DEFAULT_SPARSITY = 0.9
+        a = click.option("--sparsity", type=float, help="Share reset (default 0.9; 0.1 with --adapter).")
+        b = click.option("--sparsity", type=float, help=f"Share reset (default {DEFAULT_SPARSITY}).")
+        c = click.option("--values", help="e.g. 0.5,0.7,0.9")
+    """)
+    assert [hit.split(":")[0] for hit in _restated_defaults(source)] == ["line 4", "line 4"]
+
+
+_DOC_DEFAULT = re.compile(r"(\w+) \(`[^`]*`, defaults to ([^)]*?)\)")
+
+
+def _signature_defaults(node):
+    """A function's parameters, or a dataclass's fields, that have a default: name -> node."""
+    if isinstance(node, ast.ClassDef):
+        fields = {s.target.id: s.value for s in node.body
+                  if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None}
+        return {name: value for name, value in fields.items() if not isinstance(value, ast.Call)}
+    positional = node.args.posonlyargs + node.args.args
+    found = dict(zip([a.arg for a in positional][len(positional) - len(node.args.defaults):], node.args.defaults))
+    found.update({a.arg: d for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None})
+    return found
+
+
+def _docstring_defaults_that_disagree(source: str, constants):
+    """``name (`type`, defaults to X)`` in a docstring where the code's default is
+    another value: X a literal or a backquoted constant name, the code's default a
+    literal or a package constant."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        defaults = _signature_defaults(node)
+        for name, written in _DOC_DEFAULT.findall(ast.get_docstring(node) or ""):
+            code = defaults.get(name)
+            name_in_code = getattr(code, "id", getattr(code, "attr", None))
+            values = {code.value} if isinstance(code, ast.Constant) else constants.get(name_in_code)
+            quoted = re.fullmatch(r"`(\w+)`", written.strip())
+            if quoted:
+                if code is not None and quoted.group(1) != name_in_code:
+                    found.append(f"{node.name}: {name} defaults to {written}, the code to {ast.unparse(code)}")
+                continue
+            try:
+                said = ast.literal_eval(written.strip())
+            except (ValueError, SyntaxError):
+                continue  # prose ("the densities of the sweep"): nothing to compare
+            if values and not any(said == v and type(said) is type(v) for v in values):
+                found.append(f"{node.name}: {name} defaults to {written}, the code to {ast.unparse(code)}")
+    return found
+
+
+def test_docstring_defaults_agree_with_the_code():
+    # the PEFT-style "beta (`float`, defaults to 1.0)" restates a default: it must
+    # say what the signature (or the constant it names) says
+    constants = _constants()
+    wrong = {module: _docstring_defaults_that_disagree(path.read_text(), constants)
+             for module, path in _modules()}
+    assert not {module: hits for module, hits in wrong.items() if hits}
+
+
+def test_the_docstring_default_check_catches_a_disagreement():
+    source = textwrap.dedent('''
+        def f(beta=DEFAULT_BETA, window=256, name="cpu", k=DEFAULT_BETA):
+            """Args:
+                beta (`float`, defaults to 0.5): wrong.
+                window (`int`, defaults to 256): right.
+                name (`str`, defaults to "cpu"): right.
+                k (`float`, defaults to `DEFAULT_SPARSITY`): wrong name.
+            """
+    ''')
+    assert [hit.split(" defaults")[0] for hit in
+            _docstring_defaults_that_disagree(source, {"DEFAULT_BETA": {1.0}})] == ["f: beta", "f: k"]

@@ -29,6 +29,7 @@ from fapm_merge.evaluation.lm_eval import (  # noqa: E402
     harness_metrics,
     model_args,
     parse_metric,
+    resolve_axes,
     run_lm_eval,
 )
 from fapm_merge.evaluation.metrics import (  # noqa: E402
@@ -40,6 +41,7 @@ from fapm_merge.evaluation.metrics import (  # noqa: E402
     sequence_logprobs,
 )
 from fapm_merge.evaluation.results import read_results  # noqa: E402
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC  # noqa: E402
 from fapm_merge.workflows.demo import DEMO_CONFIG, demo_eval_data, save_pair  # noqa: E402
 from fapm_merge.workflows.tradeoff import Rule, TradeoffError, compute_tradeoff  # noqa: E402
 
@@ -335,6 +337,21 @@ def test_metric_names_parse_or_fail_clearly():
         parse_metric("lm_eval:arc_easy", option="--task-metric")
     with pytest.raises(EvalInputError, match=r"--task-metric 'arc_easy/acc': an lm-eval metric is written"):
         parse_metric("arc_easy/acc", option="--task-metric")
+
+
+def test_axes_resolve_to_record_keys_and_the_harness_tasks_they_need(tmp_path):
+    axes = resolve_axes("lm_eval:arc_easy/acc", "lm_eval:wikitext")
+    assert (axes.task, axes.text, axes.harness_tasks) == (
+        "lm_eval:arc_easy/acc", "lm_eval:wikitext/word_perplexity", ("arc_easy", "wikitext"))
+    builtin = resolve_axes(TASK_METRIC, TEXT_METRIC)
+    assert (builtin.task, builtin.text, builtin.harness_tasks) == (TASK_METRIC, TEXT_METRIC, ())
+    with pytest.raises(EvalInputError, match=r"--task-metric 'lm_eval:arc_easy': name the task"):
+        resolve_axes("lm_eval:arc_easy", "text")
+    settings = EvalSettings(text=Path("general.txt"), lm_eval_tasks="hellaswag, arc_easy")
+    resolved = settings.resolved(axes.harness_tasks)
+    assert resolved.text == Path("general.txt").absolute() and resolved.task is None
+    assert resolved.lm_eval_tasks == "hellaswag,arc_easy,wikitext"
+    assert settings.lm_eval_tasks == "hellaswag, arc_easy"  # a new object; this one unchanged
 
 
 def test_tradeoff_command_takes_a_harness_axis(tmp_path):

@@ -196,8 +196,12 @@ def fold_delta_scales(
 
 
 __all__ = [
+    "DEFAULT_BETA",
     "DEFAULT_LORA_SPARSITY",
     "DEFAULT_SPARSITY",
+    "FAPM",
+    "FAPM_LORA",
+    "FAPM_TIES",
     "check_beta",
     "complement",
     "default_sparsity",

@@ -21,7 +21,7 @@ from fapm_merge.evaluation.metrics import (
     task_accuracy,
 )
 from fapm_merge.evaluation.results import file_digest
-from fapm_merge.evaluation.settings import EvalSettings
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC, EvalSettings
 from fapm_merge.io.recipe import RecipeError, read_model_recipe
 
 
@@ -82,7 +82,7 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
                     f"--text {settings.text} is not UTF-8 text ({error.reason} at byte "
                     f"{error.start}); convert it to UTF-8"
                 ) from None
-            record["metrics"]["text"] = {
+            record["metrics"][TEXT_METRIC] = {
                 "file": str(Path(settings.text).absolute()),
                 "sha256": file_digest(settings.text),
                 **mean_token_loss(
@@ -96,7 +96,7 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
                 ),
             }
         if settings.task is not None:
-            record["metrics"]["task"] = {
+            record["metrics"][TASK_METRIC] = {
                 "file": str(Path(settings.task).absolute()),
                 "sha256": file_digest(settings.task),
                 **task_accuracy(model, tokenizer, load_task(settings.task), use_bos=settings.use_bos),

@@ -31,18 +31,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from fapm_merge.evaluation.errors import EvalInputError  # torch-free: tradeoff imports this module
 from fapm_merge.evaluation.results import PER_ITEM
-from fapm_merge.evaluation.settings import LM_EVAL_BACKENDS
+from fapm_merge.evaluation.settings import (
+    DEFAULT_BATCH_SIZE,
+    EVAL_DTYPES,
+    LM_EVAL_BACKENDS,
+    LM_EVAL_SERVER_BACKEND,
+)
 
 PREFIX = "lm_eval:"
 """Metric names from the harness start with this: ``lm_eval:arc_easy/acc``."""
 
 PERPLEXITY_METRICS = {"word_perplexity": "word", "byte_perplexity": "byte"}
 """Per-document ``(loglikelihood, count)`` metrics of perplexity tasks, and their unit."""
+
+DEFAULT_PERPLEXITY_METRIC = "word_perplexity"
+"""The metric of a general axis named by its task alone (``lm_eval:wikitext``)."""
 
 INSTALL_HINT = "pip install 'fapm-merge[eval]'"
 
@@ -99,6 +108,45 @@ def parse_metric(name: str, *, option: str, default_metric: Optional[str] = None
     return MetricName(task.strip(), metric.strip(), filter_.strip() or "none")
 
 
+@dataclass(frozen=True)
+class Axes:
+    """The task and general axes of ``tradeoff`` and ``tune``, as record keys.
+
+    Attributes:
+        task (`str`): the metric whose ``accuracy`` is the task axis: `TASK_METRIC`
+            or ``lm_eval:TASK/METRIC``.
+        text (`str`): the metric whose ``loss`` is the general axis: `TEXT_METRIC`
+            or ``lm_eval:TASK/word_perplexity`` (or ``byte_perplexity``).
+        harness_tasks (`Tuple[str, ...]`): the lm-eval tasks the axes name, task
+            axis first (for :meth:`EvalSettings.resolved`).
+    """
+
+    task: str
+    text: str
+    harness_tasks: Tuple[str, ...] = ()
+
+
+def resolve_axes(task_metric: str, text_metric: str) -> Axes:
+    """``--task-metric`` and ``--text-metric`` as record keys: a built-in metric
+    (`TASK_METRIC`, `TEXT_METRIC`) stays as it is; ``lm_eval:wikitext`` becomes
+    ``lm_eval:wikitext/word_perplexity``.
+
+    Raises:
+        EvalInputError: a malformed lm-eval metric name; the message names the option.
+    """
+    keys, tasks = [], []
+    for name, option, default_metric in ((task_metric, "--task-metric", None),
+                                         (text_metric, "--text-metric", DEFAULT_PERPLEXITY_METRIC)):
+        if not is_lm_eval_metric(name):
+            keys.append(name)
+            continue
+        parsed = parse_metric(name, option=option, default_metric=default_metric)
+        keys.append(parsed.key)
+        if parsed.task not in tasks:
+            tasks.append(parsed.task)
+    return Axes(task=keys[0], text=keys[1], harness_tasks=tuple(tasks))
+
+
 def model_args(backend: str, model_dir: Path, *, dtype: str, extra: Optional[str] = None) -> str:
     """The harness's ``model_args`` string for one local model folder.
 
@@ -119,7 +167,7 @@ def model_args(backend: str, model_dir: Path, *, dtype: str, extra: Optional[str
             raise EvalInputError(f"--lm-eval-model-args {extra!r}: write KEY=VALUE pairs separated "
                                  "by commas, e.g. dtype=bfloat16,tensor_parallel_size=8")
         given[key.strip()] = value.strip()
-    if backend == "local-completions":
+    if backend == LM_EVAL_SERVER_BACKEND:
         defaults = {"model": str(model_dir)}
         if "base_url" not in given:
             raise EvalInputError("--lm-eval-backend local-completions needs base_url in "
@@ -148,10 +196,10 @@ def run_lm_eval(
     tasks: str,
     *,
     device: str = "cpu",
-    dtype: str = "float32",
-    batch_size: int = 8,
+    dtype: str = EVAL_DTYPES[0],
+    batch_size: int = DEFAULT_BATCH_SIZE,
     limit: Optional[int] = None,
-    backend: str = "hf",
+    backend: str = LM_EVAL_BACKENDS[0],
     extra_model_args: Optional[str] = None,
     include_path: Optional[Path] = None,
 ) -> Dict[str, Any]:
@@ -338,6 +386,8 @@ def explain_missing(name: str, record_metrics: Dict[str, Any], *, option: str, k
 
 
 __all__ = [
+    "Axes",
+    "DEFAULT_PERPLEXITY_METRIC",
     "MetricName",
     "PREFIX",
     "explain_missing",
@@ -345,5 +395,6 @@ __all__ = [
     "is_lm_eval_metric",
     "model_args",
     "parse_metric",
+    "resolve_axes",
     "run_lm_eval",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from fapm_merge.core.errors import FapmMergeError
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.io.jsonl import iter_jsonl
 
 PER_ITEM = "per_item"
@@ -164,10 +165,12 @@ def progress_line(number: int, total: int, record: Dict[str, Any], width: int = 
     """
     metrics = record.get("metrics", {})
     parts = []
-    if "text" in metrics:
-        parts.append(f"loss {metrics['text']['loss']:.4f}, ppl {metrics['text']['perplexity']:.2f}")
-    if "task" in metrics:
-        parts.append(f"task {metrics['task']['accuracy']:.1%} of {metrics['task']['examples']}")
+    if TEXT_METRIC in metrics:
+        text = metrics[TEXT_METRIC]
+        parts.append(f"loss {text['loss']:.4f}, ppl {text['perplexity']:.2f}")
+    if TASK_METRIC in metrics:
+        task = metrics[TASK_METRIC]
+        parts.append(f"task {task['accuracy']:.1%} of {task['examples']}")
     harness = [f"{k} {v['accuracy']:.1%}" if "accuracy" in v else f"{k} ppl {v['perplexity']:.4g}"
                for k, v in metrics.items() if k.startswith("lm_eval:") and isinstance(v, dict)]
     if harness:

@@ -37,6 +37,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 
 from fapm_merge.core.errors import FapmInputError
+from fapm_merge.core.rules import FAPM
 from fapm_merge.core.threads import map_chunks, worker_count
 from fapm_merge.io.checkpoint import model_type, open_safetensors, tensor_shapes
 from fapm_merge.io.recipe import looks_local
@@ -51,7 +52,7 @@ _PEFT_PREFIX = "base_model.model."
 _UNSUPPORTED = {
     "use_dora": "DoRA rescales every column of W by a learned magnitude after the "
     "update, so its task vector is not scale * B @ A; merge it with mergekit's "
-    "`model: BASE+ADAPTER` syntax and merge_method: fapm instead",
+    f"`model: BASE+ADAPTER` syntax and merge_method: {FAPM} instead",
     "target_parameters": "LoRA on bare nn.Parameters (target_parameters) is not "
     "supported by the native path; use `model: BASE+ADAPTER`",
     "trainable_token_indices": "trainable token rows (trainable_token_indices) are not "

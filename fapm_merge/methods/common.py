@@ -24,6 +24,7 @@ from fapm_merge.core import (
     fold_delta_scales,
     resolve_density,
 )
+from fapm_merge.core.rules import DEFAULT_BETA
 
 PAPER_URL = "https://arxiv.org/abs/2509.08255"
 TIES_URL = "https://arxiv.org/abs/2306.01708"
@@ -94,7 +95,7 @@ FAPM_PARAMETERS = (
         "beta",
         Annotated[float, number_parameter("beta", 0.0)],
         ParameterScope.SHARED,
-        default=1.0,
+        default=DEFAULT_BETA,
         description="balance factor of the score; 0 is magnitude pruning",
     ),
     ParameterSpec(

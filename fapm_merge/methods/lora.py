@@ -39,6 +39,7 @@ from mergekit.merge_methods.base import (
 )
 
 from fapm_merge.core import DEFAULT_LORA_SPARSITY, FapmInputError, fapm_merge, keep_count
+from fapm_merge.core.rules import FAPM_LORA
 from fapm_merge.io.lora_adapter import ADAPTER_CONFIG, load_bound_adapter
 from fapm_merge.io.recipe import looks_local
 from fapm_merge.methods.common import PAPER_URL, share_parameter, shared_specs
@@ -48,13 +49,13 @@ def _check_adapter(value: Any) -> Any:
     """Plan-time check (before any tensor is read) of the ``adapter`` parameter."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(
-            "fapm_lora parameter 'adapter' must be the path of a PEFT adapter folder "
+            f"{FAPM_LORA} parameter 'adapter' must be the path of a PEFT adapter folder "
             f"(or a hub id org/name), got {value!r}"
         )
     path = Path(value).expanduser()
     if looks_local(value) and not (path / ADAPTER_CONFIG).is_file():
         raise ValueError(
-            f"fapm_lora parameter 'adapter': {path} has no {ADAPTER_CONFIG}; give the "
+            f"{FAPM_LORA} parameter 'adapter': {path} has no {ADAPTER_CONFIG}; give the "
             "folder that peft's save_pretrained wrote"
         )
     return value
@@ -96,13 +97,13 @@ def _base_folder(group: TensorGroup) -> Path:
     reference = group.base.id
     if getattr(reference, "lora", None):
         raise FapmInputError(
-            f"fapm_lora: base_model {reference} carries an adapter; give the plain base "
+            f"{FAPM_LORA}: base_model {reference} carries an adapter; give the plain base "
             "as base_model and the adapter as the `adapter` parameter"
         )
     local_path = getattr(reference, "local_path", None)
     if local_path is None:  # direct Python callers may use plain ids
         raise FapmInputError(
-            "fapm_lora needs the base model's location: call it through mergekit "
+            f"{FAPM_LORA} needs the base model's location: call it through mergekit "
             "(its tensor ids are ModelReferences)"
         )
     return Path(local_path())
@@ -117,7 +118,7 @@ class FapmLoraMerge(GroupMergeMethod):
     """
 
     spec = MergeMethodSpec(
-        name="fapm_lora",
+        name=FAPM_LORA,
         pretty_name="FAPM on a LoRA adapter (native)",
         reference_url=PAPER_URL,
         parameters=FAPM_LORA_PARAMETERS,
@@ -137,7 +138,7 @@ class FapmLoraMerge(GroupMergeMethod):
             k = keep_count(base.numel(), sparsity=parameters["sparsity"],
                            density=parameters["density"], lora=True)
         except FapmInputError as error:
-            raise FapmInputError(f"fapm_lora, tensor {name!r}: {error}") from None
+            raise FapmInputError(f"{FAPM_LORA}, tensor {name!r}: {error}") from None
         return fapm_merge(
             base,
             [finetuned],

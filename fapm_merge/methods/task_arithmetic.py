@@ -39,6 +39,7 @@ from mergekit.merge_methods.base import (
 from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 
 from fapm_merge.core import compute_dtype, fapm_merge, pruned_delta
+from fapm_merge.core.rules import FAPM, FAPM_TIES
 from fapm_merge.methods.common import (
     FAPM_PARAMETERS,
     PAPER_URL,
@@ -173,14 +174,14 @@ class FapmTaskArithmetic(GroupMergeMethod):
 
 
 fapm_method = FapmTaskArithmetic(
-    method_name="fapm",
+    method_name=FAPM,
     pretty_name="FAPM (Forgetting-Aware Pruning)",
     elect_sign=False,
     default_normalize=False,
 )
 
 fapm_ties_method = FapmTaskArithmetic(
-    method_name="fapm_ties",
+    method_name=FAPM_TIES,
     pretty_name="FAPM-TIES (Forgetting-Aware Pruning + TIES sign election)",
     elect_sign=True,
     default_normalize=True,

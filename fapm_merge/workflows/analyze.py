@@ -36,6 +36,7 @@ from fapm_merge.core import (
     keep_count,
     keep_mask,
 )
+from fapm_merge.core.rules import DEFAULT_BETA
 from fapm_merge.io.checkpoint import model_type, read_tensor, safetensors_index
 
 HIST_RANGE = 10.0
@@ -81,7 +82,7 @@ def tensor_stats(
     finetuned: torch.Tensor,
     *,
     sparsity: float = DEFAULT_SPARSITY,
-    beta: float = 1.0,
+    beta: float = DEFAULT_BETA,
     histogram: Optional[torch.Tensor] = None,
 ) -> TensorStats:
     """Statistics of one base/fine-tuned tensor pair.
@@ -91,7 +92,7 @@ def tensor_stats(
         pre (`torch.Tensor`): ``W_pre``.
         finetuned (`torch.Tensor`): ``W_ft``.
         sparsity (`float`, defaults to 0.9): the share FAPM resets.
-        beta (`float`, defaults to 1.0): the score's balance factor.
+        beta (`float`, defaults to `DEFAULT_BETA`): the score's balance factor.
         histogram (`torch.Tensor`, *optional*): float64 counts of ``HIST_BINS`` bins of
             ``S / mean|dW|`` over ``[-HIST_RANGE, HIST_RANGE]`` (clipped), updated in place.
     """
@@ -290,7 +291,7 @@ def analyze(
     *,
     adapter: Optional[str] = None,
     sparsity: Optional[float] = None,
-    beta: float = 1.0,
+    beta: float = DEFAULT_BETA,
     progress: bool = False,
 ) -> Analysis:
     """Stream the pair and compute :class:`TensorStats` for every floating tensor.
@@ -301,7 +302,7 @@ def analyze(
         adapter (`str`, *optional*): a PEFT LoRA adapter folder on ``base``.
         sparsity (`float`, *optional*): default 0.9, or 0.1 with ``adapter`` (the
             paper's advice for already low-rank LoRA updates).
-        beta (`float`, defaults to 1.0): the score's balance factor.
+        beta (`float`, defaults to `DEFAULT_BETA`): the score's balance factor.
         progress (`bool`, defaults to False): rich progress bar on stderr.
     """
     if sparsity is None:

@@ -29,7 +29,8 @@ from typing import Dict, List, Tuple
 import torch
 
 from fapm_merge.core.errors import FapmMergeError
-from fapm_merge.core.rules import DEFAULT_SPARSITY
+from fapm_merge.core.rules import DEFAULT_SPARSITY, FAPM
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.checkpoint import iter_tensors
 
@@ -329,7 +330,7 @@ def demo_eval_data(
             if picks[0][n] != picks[1][n] and len(kept) < items:
                 kept.append({"prompt": prompt, "choices": choices, "answer": picks[1][n]})
     task_path.write_text("".join(json.dumps(k) + "\n" for k in kept), encoding="utf-8")
-    return {"text": text_path, "task": task_path}
+    return {TEXT_METRIC: text_path, TASK_METRIC: task_path}
 
 
 # ---------------------------------------------------------------------------
@@ -391,7 +392,7 @@ def run_demo(
     else:
         base, finetuned = save_pair(DEMO_CONFIG, out_dir / "models", tokenizer=True)
     recipe = {
-        "merge_method": "fapm",
+        "merge_method": FAPM,
         "base_model": str(base),
         "models": [{"model": str(finetuned), "parameters": {"sparsity": sparsity}}],
         "dtype": "float32",
@@ -435,7 +436,7 @@ def _main(argv: List[str]) -> int:
                      f"run `fapm-merge demo {args.demo_dir}` first")
     files = demo_eval_data(models / "base", models / "finetuned", args.demo_dir / "eval",
                            text_tokens=args.text_tokens, items=args.items)
-    print(f"wrote {files['text']} and {files['task']}")
+    print(f"wrote {files[TEXT_METRIC]} and {files[TASK_METRIC]}")
     return 0
 
 

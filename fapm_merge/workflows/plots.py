@@ -8,8 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from fapm_merge.core.rules import FAPM
+
 METHOD_STYLE = {
-    "fapm": dict(color="#d62728", marker="o"),
+    FAPM: dict(color="#d62728", marker="o"),
     "magnitude": dict(color="#1f77b4", marker="s"),
     "dare": dict(color="#2ca02c", marker="^"),
     "wiseft": dict(color="#9467bd", marker="D"),

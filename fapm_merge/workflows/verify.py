@@ -35,6 +35,7 @@ import torch
 
 from fapm_merge import core
 from fapm_merge.core import FapmInputError
+from fapm_merge.core.rules import DEFAULT_BETA, FAPM
 from fapm_merge.io import checkpoint
 from fapm_merge.io.recipe import (
     RECIPE_FILE,
@@ -48,7 +49,7 @@ from fapm_merge.io.recipe import (
     reference_parts,
 )
 
-_FAPM_METHODS = ("fapm",)
+_FAPM_METHODS = (FAPM,)
 
 
 @dataclass
@@ -404,7 +405,7 @@ def _fapm_setup(recipe: Dict[str, Any], base_index: Dict[str, Path],
     values = {
         "sparsity": own.get("sparsity", top.get("sparsity")),
         "density": own.get("density", top.get("density")),
-        "beta": top.get("beta", 1.0),
+        "beta": top.get("beta", DEFAULT_BETA),
         "weight": own.get("weight", top.get("weight", 1.0)),
         "lambda": top.get("lambda", 1.0),
     }
