@@ -38,7 +38,7 @@ BENCH_PAIR ?= benchmarks/data/pair-1b
 BENCH_REPS ?= 3
 bench: $(VENV)/.installed
 	test -f $(BENCH_PAIR)/base/config.json || $(PY) benchmarks/make_pair.py $(BENCH_PAIR) --params 1e9
-	nice -n 10 $(PY) benchmarks/bench_kernel.py --threads 1 2 4 8 --baseline tests/kernel_before.py
+	nice -n 10 $(PY) benchmarks/bench_kernel.py --threads 1 2 4 8 --baseline benchmarks/kernel_baseline.py
 	HF_HUB_OFFLINE=1 nice -n 10 $(PY) benchmarks/bench_e2e.py --pair $(BENCH_PAIR) --reps $(BENCH_REPS)
 
 # A busy machine (issue 15): each method quiet and with one busy neighbour per core,

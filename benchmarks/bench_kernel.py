@@ -22,7 +22,7 @@ Thread scaling: ``--threads 1 2 4 8`` repeats ``fapm merge`` (and the baseline)
 at each torch thread count; beyond 1 thread the wall time is what counts (the CPU
 time then also holds whatever the threads spend waiting). Counts above the
 machine's cores oversubscribe it on purpose: that is what a busy machine does to
-a kernel. ``--baseline tests/kernel_before.py`` adds ``fapm merge (baseline)``:
+a kernel. ``--baseline benchmarks/kernel_baseline.py`` adds ``fapm merge (baseline)``:
 the same call through another copy of the kernel module (here, the kernel before
 issue 15), timed side by side.
 
@@ -33,7 +33,7 @@ the RSS before it: bytes per element beyond the inputs.
 Usage::
 
     python benchmarks/bench_kernel.py                # CPU, all sizes
-    python benchmarks/bench_kernel.py --threads 1 2 4 8 --baseline tests/kernel_before.py
+    python benchmarks/bench_kernel.py --threads 1 2 4 8 --baseline benchmarks/kernel_baseline.py
     python benchmarks/bench_kernel.py --device cuda  # GPU (times use synchronize)
 """
 
@@ -281,7 +281,7 @@ def main() -> None:
                         help="torch thread counts to run, e.g. 1 2 4 8 (default: torch's)")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="another kernel module file to time side by side, "
-                             "e.g. tests/kernel_before.py")
+                             "e.g. benchmarks/kernel_baseline.py")
     parser.add_argument("--max-elements", type=float, default=6e8)
     parser.add_argument("--argsort-max", type=float, default=6e7,
                         help="largest size argsort runs at (it needs ~16+ B/elem)")

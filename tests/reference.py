@@ -16,13 +16,18 @@ def reference_keep_count(numel, sparsity):
     return math.floor((Decimal(1) - Decimal(repr(float(sparsity)))) * numel)
 
 
-def reference_scores(pre, ft, beta=1.0):
+def reference_scores(pre, ft, beta=1.0, coefficient=None):
+    """FAPM scores; ``coefficient`` (c = beta * m), when given, replaces the one
+    computed here from ``beta`` and mean(|W_pre|)."""
     cd = torch.float64 if torch.promote_types(pre.dtype, ft.dtype) == torch.float64 else torch.float32
     pre_c, ft_c = pre.to(cd).flatten(), ft.to(cd).flatten()
     abs_delta = (ft_c - pre_c).abs()
     abs_pre = pre_c.abs()
-    m = pre.double().abs().mean().item() if pre.numel() else 0.0
-    c = float(torch.tensor(beta * m, dtype=cd))
+    if coefficient is None:
+        m = pre.double().abs().mean().item() if pre.numel() else 0.0
+        c = float(torch.tensor(beta * m, dtype=cd))
+    else:
+        c = coefficient
     if c == 0:
         return abs_delta
     # same operation order as the formula reads: |dW| - (c*|dW|)/|W_pre|

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fapm_merge import core
-from fapm_merge.core import kernel
+from fapm_merge.core import selection
 from fapm_merge.core import (
     FapmInputError,
     fapm_merge,
@@ -99,7 +99,7 @@ def test_prune_matches_reference_on_adversarial_tensors(sparsity, dtype):
 
 def test_sampled_selection_path_matches_reference_with_heavy_ties():
     """Tensors above the direct-kthvalue size go through the sampled bracket."""
-    n = kernel._DIRECT_KTHVALUE_MAX * 3 + 17
+    n = selection._DIRECT_KTHVALUE_MAX * 3 + 17
     pre, ft = _pair((n,), seed=5)
     # quantised values: thousands of exactly equal scores around any threshold
     pre = (pre * 64).round() / 64

@@ -1,82 +1,55 @@
-"""The reworked kernel (issue 15) gives the old kernel's bits, at any thread count.
+"""The kernel's bits: the plain reference, the stored digests, any thread count.
 
-``kernel_before.py`` is a frozen copy of ``fapm_merge/core/kernel.py`` as it was
-before issue 15 (three passes through a full score buffer, torch's own threads on
-every op). Every output here must equal it bit for bit, and equal the plain
-argsort reference of ``reference.py``, for every dtype, for tensors on the new
-one-pass path and on the fallback paths, with 1, 2 and 4 torch threads.
+Every output here must equal the plain argsort reference of ``reference.py`` bit for
+bit, for every dtype, for tensors on the one-pass path and on the fallback paths,
+with 1, 2 and 4 torch threads. What the reference cannot pin down to the last bit
+(float64 sums over values spread across many decades: the mean, the L1 rescale,
+several models; the score formula on extremes) is compared with the digests that
+``kernel_cases.py`` stored from the kernel before issue 20 split it into modules.
 
-The old kernel is run with one torch thread: with several, its float64 mean of a
-single 64K block (or of a tail over 32K entries) was split between threads by
-torch, so its last bit could depend on the thread count; the new kernel sums
-every row on one thread, which is what the old one did with one thread.
+With several torch threads a single float64 sum above torch's 32K grain is split
+between threads, so its last bit could depend on the thread count; the kernel sums
+every row on one thread, so the digests hold at every count.
 """
 
-import contextlib
 import math
 
 import pytest
 import torch
 
-import kernel_before
 from fapm_merge import core
-from fapm_merge.core import FapmInputError, fapm_merge, keep_count, kernel, threads
+from fapm_merge.core import FapmInputError, fapm_merge, keep_count, merge, selection, threads
+from kernel_cases import BIG, GROUPS, bits, compute, extreme_pair, pair, stored, torch_threads
 from reference import reference_fapm, reference_scores
 
-BIG = kernel._DIRECT_KTHVALUE_MAX * 2 + 4099  # one-pass path; odd: a tail that is not 8-aligned
 
-
-@contextlib.contextmanager
-def torch_threads(count):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def bits(tensor):
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return tensor.contiguous().view(ints[tensor.dtype.itemsize])
-
-
-def old_merge(pre, ft, k, **kwargs):
-    with torch_threads(1):
-        return kernel_before.fapm_merge(pre, [ft], keep_counts=[k], **kwargs)
-
-
-def pair(numel, dtype, seed, kind="normal"):
-    """W_pre, W_ft with zeros in W_pre, untouched entries (dW == 0) and, for
-    ``ties``, few distinct values (many equal scores at any threshold)."""
-    gen = torch.Generator().manual_seed(seed)
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
-    pre = torch.randn(numel, generator=gen, dtype=wide) * 0.02
-    delta = torch.randn(numel, generator=gen, dtype=wide) * 3e-4
-    if kind == "ties":
-        pre = (pre * 200).round() / 200
-        delta = (delta * 8000).round() / 8000
-    elif kind == "wide":  # magnitudes over 30 decades: float64 sums depend on order
-        pre = pre * 10 ** torch.randint(-12, 18, (numel,), generator=gen).to(wide)
-    pre[: numel // 50] = 0.0  # W_pre == 0: -inf scores, or 0 where dW == 0 too
-    delta[numel // 100 : numel // 25] = 0.0  # untouched entries score 0
-    return pre.to(dtype), (pre + delta).to(dtype)
+@pytest.mark.parametrize("group, count", [
+    ("selection", 1),
+    *(("float64-sums", count) for count in (1, 2, 4)),
+])
+def test_outputs_equal_the_stored_digests(group, count):
+    with torch_threads(count):
+        got = compute(group)
+    want = stored(group)
+    assert got.keys() == want.keys() == {name for name, _ in GROUPS[group]()}
+    inputs = [name for name in want if name.endswith("/inputs") and got[name] != want[name]]
+    assert not inputs, f"torch's random generator changed, not the kernel: {inputs}"
+    assert {name: got[name] for name in want if got[name] != want[name]} == {}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["normal", "ties"])
-def test_one_pass_path_equals_the_old_kernel_and_the_reference(dtype, kind):
+def test_one_pass_path_equals_the_reference(dtype, kind):
     pre, ft = pair(BIG, dtype, seed=1, kind=kind)
     for sparsity in (0.0, 0.1, 0.5, 0.9, 0.999, 1.0):
         k = keep_count(BIG, sparsity=sparsity)
         got = fapm_merge(pre, [ft], keep_counts=[k])
-        assert torch.equal(bits(got), bits(old_merge(pre, ft, k))), (dtype, kind, sparsity)
-        assert torch.equal(bits(got), bits(reference_fapm(pre, ft, sparsity)[0]))
+        assert torch.equal(bits(got), bits(reference_fapm(pre, ft, sparsity)[0])), (dtype, kind, sparsity)
 
 
 @pytest.mark.parametrize("shape", [(513, 1031), (1024, 1024), (3, 300_007), (700_001,)])
 @pytest.mark.parametrize("chunk", [None, 4096, 65_537])
-def test_shapes_and_chunks_equal_the_old_kernel(shape, chunk):
+def test_shapes_and_chunks_equal_the_reference(shape, chunk):
     numel = math.prod(shape)
     pre, ft = pair(numel, torch.bfloat16, seed=numel)
     pre, ft = pre.view(shape), ft.view(shape)
@@ -84,7 +57,7 @@ def test_shapes_and_chunks_equal_the_old_kernel(shape, chunk):
         k = keep_count(numel, sparsity=0.9)
         got = fapm_merge(pre, [ft], keep_counts=[k], beta=beta, chunk_elements=chunk)
         assert got.shape == pre.shape
-        assert torch.equal(bits(got), bits(old_merge(pre, ft, k, beta=beta, chunk_elements=chunk)))
+        assert torch.equal(bits(got), bits(reference_fapm(pre, ft, 0.9, beta)[0]))
 
 
 @pytest.mark.parametrize("count", [1, 2, 4])
@@ -92,7 +65,8 @@ def test_shapes_and_chunks_equal_the_old_kernel(shape, chunk):
 def test_outputs_do_not_depend_on_the_thread_count(count, dtype):
     pre, ft = pair(BIG * 3, dtype, seed=5, kind="wide")
     k = keep_count(pre.numel(), sparsity=0.9)
-    expected = old_merge(pre, ft, k)
+    with torch_threads(1):
+        expected = fapm_merge(pre, [ft], keep_counts=[k])
     with torch_threads(count):
         assert torch.equal(bits(fapm_merge(pre, [ft], keep_counts=[k])), bits(expected))
         scores = core.fapm_scores(pre, ft)
@@ -100,22 +74,6 @@ def test_outputs_do_not_depend_on_the_thread_count(count, dtype):
         with torch_threads(1):
             serial = core.fapm_scores(pre, ft)
         assert scores.delta_l1 == serial.delta_l1 and scores.mean_abs_pre == serial.mean_abs_pre
-
-
-@pytest.mark.parametrize("count", [1, 2, 4])
-def test_several_models_with_rescale_do_not_depend_on_the_thread_count(count):
-    # task vectors over 18 decades: float64 L1 sums of them depend on the order,
-    # so a sum split between threads could move the rescale factor in its last bit
-    gen = torch.Generator().manual_seed(7)
-    pre = torch.randn(BIG, generator=gen) * 0.02
-    fts = [pre + torch.randn(BIG, generator=gen)
-           * 10 ** torch.randint(-12, 6, (BIG,), generator=gen).float() for _ in range(2)]
-    k = keep_count(BIG, sparsity=0.8)
-    kwargs = dict(keep_counts=[k, k], weights=[0.3, 0.7], rescale=True)
-    with torch_threads(1):
-        expected = kernel_before.fapm_merge(pre, fts, **kwargs)
-    with torch_threads(count):
-        assert torch.equal(bits(fapm_merge(pre, fts, **kwargs)), bits(expected))
 
 
 @pytest.mark.parametrize("numel", [
@@ -127,7 +85,7 @@ def test_mean_is_the_serial_one_at_every_thread_count(numel):
     # last bits when torch splits a row between threads
     pre, _ = pair(numel, torch.float32, seed=numel, kind="wide")
     with torch_threads(1):
-        serial = kernel_before.mean_abs(pre)
+        serial = core.mean_abs(pre)
     for count in (1, 2, 4):
         with torch_threads(count):
             assert core.mean_abs(pre) == serial
@@ -152,20 +110,20 @@ def test_pool_workers_run_torch_on_one_thread():
 
 def test_the_caller_runs_on_one_thread_during_the_call_and_gets_its_count_back(monkeypatch):
     seen = []
-    real = kernel._select_in_one_pass
+    real = merge._select_in_one_pass
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernel, "_select_in_one_pass", spy)
+    monkeypatch.setattr(merge, "_select_in_one_pass", spy)
     pre, ft = pair(BIG, torch.bfloat16, seed=6)
     k = keep_count(BIG, sparsity=0.9)
     with torch_threads(3):
         got = fapm_merge(pre, [ft], keep_counts=[k])
         assert torch.get_num_threads() == 3
     assert seen == [1]  # small ops in the caller: no parallel regions
-    assert torch.equal(got, old_merge(pre, ft, k))
+    assert torch.equal(got, reference_fapm(pre, ft, 0.9)[0])
 
 
 def test_nan_in_the_finetuned_weight_is_refused_from_a_worker_and_the_pool_goes_on():
@@ -179,24 +137,24 @@ def test_nan_in_the_finetuned_weight_is_refused_from_a_worker_and_the_pool_goes_
                 fapm_merge(pre, [bad], keep_counts=[keep_count(BIG, sparsity=sparsity)],
                            name="layers.3.mlp")
             assert torch.get_num_threads() == 2  # the caller's count came back
-        assert torch.equal(fapm_merge(pre, [ft], keep_counts=[k]), old_merge(pre, ft, k))
+        assert torch.equal(fapm_merge(pre, [ft], keep_counts=[k]), reference_fapm(pre, ft, 0.9)[0])
 
 
 def _spy(monkeypatch, name):
     calls = []
-    real = getattr(kernel, name)
+    real = getattr(merge, name)
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernel, name, spy)
+    monkeypatch.setattr(merge, name, spy)
     return calls
 
 
 def test_a_band_too_big_falls_back_to_the_three_pass_kernel(monkeypatch):
     calls = _spy(monkeypatch, "_three_passes")
-    monkeypatch.setattr(kernel, "_BAND_MIN_LIMIT", 1000)  # limit is then numel // 64
+    monkeypatch.setattr(selection, "_BAND_MIN_LIMIT", 1000)  # limit is then numel // 64
     pre, ft = pair(BIG, torch.bfloat16, seed=3, kind="ties")
     for sparsity in (0.1, 0.5, 0.9):
         k = keep_count(BIG, sparsity=sparsity)
@@ -212,7 +170,7 @@ def test_a_misled_sample_falls_back_to_the_three_pass_kernel(monkeypatch, direct
     # real k-th values
     calls = _spy(monkeypatch, "_three_passes")
     pre, ft = pair(BIG, torch.float32, seed=4)
-    step = kernel._sample_step(BIG)
+    step = selection.sample_step(BIG)
     if direction > 0:
         ft[::step] = pre[::step] + 1.0  # sampled scores far above all others
     else:
@@ -222,32 +180,19 @@ def test_a_misled_sample_falls_back_to_the_three_pass_kernel(monkeypatch, direct
         k = keep_count(BIG, sparsity=sparsity)
         got = fapm_merge(pre, [ft], keep_counts=[k])
         assert torch.equal(got, reference_fapm(pre, ft, sparsity)[0])
-        assert torch.equal(got, old_merge(pre, ft, k))
     assert calls, "the misled sample did not reach the fallback"
 
 
 def test_cpu_score_equals_the_four_step_formula_on_extreme_values():
     # The CPU score pass uses addcdiv(|dW|, |dW|, |W_pre|, value=-c); this pins
-    # down that it rounds exactly like the old kernel's four steps
+    # down that it rounds exactly like the reference's four steps
     # |dW| - (c * |dW|) / |W_pre|, including subnormals, overflow to inf and 0/0.
-    # (The plain reference is not used here: its mean(|W_pre|) sums in another
-    # order, which over 600 decades changes the last bit of c.)
-    gen = torch.Generator().manual_seed(0)
-    n = 1_000_003
+    # The reference takes the kernel's c: its own mean(|W_pre|) sums in another
+    # order, which over 600 decades changes the last bit of c (the stored digests
+    # pin c and sum(|dW|) down).
     for dtype in (torch.float32, torch.float64):
-        top = 38 if dtype == torch.float32 else 300
-        pre = torch.randn(n, generator=gen, dtype=dtype) * 10 ** torch.randint(
-            -top - 5, top, (n,), generator=gen).to(dtype)
-        ft = pre + torch.randn(n, generator=gen, dtype=dtype) * 10 ** torch.randint(
-            -top - 5, top, (n,), generator=gen).to(dtype)
-        finite = torch.isfinite(pre) & torch.isfinite(ft) & torch.isfinite(ft - pre)
-        pre, ft = pre[finite], ft[finite]
-        pre[::97] = 0.0
-        ft[::89] = pre[::89]
+        pre, ft = extreme_pair(dtype)
         for beta in (1.0, 1e-30, 3.7):
             got = core.fapm_scores(pre, ft, beta=beta, chunk_elements=65_536)
-            with torch_threads(1):
-                expected = kernel_before.fapm_scores(pre, ft, beta=beta, chunk_elements=65_536)
-            assert got.coefficient == expected.coefficient
-            assert torch.equal(got.values, expected.values), (dtype, beta)
-            assert got.delta_l1 == expected.delta_l1
+            expected = reference_scores(pre, ft, coefficient=got.coefficient)
+            assert torch.equal(got.values, expected), (dtype, beta)

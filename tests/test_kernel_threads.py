@@ -13,13 +13,13 @@ import threading
 import pytest
 import torch
 
-from fapm_merge.core import kernel
+from fapm_merge.core import selection
 from fapm_merge.core import fapm_merge, fapm_scores, find_threshold, keep_count, keep_mask
 from fapm_merge.methods import register_methods
 
 from reference import reference_fapm, reference_mask
 
-SIZE = kernel._DIRECT_KTHVALUE_MAX * 2 + 4099  # above the direct path: sampled + chunked
+SIZE = selection._DIRECT_KTHVALUE_MAX * 2 + 4099  # above the direct path: sampled + chunked
 
 
 def _pair(seed, numel=SIZE, dtype=torch.bfloat16):
@@ -104,13 +104,13 @@ def test_register_methods_from_many_threads_registers_once():
 def _spy_on_gather(monkeypatch):
     """Count calls of the real ``_gather`` (only the exact fallback calls it)."""
     calls = []
-    real = kernel._gather
+    real = selection._gather
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernel, "_gather", spy)
+    monkeypatch.setattr(selection, "_gather", spy)
     return calls
 
 
@@ -120,7 +120,7 @@ def test_sample_fooled_by_the_layout_falls_back_to_the_exact_bisection(monkeypat
     scores = torch.rand(SIZE, generator=gen) + 10
     # every sampled position holds a value far below all the others: the bracket
     # the sample suggests holds none of the real k-th values
-    sampled = scores[:: kernel._sample_step(SIZE)]
+    sampled = scores[:: selection.sample_step(SIZE)]
     sampled.copy_(-torch.rand(sampled.numel(), generator=gen))
     for k in (1, SIZE // 10, SIZE // 2):
         mask = keep_mask(scores, find_threshold(scores, k), chunk_elements=9973)
@@ -134,7 +134,7 @@ def test_sample_fooled_upwards_falls_back_below_the_bracket(monkeypatch):
     calls = _spy_on_gather(monkeypatch)
     gen = torch.Generator().manual_seed(7)
     scores = torch.rand(SIZE, generator=gen)
-    sampled = scores[:: kernel._sample_step(SIZE)]
+    sampled = scores[:: selection.sample_step(SIZE)]
     sampled.copy_(100 + torch.rand(sampled.numel(), generator=gen))
     for k in (SIZE // 10, SIZE // 2, SIZE - 1):
         mask = keep_mask(scores, find_threshold(scores, k), chunk_elements=9973)
@@ -144,7 +144,7 @@ def test_sample_fooled_upwards_falls_back_below_the_bracket(monkeypatch):
 
 def test_band_too_large_to_gather_is_narrowed_by_counting(monkeypatch):
     calls = _spy_on_gather(monkeypatch)
-    monkeypatch.setattr(kernel, "_BAND_MIN_LIMIT", 1000)  # limit is then numel // 64
+    monkeypatch.setattr(selection, "_BAND_MIN_LIMIT", 1000)  # limit is then numel // 64
     gen = torch.Generator().manual_seed(3)
     ties = torch.randint(0, 5, (SIZE,), generator=gen).float()
     ties[::97] = -float("inf")
@@ -168,8 +168,8 @@ def test_order_keys_sort_like_the_floats_they_encode(dtype):
         [-float("inf"), -3.0e38, -1.0, -1e-40, -0.0, 0.0, 1e-45, 1.0, 3.0e38, float("inf")],
         dtype=dtype,
     ).tolist()
-    keys = [kernel._key(v, dtype) for v in values]
+    keys = [selection._key(v, dtype) for v in values]
     assert keys == sorted(keys)
     assert keys[4] == keys[5] == 0  # -0.0 == 0.0 share a key
     for value, key in zip(values, keys):
-        assert kernel._from_key(key, dtype) == value
+        assert selection._from_key(key, dtype) == value

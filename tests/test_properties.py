@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from fapm_merge import core
-from fapm_merge.core import kernel
+from fapm_merge.core import selection
 from reference import reference_keep_count, reference_mask, reference_scores
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -159,10 +159,10 @@ def test_large_tensor_selection_paths_match_the_reference(pair, sparsity, beta, 
     pre, ft = pair
     k = core.keep_count(pre.numel(), sparsity=sparsity)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kernel, "_DIRECT_KTHVALUE_MAX", 16)
-        patch.setattr(kernel, "_SAMPLE_MIN", 8)
-        patch.setattr(kernel, "_SAMPLE_SIZE", 32)
-        patch.setattr(kernel, "_BAND_MIN_LIMIT", 8)
+        patch.setattr(selection, "_DIRECT_KTHVALUE_MAX", 16)
+        patch.setattr(selection, "_SAMPLE_MIN", 8)
+        patch.setattr(selection, "_SAMPLE_SIZE", 32)
+        patch.setattr(selection, "_BAND_MIN_LIMIT", 8)
         out = core.fapm_merge(pre, [ft], keep_counts=[k], beta=beta, chunk_elements=chunk)
     dtype = torch.promote_types(pre.dtype, ft.dtype)
     mask = reference_mask(reference_scores(pre, ft, beta), k).view(pre.shape)

@@ -1,7 +1,9 @@
 """The numerical core of fapm-merge: pure torch and plain numbers.
 
-* :mod:`~fapm_merge.core.kernel`: FAPM scores, exact top-k selection, masks and
-  the merged tensor (``fapm_merge``), streamed in chunks.
+* the kernel, one module per stage, streamed in chunks (:mod:`~fapm_merge.core.chunks`):
+  :mod:`~fapm_merge.core.scores` (FAPM scores), :mod:`~fapm_merge.core.selection`
+  (exact top-k threshold), :mod:`~fapm_merge.core.masks` (keep masks, the select)
+  and :mod:`~fapm_merge.core.merge` (pruned deltas, the merged tensor ``fapm_merge``).
 * :mod:`~fapm_merge.core.rules`: how many entries are kept (sparsity, density and
   their defaults, LoRA included), merge coefficients and the other numeric rules
   every caller must agree on.
@@ -29,28 +31,29 @@ from fapm_merge.core.rules import (
     resolve_sparsity,
 )
 
-_KERNEL = (
-    "MEAN_BLOCK_ELEMENTS",
-    "PrunedDelta",
-    "Scores",
-    "Threshold",
-    "compute_dtype",
-    "default_chunk_elements",
-    "fapm_merge",
-    "fapm_scores",
-    "find_threshold",
-    "iter_keep_chunks",
-    "keep_mask",
-    "l1_rescale_factor",
-    "mean_abs",
-    "pruned_delta",
-    "select_where",
-)
+_KERNEL = {
+    "MEAN_BLOCK_ELEMENTS": "scores",
+    "Scores": "scores",
+    "compute_dtype": "scores",
+    "fapm_scores": "scores",
+    "mean_abs": "scores",
+    "default_chunk_elements": "chunks",
+    "Threshold": "selection",
+    "find_threshold": "selection",
+    "iter_keep_chunks": "masks",
+    "keep_mask": "masks",
+    "select_where": "masks",
+    "PrunedDelta": "merge",
+    "fapm_merge": "merge",
+    "l1_rescale_factor": "merge",
+    "pruned_delta": "merge",
+}
+"""Where each kernel name lives (under ``fapm_merge.core.``)."""
 
 
 def __getattr__(name):  # PEP 562: the kernel (and torch) load on first use
     if name in _KERNEL:
-        return getattr(import_module("fapm_merge.core.kernel"), name)
+        return getattr(import_module(f"fapm_merge.core.{_KERNEL[name]}"), name)
     raise AttributeError(f"module 'fapm_merge.core' has no attribute {name!r}")
 
 

@@ -1,4 +1,10 @@
-"""The FAPM kernel: scores, exact top-k selection, masks, the merged tensor.
+"""Baseline of ``bench_kernel.py --baseline``: the FAPM kernel as it was before issue 15.
+
+A frozen copy (three passes through a full score buffer, torch's own threads on
+every op), timed side by side with ``fapm_merge.core``; neither the package nor the
+tests use it. What follows is its docstring as it was.
+
+The FAPM kernel: scores, exact top-k selection, masks, the merged tensor.
 
 Pure torch. Nothing here knows about mergekit, files or command lines, so every
 other part of the package (the mergekit methods, ``sweep``, ``analyze``, the
