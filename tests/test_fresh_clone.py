@@ -353,7 +353,8 @@ def test_use_the_choice_reproduces_the_variant_bit_for_bit_including_the_card(ll
 
     from fapm_merge.workflows.choice import use_the_choice
     from fapm_merge.evaluation.metrics import save_byte_tokenizer
-    from fapm_merge.workflows.sweep import build_variants, run_sweep
+    from fapm_merge.workflows.sweep import run_sweep
+    from fapm_merge.workflows.variants import build_variants
 
     base = shutil.copytree(llama_pair[0], tmp_path / "base")
     save_byte_tokenizer(base)  # a tokenizer to copy, as real models (and the demo's) have
