@@ -26,7 +26,6 @@ from fapm_merge.core import (
 )
 
 PAPER_URL = "https://arxiv.org/abs/2509.08255"
-TIES_URL = "https://arxiv.org/abs/2306.01708"
 
 
 def number_parameter(name: str, low: Optional[float] = None, high: Optional[float] = None):
@@ -199,7 +198,6 @@ def shared_specs(*names: str) -> tuple:
 __all__ = [
     "FAPM_PARAMETERS",
     "PAPER_URL",
-    "TIES_URL",
     "delta_scales_for",
     "densities_for",
     "is_lora_reference",

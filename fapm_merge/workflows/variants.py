@@ -1,7 +1,7 @@
 """What a sweep makes: its variants, each a complete mergekit recipe, planned as data.
 
-A sweep over a one-base ``fapm`` or ``fapm_lora`` recipe is a list of
-:class:`Variant`\ s that differ only in method and parameters (same base, same
+A sweep over a one-base ``fapm`` or ``fapm_lora`` recipe is a list of variants
+(:class:`Variant`) that differ only in method and parameters (same base, same
 fine-tuned models, same dtype): FAPM at each strength and the baselines
 (:data:`BASELINES`). :func:`build_variants` plans them; :func:`finetuned_variant`
 is a LoRA recipe's fine-tuned model made by a merge. Nothing here imports torch or
