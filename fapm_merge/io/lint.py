@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from fapm_merge.io.model_paths import model_path_notes, model_path_problems, stage_reference_findings
 from fapm_merge.io.recipe import Problem
 
+
 def _method_spec(method: str):
     """The registered method's ``MergeMethodSpec`` (None: unknown method).
 
