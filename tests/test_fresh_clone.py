@@ -28,7 +28,7 @@ from rich.console import Console
 
 from conftest import fapm_recipe, mergekit_yaml_command, run_merge_in_process, run_mergekit_yaml
 from fapm_merge.cli import main as cli
-from fapm_merge.io.recipe import lint_recipe
+from fapm_merge.io.lint import lint_recipe
 from fapm_merge.workflows.verify import format_report, verify_output
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -104,7 +104,7 @@ def test_card_asks_hub_mirrors_mergekits_own_rule(path, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
     from mergekit import card
 
-    from fapm_merge.io.recipe import card_asks_hub
+    from fapm_merge.io.model_paths import card_asks_hub
 
     for folder in ("work/models/base", "work/base", "sibling", "work/a/b/c", "work/bad..name",
                    "work/-dash"):
@@ -129,7 +129,7 @@ def test_lint_flags_the_relative_adapter_part_of_base_plus_adapter(tmp_path, mon
     from mergekit import card
     from mergekit.common import ModelReference
 
-    from fapm_merge.io.recipe import model_path_problems
+    from fapm_merge.io.model_paths import model_path_problems
 
     (tmp_path / "adapters" / "a").mkdir(parents=True)
     (tmp_path / "adapters" / "a" / "adapter_config.json").write_text("{}")
@@ -182,7 +182,7 @@ def test_lint_flags_a_one_word_intermediate_dir_that_mergekit_multi_sends_to_the
 
 
 def test_lint_notes_what_mergekit_will_fetch_from_the_hub_without_failing(tmp_path, monkeypatch):
-    from fapm_merge.io.recipe import lint_documents
+    from fapm_merge.io.lint import lint_documents
 
     monkeypatch.chdir(tmp_path)
     recipe = {"merge_method": "fapm", "base_model": "org/base", "models": [{"model": "org/ft"}]}
@@ -353,7 +353,8 @@ def test_use_the_choice_reproduces_the_variant_bit_for_bit_including_the_card(ll
 
     from fapm_merge.workflows.choice import use_the_choice
     from fapm_merge.evaluation.metrics import save_byte_tokenizer
-    from fapm_merge.workflows.sweep import build_variants, run_sweep
+    from fapm_merge.workflows.sweep import run_sweep
+    from fapm_merge.workflows.variants import build_variants
 
     base = shutil.copytree(llama_pair[0], tmp_path / "base")
     save_byte_tokenizer(base)  # a tokenizer to copy, as real models (and the demo's) have

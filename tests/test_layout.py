@@ -127,11 +127,15 @@ def test_methods_are_registered_in_one_place():
 
 
 def test_every_use_of_mergekit_private_api_is_in_compat():
+    from fapm_merge.methods.compat import PRIVATE_API
+
+    # Every name compat lists, underscored or not (ExecuteMergeMethodTask, SaveTensor).
+    private = {attribute for _module, attribute, _fields in PRIVATE_API}
+
     def private_mergekit(node):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mergekit"):
-            return any(a.name.startswith("_") for a in node.names)
-        return isinstance(node, ast.Attribute) and node.attr in (
-            "_model_out_config", "_copy_tokenizer", "_copy_tagalong_files")
+            return any(a.name.startswith("_") or a.name in private for a in node.names)
+        return isinstance(node, ast.Attribute) and node.attr in private
 
     assert _definitions_of(private_mergekit) <= {"fapm_merge.methods.compat"}
 
@@ -207,6 +211,17 @@ def test_analyze_and_tradeoff_run_without_importing_mergekit(llama_pair, tmp_pat
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[:3] == ["0", "0", "False"], result.stdout
+
+
+def test_planning_variants_imports_neither_torch_nor_mergekit():
+    # tune plans (and refuses a bad grid) before anything heavy loads.
+    result = _python("""
+        import sys
+        import fapm_merge.workflows.variants
+        print("torch" in sys.modules, "mergekit" in sys.modules)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
 
 
 def test_importing_the_package_is_cheap():

@@ -28,7 +28,7 @@ from conftest import (
 from fapm_merge import core
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.cli import main as cli
-from fapm_merge.io.recipe import lint_recipe
+from fapm_merge.io.lint import lint_recipe
 from fapm_merge.workflows.verify import verify_output
 from reference import reference_fapm
 

@@ -16,9 +16,10 @@ from click.testing import CliRunner
 
 from conftest import fapm_recipe, load_state, run_merge_in_process, run_mergekit_yaml
 
-import fapm_merge.workflows.sweep as sweep_module
+import fapm_merge.methods.sweep_graph as sweep_module
 from fapm_merge.cli import main
-from fapm_merge.workflows.sweep import SweepError, build_variants, parse_values, run_sweep
+from fapm_merge.workflows.sweep import run_sweep
+from fapm_merge.workflows.variants import SweepError, build_variants, parse_values
 
 SPARSITIES = [0.5, 0.9, 0.95]
 

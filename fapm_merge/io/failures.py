@@ -21,12 +21,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from fapm_merge.core.errors import FapmInputError
-from fapm_merge.io.recipe import (
-    named_models,
-    reference_parts,
-    card_asks_hub,
-    looks_local,
-)
+from fapm_merge.io.model_paths import card_asks_hub, looks_local, reference_parts
+from fapm_merge.io.recipe import named_models
 
 
 @dataclass(frozen=True)

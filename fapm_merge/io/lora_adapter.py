@@ -40,7 +40,7 @@ from fapm_merge.core.errors import FapmInputError
 from fapm_merge.core.rules import FAPM
 from fapm_merge.core.threads import map_chunks, worker_count
 from fapm_merge.io.checkpoint import model_type, open_safetensors, tensor_shapes
-from fapm_merge.io.recipe import looks_local
+from fapm_merge.io.model_paths import looks_local
 
 ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"

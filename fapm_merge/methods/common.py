@@ -27,7 +27,6 @@ from fapm_merge.core import (
 from fapm_merge.core.rules import DEFAULT_BETA
 
 PAPER_URL = "https://arxiv.org/abs/2509.08255"
-TIES_URL = "https://arxiv.org/abs/2306.01708"
 
 
 def number_parameter(name: str, low: Optional[float] = None, high: Optional[float] = None):
@@ -200,7 +199,6 @@ def shared_specs(*names: str) -> tuple:
 __all__ = [
     "FAPM_PARAMETERS",
     "PAPER_URL",
-    "TIES_URL",
     "delta_scales_for",
     "densities_for",
     "is_lora_reference",

@@ -80,6 +80,16 @@ def save_tasks(targets) -> list:
     return [target for target in targets if isinstance(target, SaveTensor)]
 
 
+def tensor_name(save) -> str:
+    """The output tensor a ``SaveTensor`` writes."""
+    return save.tensor_name
+
+
+def tensor_task(save):
+    """The task whose value a ``SaveTensor`` writes (for a merge: its ``ExecuteMergeMethodTask``)."""
+    return save.tensor_task
+
+
 def with_tensor_task(save, tensor_task):
     """A copy of a ``SaveTensor`` that saves ``tensor_task``'s value instead."""
     return type(save)(**{**dict(save), "tensor_task": tensor_task})
@@ -90,6 +100,14 @@ def finalize_task(saves: list):
     from mergekit.io.tasks import FinalizeModel
 
     return FinalizeModel(tensor_save_tasks=tuple(saves), writer_task=saves[0].writer_task)
+
+
+def merge_method_task_class() -> type:
+    """mergekit's per-tensor merge task class, ``ExecuteMergeMethodTask``, for a
+    task whose fields hold such tasks (pydantic needs the class itself)."""
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    return ExecuteMergeMethodTask
 
 
 @dataclass(frozen=True)
@@ -148,9 +166,12 @@ __all__ = [
     "copy_tokenizer",
     "finalize_task",
     "gather_task",
+    "merge_method_task_class",
     "model_out_config",
     "planned_merge",
     "private_api_problems",
     "save_tasks",
+    "tensor_name",
+    "tensor_task",
     "with_tensor_task",
 ]

@@ -41,7 +41,7 @@ from mergekit.merge_methods.base import (
 from fapm_merge.core import DEFAULT_LORA_SPARSITY, FapmInputError, fapm_merge, keep_count
 from fapm_merge.core.rules import FAPM_LORA
 from fapm_merge.io.lora_adapter import ADAPTER_CONFIG, load_bound_adapter
-from fapm_merge.io.recipe import looks_local
+from fapm_merge.io.model_paths import looks_local
 from fapm_merge.methods.common import PAPER_URL, share_parameter, shared_specs
 
 

@@ -12,8 +12,7 @@ three things decide whether plain ``mergekit-yaml`` writes the *same* folder aga
 * DARE's random stream: ``--random-seed`` with the sweep's ``--seed``.
 
 When the selected point is the base or the fine-tuned model itself there is no
-merge to rerun: the advice says so. Light on purpose (no torch, no mergekit), so
-``tradeoff`` and ``tune`` can call it.
+merge to rerun: the advice says so. Light on purpose: no torch, no mergekit.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from fapm_merge.evaluation.results import SWEEP_MANIFEST
-from fapm_merge.io.recipe import RECIPE_FILE, RecipeError, load_recipe, looks_local, named_models
+from fapm_merge.io.model_paths import looks_local, reference_path
+from fapm_merge.io.recipe import RECIPE_FILE, RecipeError, load_recipe, named_models
 
 TOKENIZER_FILE = "tokenizer_config.json"
 """mergekit copies a tokenizer only when the donor has this file (and tokenizer.json)."""
@@ -109,7 +109,7 @@ def use_the_choice(
         recipe = {}
     method = str(recipe.get("merge_method", ""))
     relative = [ref for _where, ref in named_models(recipe)
-                if not ref.startswith("/") and looks_local(ref.split("+")[0].split("@")[0])]
+                if not ref.startswith("/") and looks_local(reference_path(ref))]
     if seed is not None and method.startswith("dare"):
         command += ["--random-seed", str(seed)]
     advice = (f"`{shlex.join(command)}` writes the same folder again, bit for bit (model card "

@@ -37,16 +37,15 @@ from fapm_merge import core
 from fapm_merge.core import FapmInputError
 from fapm_merge.core.rules import DEFAULT_BETA, FAPM
 from fapm_merge.io import checkpoint
+from fapm_merge.io.lint import lint_recipe
+from fapm_merge.io.model_paths import card_asks_hub, reference_parts
 from fapm_merge.io.recipe import (
     RECIPE_FILE,
     Problem,
     RecipeError,
-    card_asks_hub,
-    lint_recipe,
     load_recipe,
     named_models,
     non_base_models,
-    reference_parts,
 )
 
 _FAPM_METHODS = (FAPM,)
