@@ -184,7 +184,8 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
     from rich.console import Console
 
     from fapm_merge.io.failures import explain_failure
-    from fapm_merge.workflows.sweep import SweepError, build_variants, load_recipe, parse_values, run_sweep
+    from fapm_merge.workflows.sweep import run_sweep
+    from fapm_merge.workflows.variants import SweepError, build_variants, load_recipe, parse_values
 
     console = Console(stderr=True)
     parsed, variants = None, None
@@ -313,7 +314,8 @@ def lint(recipe: Path, cuda: bool, device, intermediate_dir):
     in, with the --cuda/--device you will pass; exit status 1 when anything is found.
     """
     from fapm_merge.core.devices import merge_device_problems
-    from fapm_merge.io.recipe import lint_documents, load_recipe_documents
+    from fapm_merge.io.lint import lint_documents
+    from fapm_merge.io.recipe import load_recipe_documents
     from fapm_merge.methods import register_methods
 
     register_methods()  # lint reads the methods' parameter specs
@@ -451,7 +453,7 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, ray_address, ray
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fapm_merge.io.recipe import load_recipe
-    from fapm_merge.workflows.sweep import parse_values
+    from fapm_merge.workflows.variants import parse_values
     from fapm_merge.workflows.tradeoff import summary_lines, tradeoff_table
     from fapm_merge.workflows.tune import EXIT_NOTHING_CHOSEN, TuneSettings, run_tune
 
