@@ -79,9 +79,6 @@ def _merge_batch(batch: List[Variant], work: Path, settings: TuneSettings, copy_
     shutil.rmtree(staging)
 
 
-
-
-
 @dataclass(frozen=True)
 class Job:
     """One model to evaluate: merged first when ``variant`` is given and its folder is
@@ -121,8 +118,9 @@ def run_job(job: Job, work: Path, settings: TuneSettings, copy_tokenizer: bool) 
     return record
 
 
-def _evaluate_models(executor: Union[SerialExecutor, RayExecutor], plan: TunePlan, work: Path, settings: TuneSettings, copy_tokenizer: bool,
-                     recipe: dict, results: Path, done: set, progress: Progress) -> Tuple[int, int]:
+def _evaluate_models(executor: Union[SerialExecutor, RayExecutor], plan: TunePlan, work: Path,
+                     settings: TuneSettings, copy_tokenizer: bool, recipe: dict, results: Path,
+                     done: set, progress: Progress) -> Tuple[int, int]:
     """Evaluate the anchors, check them, then the variants: every model not in ``done``,
     at most ``max_on_disk`` variants on disk at once; records are appended here, in the
     plan's order, as they are ready. Returns (evaluated, reused).
@@ -163,7 +161,8 @@ def _evaluate_models(executor: Union[SerialExecutor, RayExecutor], plan: TunePla
             raise TuneError(_failed_message(failures, work))
 
     # 1. the anchors
-    anchors = [Job(plan.base, None, delete=False), Job(plan.finetuned, plan.finetuned_variant, delete=False)]
+    anchors = [Job(plan.base, None, delete=False),
+               Job(plan.finetuned, plan.finetuned_variant, delete=False)]
     jobs = [job for job in anchors if str(job.folder) not in done]
     reused = len(anchors) - len(jobs)
     run("anchors", jobs, len(anchors))
