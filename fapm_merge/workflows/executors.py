@@ -1,7 +1,10 @@
-"""Where per-model work runs when it leaves this process: Ray (the extra ``distributed``).
+"""Where per-model work runs: in this process, or as Ray tasks (the extra ``distributed``).
 
-:class:`RayExecutor` runs one function over a list of jobs as Ray tasks, at most
-``limit`` in flight (``tune`` sets it to ``--max-on-disk``: every task in flight
+Both executors have one method, ``ordered(function, jobs, arguments, limit=,
+before_submit=)``, so one loop (``tune``'s) drives either. :class:`SerialExecutor`
+runs the jobs one after another here; a job that raises stops the run (the error
+propagates, as from any function call). :class:`RayExecutor` runs them as Ray
+tasks, at most ``limit`` in flight (``tune`` sets it to ``--max-on-disk``: every task in flight
 may hold one merged checkpoint on disk), and hands the outcomes back **in the
 jobs' order** as soon as each one and all before it are done, so the caller
 writes its results file in the same order as a serial run. A task that raises
@@ -42,6 +45,30 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[-1] if text else ''}".rstrip(": ")
 
 
+class SerialExecutor:
+    """Run jobs one after another in this process (see the module docstring)."""
+
+    concurrent = False
+    """Jobs never run side by side."""
+
+    def ordered(
+        self,
+        function: Callable,
+        jobs: Sequence,
+        arguments: Tuple = (),
+        *,
+        limit: int,
+        before_submit: Optional[Callable[[int], None]] = None,
+    ) -> Iterator[Tuple[int, object]]:
+        """``function(job, *arguments)`` for every job in turn (one at a time is within
+        any ``limit``). Yields ``(index, result)``; ``before_submit(index)`` runs right
+        before job ``index``. An error, in a job or in ``before_submit``, propagates."""
+        for index, job in enumerate(jobs):
+            if before_submit is not None:
+                before_submit(index)
+            yield index, function(job, *arguments)
+
+
 class RayExecutor:
     """Run jobs as Ray tasks (see the module docstring).
 
@@ -57,6 +84,9 @@ class RayExecutor:
         ExecutorError: Ray is not installed, cannot start or cannot be reached, or
             more GPUs per task were asked than the cluster has.
     """
+
+    concurrent = True
+    """Up to ``limit`` jobs run side by side, in other processes."""
 
     def __init__(self, address: str = "local", *, gpus: int = 0):
         try:
@@ -130,4 +160,4 @@ class RayExecutor:
             raise stop
 
 
-__all__ = ["ExecutorError", "RayExecutor", "TaskFailure"]
+__all__ = ["ExecutorError", "RayExecutor", "SerialExecutor", "TaskFailure"]

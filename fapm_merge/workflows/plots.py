@@ -96,12 +96,11 @@ def plot_tradeoff(result, path: Path, *, title: str = "") -> Path:
         bars(anchor, style)
     ax.axvline(ft.cf_pct, color="#ff7f0e", linestyle=":", linewidth=1,
                label="forgetting of the fine-tune")
-    if result.rule.kind == "repair":
-        ax.axhline(result.rule.min_retention * ft.accuracy, color="0.5", linestyle="--", linewidth=1,
-                   label=f"{result.rule.min_retention:g} x fine-tune accuracy")
-    elif result.rule.kind == "max-cf":
-        ax.axvline(result.rule.max_cf, color="0.5", linestyle="--", linewidth=1,
-                   label=f"CF bound {result.rule.max_cf:g}%")
+    guide = result.rule.selection.guide(result.rule, ft.accuracy)  # the rule's bound, if any
+    if guide is not None:
+        axis, value, label = guide
+        draw = ax.axhline if axis == "accuracy" else ax.axvline
+        draw(value, color="0.5", linestyle="--", linewidth=1, label=label)
     s = result.selected
     if s is not None:
         ax.plot(s.cf_pct, s.accuracy, "o", markersize=17, markerfacecolor="none",

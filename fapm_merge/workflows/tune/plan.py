@@ -1,0 +1,158 @@
+"""What a tune sweeps: its settings, their defaults, and the plan of models it evaluates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional, Sequence
+
+from fapm_merge.core.errors import FapmMergeError
+from fapm_merge.core.rules import DEFAULT_LORA_SPARSITY, DEFAULT_SPARSITY, FAPM, FAPM_LORA
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC, EvalSettings
+from fapm_merge.io.recipe import looks_local, model_name, non_base_models
+from fapm_merge.workflows.tradeoff import Rule
+
+if TYPE_CHECKING:  # sweep imports mergekit: it loads on use, so the command line can
+    # show these defaults without it
+    from fapm_merge.workflows.sweep import Variant
+
+DEFAULT_SPARSITIES = {
+    FAPM: (0.1, 0.3, 0.5, 0.7, DEFAULT_SPARSITY, 0.95),
+    FAPM_LORA: (0.05, DEFAULT_LORA_SPARSITY, 0.2, 0.3, 0.5),
+}
+"""FAPM values swept by default. Full fine-tunes: the paper's default 0.9 and the
+range around it down to light pruning, where most of the task survives. LoRA
+updates: the paper's advice is to prune only ~10%, so the grid stays low."""
+
+DEFAULT_BASELINES = ("magnitude", "wiseft")
+"""Magnitude pruning of dW (FAPM with beta 0: what FAPM improves on) and WiSE-FT
+(``W_pre + alpha * dW``: the strongest simple baseline in the replication). DARE is
+opt-in: it rescales what it keeps and repairs no forgetting (docs/experiments.md)."""
+
+DEFAULT_ALPHAS = {FAPM: (0.3, 0.5, 0.7, 0.9), FAPM_LORA: (0.5, 0.7, 0.9)}
+"""WiSE-FT strengths swept by default."""
+
+MAX_ON_DISK = 2
+"""Variants on disk at once (each is a full checkpoint)."""
+
+
+class TuneError(FapmMergeError, ValueError):
+    """A tune that cannot run or continue; the message says what to change."""
+
+
+@dataclass
+class TuneSettings:
+    """What ``tune`` sweeps, how it evaluates and decides. Attributes mirror the options.
+
+    Attributes:
+        text, task (`Path`, *optional*): general text (forgetting) and task file
+            (accuracy); each is needed unless its axis comes from lm-eval.
+        sparsities (`Sequence[float]`, *optional*): FAPM values; default `DEFAULT_SPARSITIES`.
+        baselines (`Sequence[str]`): any of magnitude, wiseft, dare (dare: fapm only).
+        alphas (`Sequence[float]`, *optional*): WiSE-FT strengths; default `DEFAULT_ALPHAS`.
+        seed (`int`, defaults to 0): DARE's seed (``mergekit-yaml --random-seed``).
+        rule (`Rule`): the selection rule (default: repair at retention 0.99).
+        eval (`EvalSettings`): tokenizer, window, batch size, ... (text/task set here).
+        device (`str`, defaults to "cpu"): merge device (``cuda`` like ``--cuda``).
+        copy_tokenizer (`bool`, *optional*): copy the base's tokenizer into outputs;
+            default: when the base has one.
+        max_on_disk (`int`, defaults to 2): variants on disk at once.
+        keep_variants (`bool`, defaults to False): keep every variant's weights.
+        work_dir (`Path`, *optional*): default ``OUT.tune`` beside OUT.
+        overwrite (`bool`, defaults to False): replace an existing OUT.
+        restart (`bool`, defaults to False): discard the work folder's earlier results.
+        task_metric (`str`, defaults to "task"): the task axis: ``task`` (``--task``
+            accuracy) or ``lm_eval:TASK/METRIC`` (a per-sample 0/1 harness metric).
+        text_metric (`str`, defaults to "text"): the general axis: ``text`` (``--text``
+            loss) or ``lm_eval:TASK[/word_perplexity|/byte_perplexity]``.
+        ray (`str`, *optional*): run the variants as Ray tasks: ``"local"`` (start a
+            Ray instance here) or the address of a running cluster (``auto``,
+            ``HOST:6379``); None runs them in this process.
+        ray_gpus (`int`, defaults to 1): GPUs per Ray task when ``device`` is not
+            ``cpu`` (a model vLLM splits over N GPUs needs N).
+    """
+
+    text: Optional[Path] = None
+    task: Optional[Path] = None
+    sparsities: Optional[Sequence[float]] = None
+    baselines: Sequence[str] = DEFAULT_BASELINES
+    alphas: Optional[Sequence[float]] = None
+    seed: int = 0
+    rule: Rule = field(default_factory=Rule)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    device: str = "cpu"
+    copy_tokenizer: Optional[bool] = None
+    max_on_disk: int = MAX_ON_DISK
+    keep_variants: bool = False
+    work_dir: Optional[Path] = None
+    overwrite: bool = False
+    restart: bool = False
+    task_metric: str = TASK_METRIC
+    text_metric: str = TEXT_METRIC
+    ray: Optional[str] = None
+    ray_gpus: int = 1
+
+
+@dataclass
+class TunePlan:
+    """The models a tune evaluates: the two anchors and the variants."""
+
+    method: str  # fapm or fapm_lora
+    base: Path
+    finetuned: Path  # a folder: the user's, or work/variants/finetuned (fapm_lora)
+    finetuned_variant: Optional[Variant]  # fapm_lora: the merge that makes it
+    variants: List[Variant]
+
+
+def plan_tune(recipe: dict, settings: TuneSettings, work: Path) -> TunePlan:
+    """Every model the tune evaluates, from the recipe (raises TuneError)."""
+    method = recipe.get("merge_method")
+    if method not in DEFAULT_SPARSITIES:
+        raise TuneError(f"tune needs a recipe with merge_method: fapm (a full fine-tune) or "
+                        f"fapm_lora (a LoRA adapter), got {method!r}")
+    if method == FAPM and len(non_base_models(recipe)) != 1:
+        raise TuneError("tune compares one fine-tune with its base: the recipe must list exactly "
+                        "one fine-tuned model besides base_model")
+    base = recipe.get("base_model")
+    references = [("base_model", base)]
+    if method == FAPM:
+        references.append(("the fine-tuned model", model_name(non_base_models(recipe)[0])))
+    for where, reference in references:
+        if not isinstance(reference, str) or "+" in reference or not looks_local(reference) \
+                or not Path(reference).is_dir():
+            raise TuneError(
+                f"{where} {reference!r}: tune evaluates models from local folders; give the "
+                "absolute path of a downloaded model folder (huggingface-cli download ...)")
+    from fapm_merge.workflows.sweep import SweepError, build_variants, finetuned_variant
+
+    sparsities = list(settings.sparsities or DEFAULT_SPARSITIES[method])
+    alphas = list(settings.alphas or DEFAULT_ALPHAS[method]) if "wiseft" in settings.baselines else None
+    try:
+        variants = build_variants(recipe, sparsities=sparsities, baselines=list(settings.baselines),
+                                  alphas=alphas, seed=settings.seed)
+    except SweepError as error:
+        raise TuneError(str(error)) from None
+    if method == FAPM_LORA:
+        ft_variant = finetuned_variant(recipe)
+        finetuned = variant_dir(work, ft_variant)
+    else:
+        ft_variant = None
+        finetuned = Path(model_name(non_base_models(recipe)[0])).absolute()
+    return TunePlan(method, Path(base).absolute(), finetuned, ft_variant, variants)
+
+
+def variant_dir(work: Path, variant: Variant) -> Path:
+    return work / "variants" / variant.name
+
+
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "DEFAULT_BASELINES",
+    "DEFAULT_SPARSITIES",
+    "MAX_ON_DISK",
+    "TuneError",
+    "TunePlan",
+    "TuneSettings",
+    "plan_tune",
+    "variant_dir",
+]

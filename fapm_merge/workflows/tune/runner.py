@@ -1,0 +1,303 @@
+"""The run of a tune: every model merged (where needed) and evaluated on an executor,
+the decision, and the chosen model rebuilt into OUT.
+
+One loop (:func:`_evaluate_models`) drives either executor of
+:mod:`fapm_merge.workflows.executors`: in this process, variants are merged in
+chunks of ``max_on_disk`` (one ``sweep`` pass each, so the checkpoints are read
+once per chunk); as Ray tasks, one variant per task, at most ``max_on_disk`` in
+flight. Both append the records in the plan's order.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
+
+from fapm_merge.evaluation.results import append_result, read_results
+from fapm_merge.evaluation.settings import EvalSettings
+from fapm_merge.io.atomic import atomic_output_dir
+from fapm_merge.io.recipe import RECIPE_FILE
+from fapm_merge.workflows.executors import ExecutorError, RayExecutor, SerialExecutor, TaskFailure
+from fapm_merge.workflows.tradeoff import Tradeoff, compute_tradeoff
+from fapm_merge.workflows.tune.card import model_card
+from fapm_merge.workflows.tune.checks import check_anchors, check_axes, check_disk, check_eval_inputs
+from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings, plan_tune, variant_dir
+from fapm_merge.workflows.tune.workdir import RESULTS_FILE, evaluated_models, fingerprint, open_work
+
+if TYPE_CHECKING:  # sweep imports mergekit
+    from fapm_merge.workflows.sweep import Variant
+
+Progress = Callable[[str, int, int, str], None]
+"""``progress(stage, done, total, detail)``: called as each step finishes."""
+
+
+def _quiet(stage: str, done: int, total: int, detail: str) -> None:
+    pass
+
+
+@dataclass
+class TuneResult:
+    """What :func:`run_tune` did."""
+
+    tradeoff: Tradeoff
+    out_dir: Optional[Path]  # None: nothing was chosen, nothing written
+    work_dir: Path
+    evaluated: int  # models evaluated in this run
+    reused: int  # evaluations reused from an earlier run
+    seconds: float
+    plot: Path
+    message: str
+
+
+EXIT_NOTHING_CHOSEN = 3
+"""Exit status of ``fapm-merge tune`` when no variant is chosen (nothing is written)."""
+
+
+def _merge_batch(batch: List[Variant], work: Path, settings: TuneSettings, copy_tokenizer: bool,
+                 staging_name: str) -> None:
+    """Merge ``batch`` in one sweep pass; each output lands in work/variants/NAME
+    (moved there whole: a folder in variants/ is always a finished merge)."""
+    from fapm_merge.workflows.sweep import run_sweep
+
+    staging = work / staging_name
+    if staging.exists():
+        shutil.rmtree(staging)
+    run_sweep(batch, staging, overwrite=True, device=settings.device,
+              copy_tokenizer=copy_tokenizer, write_model_card=False, progress=False)
+    for variant in batch:
+        target = variant_dir(work, variant)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging / variant.name, target)
+    shutil.rmtree(staging)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model to evaluate: merged first when ``variant`` is given and its folder is
+    absent, its weights deleted after evaluation when ``delete``.
+
+    ``merge_with``: the variants after it in its chunk, merged in the same sweep pass
+    when their folders are absent too (empty for Ray tasks: they run side by side).
+    """
+
+    folder: Path
+    variant: Optional[Variant]
+    delete: bool
+    merge_with: Tuple[Variant, ...] = ()
+
+    def to_merge(self, work: Path) -> List[Variant]:
+        """The variants this job merges before its evaluation (none if its folder exists)."""
+        if self.variant is None or self.folder.exists():
+            return []
+        return [self.variant] + [v for v in self.merge_with if not variant_dir(work, v).exists()]
+
+
+def run_job(job: Job, work: Path, settings: TuneSettings, copy_tokenizer: bool) -> dict:
+    """Merge (if needed) and evaluate one model; its record (the work of one Ray task).
+
+    The merge is a ``sweep`` into a staging folder of its own (Ray tasks run side by
+    side in one work folder); a variant's weights are the same bits whichever chunk
+    it was merged in.
+    """
+    from fapm_merge.evaluation.evaluate import evaluate_model
+
+    batch = job.to_merge(work)
+    if batch:
+        _merge_batch(batch, work, settings, copy_tokenizer, staging_name=f"batch-{job.variant.name}")
+    record = evaluate_model(job.folder, settings.eval)
+    if job.delete:
+        shutil.rmtree(job.folder)
+    return record
+
+
+def _evaluate_models(executor: Union[SerialExecutor, RayExecutor], plan: TunePlan, work: Path,
+                     settings: TuneSettings, copy_tokenizer: bool, recipe: dict, results: Path,
+                     done: set, progress: Progress) -> Tuple[int, int]:
+    """Evaluate the anchors, check them, then the variants: every model not in ``done``,
+    at most ``max_on_disk`` variants on disk at once; records are appended here, in the
+    plan's order, as they are ready. Returns (evaluated, reused).
+
+    A failed Ray task does not stop the others: its model is named with the cause, the
+    other records are kept, its folder removed (a rerun merges it afresh instead of
+    trusting a folder the failure may have left half-checked) and :class:`TuneError`
+    is raised at the end of the stage (nothing is written to OUT); a rerun evaluates
+    only what is missing. In this process an error stops the run where it happens.
+    """
+    evaluated = 0
+
+    def run(stage: str, jobs: List[Job], total: int) -> None:
+        nonlocal evaluated
+        failures: List[str] = []
+        finished = total - len(jobs)
+        progress(stage, finished, total, "")
+
+        def before_submit(index: int) -> None:  # on the driver, as each job starts
+            count = len(jobs[index].to_merge(work))
+            if count:
+                check_disk(work, plan, count, recipe)
+
+        for index, outcome in executor.ordered(run_job, jobs, (work, settings, copy_tokenizer),
+                                               limit=settings.max_on_disk,
+                                               before_submit=before_submit):
+            job = jobs[index]
+            if isinstance(outcome, TaskFailure):
+                failures.append(f"{job.folder.name}: {outcome.message}")
+                if job.variant is not None:
+                    shutil.rmtree(job.folder, ignore_errors=True)
+            else:
+                append_result(results, outcome)
+                evaluated += 1
+            finished += 1
+            progress(stage, finished, total, job.folder.name)
+        if failures:
+            raise TuneError(_failed_message(failures, work))
+
+    # 1. the anchors
+    anchors = [Job(plan.base, None, delete=False),
+               Job(plan.finetuned, plan.finetuned_variant, delete=False)]
+    jobs = [job for job in anchors if str(job.folder) not in done]
+    reused = len(anchors) - len(jobs)
+    run("anchors", jobs, len(anchors))
+    check_anchors(results, plan, settings)
+
+    # 2. the variants; in this process a chunk of max_on_disk is merged in one sweep
+    # pass (the checkpoints read once per chunk), Ray tasks side by side merge one each
+    todo = [v for v in plan.variants if str(variant_dir(work, v)) not in done]
+    reused += len(plan.variants) - len(todo)
+    chunk = 1 if executor.concurrent else settings.max_on_disk
+    jobs = [Job(variant_dir(work, v), v, delete=not settings.keep_variants,
+                merge_with=tuple(todo[i + 1 : i - i % chunk + chunk]))
+            for i, v in enumerate(todo)]
+    run("variants", jobs, len(plan.variants))
+    return evaluated, reused
+
+
+def _failed_message(failures: List[str], work: Path) -> str:
+    return (f"{len(failures)} evaluation(s) failed on Ray: " + "; ".join(failures)
+            + f". The other results are kept in {work / RESULTS_FILE}; nothing was written to the "
+            "output. Run the same command again to retry only the failed ones")
+
+
+def _rebuild(variant: Variant, out_dir: Path, settings: TuneSettings, copy_tokenizer: bool,
+             write_extras: Callable[[Path], None]) -> None:
+    """``variant``'s recipe through mergekit's ``run_merge`` into OUT, atomically."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    import fapm_merge.methods  # noqa: F401  (registers the methods with mergekit)
+
+    with atomic_output_dir(out_dir, overwrite=settings.overwrite) as work:
+        run_merge(
+            MergeConfiguration.model_validate(copy.deepcopy(variant.recipe)),
+            str(work),
+            MergeOptions(device=settings.device, copy_tokenizer=copy_tokenizer,
+                         write_model_card=False, lazy_unpickle=False, quiet=True,
+                         random_seed=variant.seed),
+        )
+        (work / RECIPE_FILE).write_text(yaml.safe_dump(variant.recipe, sort_keys=False),
+                                        encoding="utf-8")
+        write_extras(work)
+
+
+def run_tune(
+    recipe: dict,
+    out_dir: Path,
+    settings: TuneSettings,
+    *,
+    command: str = "fapm-merge tune ...",
+    progress: Progress = _quiet,
+) -> TuneResult:
+    """Sweep, evaluate, decide, and write the chosen model to ``out_dir``.
+
+    Args:
+        recipe (`dict`): a ``fapm`` or ``fapm_lora`` mergekit recipe (absolute paths).
+        out_dir (`Path`): where the chosen model goes (atomically; only if one is chosen).
+        settings (`TuneSettings`): what to sweep and how to evaluate and decide.
+        command (`str`): the command line, quoted in the model card.
+        progress (`Progress`): called after each step.
+
+    Raises:
+        TuneError: bad input, a work folder of another tune, too little disk.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()) and not settings.overwrite:
+        raise TuneError(f"output folder {out_dir} exists and is not empty; choose another path "
+                        "or pass --overwrite")
+    work = Path(settings.work_dir or out_dir.with_name(out_dir.name + ".tune")).absolute()
+    if settings.max_on_disk < 1:
+        raise TuneError(f"--max-on-disk must be at least 1, got {settings.max_on_disk}")
+    check_axes(settings)  # first: it says which of --text and --task are needed
+    # a --text or --task given beside a harness axis is measured too: the records can
+    # then be re-decided on either axis (fapm-merge tradeoff --task-metric task)
+    settings.eval = EvalSettings(**{
+        **asdict(settings.eval),
+        "text": Path(settings.text).absolute() if settings.text is not None else None,
+        "task": Path(settings.task).absolute() if settings.task is not None else None})
+    plan = plan_tune(recipe, settings, work)
+    check_eval_inputs(plan, settings)
+    copy_tokenizer = settings.copy_tokenizer
+    if copy_tokenizer is None:  # a base without tokenizer files would log a traceback
+        copy_tokenizer = any((plan.base / name).exists()
+                             for name in ("tokenizer_config.json", "tokenizer.json"))
+    executor = SerialExecutor()
+    if settings.ray is not None:  # before the work folder: a missing Ray changes nothing
+        try:
+            executor = RayExecutor(settings.ray,
+                                   gpus=settings.ray_gpus if settings.device != "cpu" else 0)
+        except ExecutorError as error:
+            raise TuneError(str(error)) from None
+    open_work(work, fingerprint(recipe, plan, settings), settings.restart)
+    results = work / RESULTS_FILE
+    done = evaluated_models(results)
+    evaluated, reused = _evaluate_models(executor, plan, work, settings, copy_tokenizer, recipe,
+                                         results, done, progress)
+    if plan.finetuned_variant is not None and not settings.keep_variants and plan.finetuned.exists():
+        shutil.rmtree(plan.finetuned)
+
+    # 3. the decision
+    wanted = {str(plan.base), str(plan.finetuned)} | {str(variant_dir(work, v)) for v in plan.variants}
+    records = [r for r in read_results(results, with_items=True) if r["model"] in wanted]
+    result = compute_tradeoff(records, base=str(plan.base), finetuned=str(plan.finetuned),
+                              rule=settings.rule, task_metric=settings.task_metric,
+                              text_metric=settings.text_metric)
+    from fapm_merge.workflows.plots import plot_tradeoff
+
+    plot = plot_tradeoff(result, work / "tradeoff.png")
+    (work / "tradeoff.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    progress("decision", 1, 1, result.selected.name if result.selected else "nothing chosen")
+
+    # 4. the chosen model, rebuilt from its recipe
+    by_folder = {str(variant_dir(work, v)): v for v in plan.variants}
+    chosen = by_folder.get(result.selected.model) if result.selected else None
+    if chosen is None:
+        if result.selected is not None:  # max-cf / weighted may pick an anchor
+            message = (f"the rule selects {result.selected.name}, one of the two models you already "
+                       f"have ({result.selected.model}); nothing is written to {out_dir}")
+        else:
+            message = f"nothing written to {out_dir}: {result.reason}"
+        return TuneResult(result, None, work, evaluated, reused,
+                          time.perf_counter() - started, plot, message)
+
+    def extras(folder: Path) -> None:
+        shutil.copyfile(plot, folder / "tradeoff.png")
+        (folder / "tradeoff.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        (folder / "README.md").write_text(
+            model_card(result, chosen, plan, command, out_dir.name), encoding="utf-8")
+
+    _rebuild(chosen, out_dir, settings, copy_tokenizer, extras)
+    progress("rebuild", 1, 1, out_dir.name)
+    return TuneResult(result, out_dir, work, evaluated, reused, time.perf_counter() - started,
+                      plot, f"wrote {chosen.name} ({result.selected.label}) to {out_dir}")
+
+__all__ = ["EXIT_NOTHING_CHOSEN", "Job", "Progress", "TuneResult", "run_job", "run_tune"]

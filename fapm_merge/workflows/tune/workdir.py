@@ -1,0 +1,75 @@
+"""The work folder: the plan file a resumed tune must match, and what it already holds.
+
+``tune.json`` records what the evaluations depend on (:func:`fingerprint`); the
+results file collects one record per evaluated model, so a rerun evaluates only
+what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from fapm_merge.evaluation.results import file_digest, read_results
+from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings
+
+PLAN_FILE = "tune.json"
+RESULTS_FILE = "results.jsonl"
+
+
+def fingerprint(recipe: dict, plan: TunePlan, settings: TuneSettings) -> dict:
+    """What the evaluations depend on; a resumed tune must match it exactly."""
+    evaluation = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings.eval).items()}
+    if not settings.eval.lm_eval_tasks:  # a tune without the harness keeps its earlier plan
+        evaluation = {k: v for k, v in evaluation.items() if not k.startswith("lm_eval_")}
+    return {
+        "recipe": recipe,
+        "variants": [{"name": v.name, "recipe": v.recipe, "seed": v.seed} for v in plan.variants],
+        "evaluation": evaluation,
+        "text_sha256": file_digest(settings.text) if settings.text else None,
+        "task_sha256": file_digest(settings.task) if settings.task else None,
+        "merge_device": settings.device,
+    }
+
+
+def open_work(work: Path, fingerprint: dict, restart: bool) -> None:
+    """Start the work folder, or check that it holds a tune of the same ``fingerprint``."""
+    plan_file = work / PLAN_FILE
+    if restart and work.exists():
+        shutil.rmtree(work)
+    if plan_file.exists():
+        try:
+            earlier = json.loads(plan_file.read_text())
+        except ValueError:
+            earlier = None
+        if earlier != fingerprint:
+            changed = sorted(k for k in fingerprint if not isinstance(earlier, dict)
+                             or earlier.get(k) != fingerprint[k])
+            raise TuneError(
+                f"{work} holds a tune made with other settings (they differ in: "
+                f"{', '.join(changed) or 'the plan file'}); its results would not be comparable. "
+                "Pass --restart to discard it, or --work another folder")
+        return
+    if work.exists() and any(work.iterdir()):
+        raise TuneError(f"work folder {work} exists and is not a tune's; choose another --work")
+    work.mkdir(parents=True, exist_ok=True)
+    temporary = plan_file.with_suffix(".tmp")
+    temporary.write_text(json.dumps(fingerprint, indent=1) + "\n")
+    os.replace(temporary, plan_file)
+
+
+def evaluated_models(results: Path) -> set:
+    """Models the work folder's results file already holds."""
+    if not results.exists() or not results.read_text(encoding="utf-8").strip():
+        return set()
+    try:
+        return {record["model"] for record in read_results(results, TuneError)}
+    except TuneError as error:
+        raise TuneError(f"{error}: an interrupted write? Delete that line (its model is "
+                        "evaluated again) or pass --restart") from None
+
+
+__all__ = ["PLAN_FILE", "RESULTS_FILE", "evaluated_models", "fingerprint", "open_work"]
