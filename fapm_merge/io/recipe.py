@@ -179,19 +179,6 @@ def recipe_inputs(recipe: Dict[str, Any]) -> Tuple[Optional[str], List[str]]:
     return base, [str(model_name(m)) for m in non_base_models(recipe)]
 
 
-# MERGE: re-export for tune/tradeoff/cli, remove at merge. Looked up on first use:
-# io.model_paths and io.lint import this module, so a plain import here would be a cycle.
-_MOVED = {"looks_local": "fapm_merge.io.model_paths", "lint_documents": "fapm_merge.io.lint"}  # MERGE: re-export for tune/tradeoff/cli, remove at merge
-
-
-def __getattr__(name: str):  # MERGE: re-export for tune/tradeoff/cli, remove at merge
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "Problem",
     "RECIPE_FILE",

@@ -44,7 +44,6 @@ from fapm_merge.io.recipe import RECIPE_FILE
 from fapm_merge.methods import compat
 from fapm_merge.methods.sweep_graph import seeded_streams, sweep_targets
 from fapm_merge.workflows.variants import PlannedVariant, SweepError, Variant
-from fapm_merge.workflows.variants import build_variants, finetuned_variant, load_recipe, parse_values  # MERGE: re-export for tune/tradeoff/cli, remove at merge
 
 
 @dataclass
@@ -204,7 +203,6 @@ def _execute(executor, total: int, variants: int, progress: bool) -> None:
 
 
 __all__ = [
-    "SweepError",
     "SweepResult",
     "run_sweep",
 ]

@@ -10,7 +10,7 @@ from fapm_merge.workflows.tradeoff import Tradeoff, tradeoff_markdown
 from fapm_merge.workflows.tune.plan import TunePlan
 
 if TYPE_CHECKING:  # sweep imports mergekit
-    from fapm_merge.workflows.sweep import Variant
+    from fapm_merge.workflows.variants import Variant
 
 
 def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str, name: str) -> str:

@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.core.rules import DEFAULT_LORA_SPARSITY, DEFAULT_SPARSITY, FAPM, FAPM_LORA
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC, EvalSettings
-from fapm_merge.io.recipe import looks_local, model_name, non_base_models
+from fapm_merge.io.model_paths import looks_local
+from fapm_merge.io.recipe import model_name, non_base_models
 from fapm_merge.workflows.tradeoff import Rule
 
 if TYPE_CHECKING:  # sweep imports mergekit: it loads on use, so the command line can
     # show these defaults without it
-    from fapm_merge.workflows.sweep import Variant
+    from fapm_merge.workflows.variants import Variant
 
 DEFAULT_SPARSITIES = {
     FAPM: (0.1, 0.3, 0.5, 0.7, DEFAULT_SPARSITY, 0.95),
@@ -123,7 +124,7 @@ def plan_tune(recipe: dict, settings: TuneSettings, work: Path) -> TunePlan:
             raise TuneError(
                 f"{where} {reference!r}: tune evaluates models from local folders; give the "
                 "absolute path of a downloaded model folder (huggingface-cli download ...)")
-    from fapm_merge.workflows.sweep import SweepError, build_variants, finetuned_variant
+    from fapm_merge.workflows.variants import SweepError, build_variants, finetuned_variant
 
     sparsities = list(settings.sparsities or DEFAULT_SPARSITIES[method])
     alphas = list(settings.alphas or DEFAULT_ALPHAS[method]) if "wiseft" in settings.baselines else None

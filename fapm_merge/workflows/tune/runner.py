@@ -31,7 +31,7 @@ from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings, pl
 from fapm_merge.workflows.tune.workdir import RESULTS_FILE, evaluated_models, fingerprint, open_work
 
 if TYPE_CHECKING:  # sweep imports mergekit
-    from fapm_merge.workflows.sweep import Variant
+    from fapm_merge.workflows.variants import Variant
 
 Progress = Callable[[str, int, int, str], None]
 """``progress(stage, done, total, detail)``: called as each step finishes."""
