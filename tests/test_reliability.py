@@ -304,6 +304,41 @@ def test_atomic_output_dir_leaves_nothing_on_failure_and_keeps_old_output(tmp_pa
             pass
 
 
+def test_finished_outputs_are_readable_by_others(tmp_path, llama_pair):
+    """Regression (issue 22): outputs were created 0700 (mkdtemp) and safetensors'
+    shards 0600 (written through a private temporary file), so colleagues could not
+    read a repaired model; a plain mkdir/open gives 0755/0644 under umask 022."""
+    import os
+    import stat
+    import tempfile
+
+    old = os.umask(0o022)
+    try:
+        with atomic_output_dir(tmp_path / "merged") as work:
+            handle, private = tempfile.mkstemp(dir=work, suffix=".safetensors")  # 0600, as safetensors
+            os.close(handle)
+            (work / "sub").mkdir(mode=0o700)
+        out = CliRunner().invoke(cli, ["sweep", str(_sweep_recipe(tmp_path, llama_pair)),
+                                       str(tmp_path / "sweep"), "--sparsity", "0.9",
+                                       "--baselines", "", "--no-copy-tokenizer"])
+        assert out.exit_code == 0, out.output
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "merged", tmp_path / "sweep"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+        for path in folder.rglob("*"):
+            assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+    assert list((tmp_path / "sweep").rglob("*.safetensors"))
+
+
+def _sweep_recipe(tmp_path, pair):
+    import yaml
+
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(fapm_recipe(*pair, sparsity=0.9)))
+    return path
+
+
 @pytest.fixture(scope="module")
 def good_output(llama_pair, tmp_path_factory):
     base, ft = llama_pair
