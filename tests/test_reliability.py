@@ -213,7 +213,7 @@ def test_truncated_safetensors_input_is_found_by_verify(llama_pair, tmp_path):
         run_merge_in_process(fapm_recipe(base, truncated), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # ... so troubleshooting.md says: run fapm-merge verify on each input folder.
-    result = CliRunner().invoke(cli, ["verify", str(truncated)])
+    result = CliRunner().invoke(cli, ["verify", str(truncated), "--checkpoint-only"])
     assert result.exit_code == 1
     assert "PROBLEM model.safetensors: cannot be opened" in result.output
     assert "truncated or corrupt" in result.output
