@@ -49,8 +49,8 @@ def assert_no_nan_written(out_dir: Path) -> None:
 @pytest.mark.parametrize(
     "parameters, message",
     [
-        ({"sparsity": 1.5}, r"fapm parameter 'sparsity' must be \[0\.0, 1\.0\], got 1\.5"),
-        ({"density": -0.1}, r"fapm parameter 'density' must be \[0\.0, 1\.0\], got -0\.1"),
+        ({"sparsity": 1.5}, r"fapm parameter 'sparsity' must be in \[0, 1\], got 1\.5"),
+        ({"density": -0.1}, r"fapm parameter 'density' must be in \[0, 1\], got -0\.1"),
         ({"sparsity": "lots"}, r"fapm parameter 'sparsity' must be a number, got 'lots'"),
         ({"weight": float("nan")}, r"fapm parameter 'weight' must be finite"),
         ({"sparsity": 0.5, "density": 0.5},
@@ -70,7 +70,7 @@ def test_bad_per_model_parameter_fails_before_writing(llama_pair, tmp_path, para
 def test_negative_beta_names_the_parameter(llama_pair, tmp_path):
     base, ft = llama_pair
     recipe = dict(fapm_recipe(base, ft), parameters={"beta": -1})
-    with pytest.raises(Exception, match=r"fapm parameter 'beta' must be >= 0\.0, got -1\.0"):
+    with pytest.raises(Exception, match=r"fapm parameter 'beta' must be >= 0, got -1\.0"):
         run_merge_in_process(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -154,7 +154,7 @@ def test_mergekit_yaml_prints_parameter_error_and_writes_nothing(llama_pair, tmp
     out = tmp_path / "out"
     result = run_mergekit_yaml(fapm_recipe(base, ft, sparsity=1.5), out, check=False)
     assert result.returncode != 0
-    assert "fapm parameter 'sparsity' must be [0.0, 1.0], got 1.5 (density = 1 - sparsity)" in result.stderr
+    assert "fapm parameter 'sparsity' must be in [0, 1], got 1.5 (density = 1 - sparsity)" in result.stderr
     assert not out.exists()
 
 
@@ -496,7 +496,7 @@ def test_unreadable_inputs_are_named_by_analyze_verify_and_sweep(llama_pair, tmp
     assert named in report.problems[0].message
     report = verify_output(out, fapm_recipe(base, ft, sparsity=1.5))
     assert [str(p) for p in report.problems] == [
-        "models[0].parameters.sparsity: fapm parameter 'sparsity' must be [0.0, 1.0], got 1.5 "
+        "models[0].parameters.sparsity: fapm parameter 'sparsity' must be in [0, 1], got 1.5 "
         "(density = 1 - sparsity)"
     ]
     assert "FAPM invariants not checked: sparsity must be a number in [0, 1], got 1.5" in report.notes
@@ -510,7 +510,7 @@ def test_lint_checks_values_required_parameters_structure_and_stages(tmp_path):
               "parameters": {"beta": "lots"}}
     assert [str(p) for p in lint_recipe(recipe)] == [
         "parameters.beta: fapm parameter 'beta' must be a number, got 'lots'",
-        "models[0].parameters.sparsity: fapm parameter 'sparsity' must be [0.0, 1.0], got 1.5 "
+        "models[0].parameters.sparsity: fapm parameter 'sparsity' must be in [0, 1], got 1.5 "
         "(density = 1 - sparsity)",
     ]
     no_base = {"merge_method": "fapm", "models": [{"model": "org/ft"}]}
