@@ -70,7 +70,7 @@ class LogLines:
         if detail:
             parts.append(detail)
         timing = f"{duration(elapsed)} elapsed"
-        if 0 < done < total:
+        if 0 < done < total and elapsed >= 1:
             timing += f", about {duration(elapsed / done * (total - done))} left"
         parts.append(timing)
         self.stream.write(" | ".join(parts) + "\n")
