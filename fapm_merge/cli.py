@@ -269,20 +269,24 @@ def eval_command(models, results, evaluation: EvalSettings):
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The YAML recipe OUT_DIR was made from (default: OUT_DIR/mergekit_config.yml, "
-                   "when mergekit wrote one): also check the card, presence and FAPM invariants.")
+                   "which mergekit writes last): also check the card, presence and FAPM invariants.")
 @click.option("--no-model-card", is_flag=True,
               help="The merge ran with --no-write-model-card: do not expect README.md and "
                    "mergekit_config.yml.")
-def verify(out_dir: Path, recipe, no_model_card: bool):
+@click.option("--checkpoint-only", is_flag=True,
+              help="OUT_DIR is not a merge (an input model, a download): check its files only.")
+def verify(out_dir: Path, recipe, no_model_card: bool, checkpoint_only: bool):
     """Check a merged model folder before using it.
 
     Every shard opens, the index matches the shards, config.json describes the
-    tensors, every tensor is finite; with a recipe (--recipe, or the
-    mergekit_config.yml mergekit writes into OUT_DIR), the model card is there,
+    tensors, every tensor is finite; with the recipe (--recipe, or the
+    mergekit_config.yml mergekit writes into OUT_DIR last, so a folder without
+    one did not finish and is refused), the model card is there,
     every input tensor is present with its shape, recipe keys mergekit ignores
     are flagged, and one-model fapm outputs are recomputed bit for bit. The
     report lists what was and was not checked. Exit status 1 when anything is
-    wrong. Also useful on an input folder, to find a truncated download.
+    wrong. Also useful on an input folder, to find a truncated download
+    (--checkpoint-only).
     """
     from fapm_merge.io.recipe import load_recipe
     from fapm_merge.workflows.verify import format_report, verify_output
@@ -291,7 +295,8 @@ def verify(out_dir: Path, recipe, no_model_card: bool):
         parsed = load_recipe(recipe) if recipe else None
     except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
-    report = verify_output(out_dir, parsed, model_card=not no_model_card)
+    report = verify_output(out_dir, parsed, model_card=not no_model_card,
+                           checkpoint_only=checkpoint_only)
     click.echo(format_report(report))
     if not report.ok:
         raise SystemExit(1)

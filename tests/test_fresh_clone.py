@@ -210,12 +210,20 @@ def test_verify_refuses_the_half_written_output_of_the_offline_card_crash(relati
     assert "relative path(s) models/base, models/finetuned" in outcome.output
     assert outcome.output.strip().endswith("FAILED: 2 problem(s)")
 
+    # Regression (issue 22): the README's form, no --recipe, said "OK as a checkpoint" on
+    # this half-written output; mergekit writes mergekit_config.yml last, so it is refused
     bare = CliRunner().invoke(cli, ["verify", "out"])
-    assert bare.exit_code == 0  # an input model looks the same: structure is all it can check
-    last = bare.output.strip().splitlines()[-1]
+    assert bare.exit_code == 1
+    assert "PROBLEM mergekit_config.yml: missing: mergekit writes the recipe last" in bare.output
+    assert "--checkpoint-only" in bare.output
+    assert bare.output.strip().endswith("FAILED: 1 problem(s)")
+
+    files = CliRunner().invoke(cli, ["verify", "out", "--checkpoint-only"])
+    assert files.exit_code == 0  # an input model looks the same: its files are all it can check
+    last = files.output.strip().splitlines()[-1]
     assert last == "OK as a checkpoint; not verified as a merge (give --recipe RECIPE)"
-    assert "not checked: no recipe (no --recipe, and the folder has no mergekit_config.yml)" in bare.output
-    assert "0 checked" not in bare.output
+    assert "not checked: no recipe (no --recipe, and the folder has no mergekit_config.yml)" in files.output
+    assert "0 checked" not in files.output
 
 
 @pytest.fixture(scope="module")

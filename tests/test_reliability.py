@@ -49,8 +49,8 @@ def assert_no_nan_written(out_dir: Path) -> None:
 @pytest.mark.parametrize(
     "parameters, message",
     [
-        ({"sparsity": 1.5}, r"fapm parameter 'sparsity' must be \[0\.0, 1\.0\], got 1\.5"),
-        ({"density": -0.1}, r"fapm parameter 'density' must be \[0\.0, 1\.0\], got -0\.1"),
+        ({"sparsity": 1.5}, r"fapm parameter 'sparsity' must be in \[0, 1\], got 1\.5"),
+        ({"density": -0.1}, r"fapm parameter 'density' must be in \[0, 1\], got -0\.1"),
         ({"sparsity": "lots"}, r"fapm parameter 'sparsity' must be a number, got 'lots'"),
         ({"weight": float("nan")}, r"fapm parameter 'weight' must be finite"),
         ({"sparsity": 0.5, "density": 0.5},
@@ -70,7 +70,7 @@ def test_bad_per_model_parameter_fails_before_writing(llama_pair, tmp_path, para
 def test_negative_beta_names_the_parameter(llama_pair, tmp_path):
     base, ft = llama_pair
     recipe = dict(fapm_recipe(base, ft), parameters={"beta": -1})
-    with pytest.raises(Exception, match=r"fapm parameter 'beta' must be >= 0\.0, got -1\.0"):
+    with pytest.raises(Exception, match=r"fapm parameter 'beta' must be >= 0, got -1\.0"):
         run_merge_in_process(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -154,7 +154,7 @@ def test_mergekit_yaml_prints_parameter_error_and_writes_nothing(llama_pair, tmp
     out = tmp_path / "out"
     result = run_mergekit_yaml(fapm_recipe(base, ft, sparsity=1.5), out, check=False)
     assert result.returncode != 0
-    assert "fapm parameter 'sparsity' must be [0.0, 1.0], got 1.5 (density = 1 - sparsity)" in result.stderr
+    assert "fapm parameter 'sparsity' must be in [0, 1], got 1.5 (density = 1 - sparsity)" in result.stderr
     assert not out.exists()
 
 
@@ -213,7 +213,7 @@ def test_truncated_safetensors_input_is_found_by_verify(llama_pair, tmp_path):
         run_merge_in_process(fapm_recipe(base, truncated), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # ... so troubleshooting.md says: run fapm-merge verify on each input folder.
-    result = CliRunner().invoke(cli, ["verify", str(truncated)])
+    result = CliRunner().invoke(cli, ["verify", str(truncated), "--checkpoint-only"])
     assert result.exit_code == 1
     assert "PROBLEM model.safetensors: cannot be opened" in result.output
     assert "truncated or corrupt" in result.output
@@ -302,6 +302,41 @@ def test_atomic_output_dir_leaves_nothing_on_failure_and_keeps_old_output(tmp_pa
     with pytest.raises(FileExistsError, match="exists and is not empty; choose another path or pass --overwrite"):
         with atomic_output_dir(target):
             pass
+
+
+def test_finished_outputs_are_readable_by_others(tmp_path, llama_pair):
+    """Regression (issue 22): outputs were created 0700 (mkdtemp) and safetensors'
+    shards 0600 (written through a private temporary file), so colleagues could not
+    read a repaired model; a plain mkdir/open gives 0755/0644 under umask 022."""
+    import os
+    import stat
+    import tempfile
+
+    old = os.umask(0o022)
+    try:
+        with atomic_output_dir(tmp_path / "merged") as work:
+            handle, private = tempfile.mkstemp(dir=work, suffix=".safetensors")  # 0600, as safetensors
+            os.close(handle)
+            (work / "sub").mkdir(mode=0o700)
+        out = CliRunner().invoke(cli, ["sweep", str(_sweep_recipe(tmp_path, llama_pair)),
+                                       str(tmp_path / "sweep"), "--sparsity", "0.9",
+                                       "--baselines", "", "--no-copy-tokenizer"])
+        assert out.exit_code == 0, out.output
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "merged", tmp_path / "sweep"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+        for path in folder.rglob("*"):
+            assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+    assert list((tmp_path / "sweep").rglob("*.safetensors"))
+
+
+def _sweep_recipe(tmp_path, pair):
+    import yaml
+
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(fapm_recipe(*pair, sparsity=0.9)))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -461,7 +496,7 @@ def test_unreadable_inputs_are_named_by_analyze_verify_and_sweep(llama_pair, tmp
     assert named in report.problems[0].message
     report = verify_output(out, fapm_recipe(base, ft, sparsity=1.5))
     assert [str(p) for p in report.problems] == [
-        "models[0].parameters.sparsity: fapm parameter 'sparsity' must be [0.0, 1.0], got 1.5 "
+        "models[0].parameters.sparsity: fapm parameter 'sparsity' must be in [0, 1], got 1.5 "
         "(density = 1 - sparsity)"
     ]
     assert "FAPM invariants not checked: sparsity must be a number in [0, 1], got 1.5" in report.notes
@@ -475,7 +510,7 @@ def test_lint_checks_values_required_parameters_structure_and_stages(tmp_path):
               "parameters": {"beta": "lots"}}
     assert [str(p) for p in lint_recipe(recipe)] == [
         "parameters.beta: fapm parameter 'beta' must be a number, got 'lots'",
-        "models[0].parameters.sparsity: fapm parameter 'sparsity' must be [0.0, 1.0], got 1.5 "
+        "models[0].parameters.sparsity: fapm parameter 'sparsity' must be in [0, 1], got 1.5 "
         "(density = 1 - sparsity)",
     ]
     no_base = {"merge_method": "fapm", "models": [{"model": "org/ft"}]}

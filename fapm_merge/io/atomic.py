@@ -16,6 +16,30 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it; set it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _share(folder: Path) -> None:
+    """Give ``folder`` and what is in it the modes a plain ``mkdir``/``open`` would.
+
+    mkdtemp makes the folder private (0700) and safetensors writes its shards through
+    a private temporary file (0600): left so, colleagues could not read a finished
+    model (0755 folders and 0644 files under the usual umask 022)."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o777 & ~mask)
+        else:  # executable bits stay as they were
+            path.chmod((0o666 | path.stat().st_mode & 0o111) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: os.PathLike, *, overwrite: bool = False,
                       same_name: bool = False) -> Iterator[Path]:
@@ -47,6 +71,7 @@ def atomic_output_dir(target: os.PathLike, *, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(holder, ignore_errors=True)
         raise
+    _share(work)
     if target.exists():
         shutil.rmtree(target)
     os.replace(work, target)

@@ -50,7 +50,7 @@ def number_parameter(name: str, low: Optional[float] = None, high: Optional[floa
         if not math.isfinite(value):
             raise ValueError(f"fapm parameter {name!r} must be finite, got {value!r}")
         if low is not None and value < low or high is not None and value > high:
-            bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+            bounds = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
             raise ValueError(
                 f"fapm parameter {name!r} must be {bounds}, got {value!r}"
                 + (" (density = 1 - sparsity)" if name in ("sparsity", "density") else "")

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,7 @@ from fapm_merge.core.rules import DEFAULT_SPARSITY, FAPM
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.checkpoint import iter_tensors
+from fapm_merge.workflows.progress import Report, progress_reporter
 
 # Configs follow mergekit's own "pico" test models: tiny but structurally complete.
 TINY_CONFIGS: Dict[str, dict] = {
@@ -274,6 +275,7 @@ def demo_eval_data(
     text_tokens: int = DEMO_TEXT_TOKENS,
     items: int = DEMO_ITEMS,
     seed: int = 0,
+    report: Optional[Report] = None,
 ) -> Dict[str, Path]:
     """Evaluation files for the ``fapm-merge demo`` pair, whose "fine-tune" is a
     simulated weight change rather than training on data (a documented proxy).
@@ -293,7 +295,10 @@ def demo_eval_data(
         text_tokens (`int`, defaults to 4096): length of the general text.
         items (`int`, defaults to 120): task items to keep.
         seed (`int`, defaults to 0): sampling seed.
+        report (`Report`, *optional*): progress callback (stages ``text``: bytes
+            sampled per passage, ``task``: items kept), see :mod:`.progress`.
     """
+    report = report or (lambda *_: None)
     generator = torch.Generator().manual_seed(seed)
     from fapm_merge.evaluation.metrics import ByteTokenizer, load_model, sequence_logprobs
 
@@ -304,9 +309,11 @@ def demo_eval_data(
     passages = max(1, text_tokens // 64)
     rows = printable[torch.randint(len(printable), (passages, 1), generator=generator)]
     while rows.shape[1] < 64:
+        report("text", rows.shape[1], 64, f"{passages} passages of 64 bytes from the base")
         logits = base(input_ids=rows).logits[:, -1, printable].float()
         picks = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
         rows = torch.cat([rows, printable[picks]], dim=1)
+    report("text", 64, 64, f"{passages} passages of 64 bytes from the base")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text_path, task_path = out_dir / "general.txt", out_dir / "task.jsonl"
@@ -318,6 +325,7 @@ def demo_eval_data(
 
     kept, batches = [], 0
     while len(kept) < items and batches < 200:
+        report("task", min(len(kept), items), items, f"batch {batches + 1} of 64 candidates")
         batches += 1  # 64 candidate items per batch: one forward per model
         candidates = [(random_text(8, 16), [random_text(3, 6) for _ in range(4)]) for _ in range(64)]
         sequences = [tokenizer.encode(p) + tokenizer.encode(c) for p, cs in candidates for c in cs]
@@ -329,6 +337,7 @@ def demo_eval_data(
         for n, (prompt, choices) in enumerate(candidates):
             if picks[0][n] != picks[1][n] and len(kept) < items:
                 kept.append({"prompt": prompt, "choices": choices, "answer": picks[1][n]})
+    report("task", len(kept), items, f"{batches} batches of 64 candidates")
     task_path.write_text("".join(json.dumps(k) + "\n" for k in kept), encoding="utf-8")
     return {TEXT_METRIC: text_path, TASK_METRIC: task_path}
 
@@ -434,8 +443,10 @@ def _main(argv: List[str]) -> int:
     if not (models / "base" / "config.json").is_file():
         parser.error(f"{args.demo_dir} is not a `fapm-merge demo` folder (no models/base); "
                      f"run `fapm-merge demo {args.demo_dir}` first")
-    files = demo_eval_data(models / "base", models / "finetuned", args.demo_dir / "eval",
-                           text_tokens=args.text_tokens, items=args.items)
+    stages = {"text": "general text", "task": "task items"}
+    with progress_reporter("demo-data", stages) as report:
+        files = demo_eval_data(models / "base", models / "finetuned", args.demo_dir / "eval",
+                               text_tokens=args.text_tokens, items=args.items, report=report)
     print(f"wrote {files[TEXT_METRIC]} and {files[TASK_METRIC]}")
     return 0
 

@@ -249,19 +249,21 @@ def _input_index(recipe: Dict[str, Any], report: VerifyReport):
 
 @torch.no_grad()
 def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None, *,
-                  model_card: bool = True) -> VerifyReport:
+                  model_card: bool = True, checkpoint_only: bool = False) -> VerifyReport:
     """Check a merged model folder; with a recipe, check it against the inputs too.
 
     Args:
         out_dir (`Path`): the merge output folder.
         recipe (`Dict[str, Any]`, *optional*): the parsed recipe it was made from
             (see :func:`fapm_merge.io.recipe.load_recipe`); default: the folder's own
-            ``mergekit_config.yml`` when it has one. Enables the model-card,
-            presence and FAPM checks; without any, the folder is checked as a
-            checkpoint only and the report says so.
+            ``mergekit_config.yml``, which a finished mergekit output always has
+            (mergekit writes it last): a folder without one is refused unless
+            ``checkpoint_only``. Enables the model-card, presence and FAPM checks.
         model_card (`bool`, defaults to True): expect ``README.md`` and
             ``mergekit_config.yml`` (mergekit writes them unless run with
             ``--no-write-model-card``).
+        checkpoint_only (`bool`, defaults to False): the folder is not a merge (an
+            input model, a download): check its files only, with no recipe.
 
     Returns:
         VerifyReport: ``report.ok`` is True when nothing is wrong.
@@ -323,6 +325,11 @@ def verify_output(out_dir: Path, recipe: Optional[Dict[str, Any]] = None, *,
         except (FapmInputError, FileNotFoundError) as error:
             _problem(report, "recipe inputs", f"{error}; inputs not compared")
             base_index, fapm_inputs = {}, None
+    elif not checkpoint_only:
+        _problem(report, RECIPE_FILE, "missing: mergekit writes the recipe last, after the "
+                 "weights, config.json and the model card, so this merge did not finish; merge "
+                 "again into an empty folder (a merge run with --no-write-model-card: give "
+                 "--recipe RECIPE; an input model, not a merge: --checkpoint-only)")
     else:
         report.notes.append(f"no recipe (no --recipe, and the folder has no {RECIPE_FILE}): "
                             "checked as a checkpoint only; model card, input tensors and the "
