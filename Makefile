@@ -41,8 +41,9 @@ bench: $(VENV)/.installed
 	nice -n 10 $(PY) benchmarks/bench_kernel.py --threads 1 2 4 8 --baseline benchmarks/kernel_baseline.py
 	HF_HUB_OFFLINE=1 nice -n 10 $(PY) benchmarks/bench_e2e.py --pair $(BENCH_PAIR) --reps $(BENCH_REPS)
 
-# A busy machine (issue 15): each method quiet and with one busy neighbour per core,
-# on a 0.35B pair; under 15 minutes on 2 cores. Not niced: the neighbours are not.
+# A busy machine (issues 15, 22): each merge method and `fapm-merge eval` (the demo
+# pair, written once into benchmarks/data/demo, and the 0.35B pair) quiet and with one
+# busy neighbour per core; under 15 minutes on 2 cores. Not niced: the neighbours are not.
 CONTENTION_PAIR ?= benchmarks/data/pair-034b
 bench-contention: $(VENV)/.installed
 	test -f $(CONTENTION_PAIR)/base/config.json || $(PY) benchmarks/make_pair.py $(CONTENTION_PAIR) --params 0.34e9

@@ -1,10 +1,12 @@
-"""A busy machine: each method's ``mergekit-yaml`` time with and without CPU-bound neighbours.
+"""A busy machine: each method's ``mergekit-yaml`` time, and ``fapm-merge eval``'s, with and without CPU-bound neighbours.
 
-Users merge on workstations that are training something else. This runs
-task_arithmetic, fapm and fapm_lora through the real ``mergekit-yaml`` on the same
-pair, each quiet and then busy, interleaved (the method order rotates every
-repetition), and prints each method's slowdown (busy / quiet, medians) and fapm's
-slowdown relative to task_arithmetic's. Targets (issue 15): fapm's slowdown at
+Users merge and evaluate on workstations that are training something else. This
+runs task_arithmetic, fapm and fapm_lora through the real ``mergekit-yaml`` on the
+same pair, and ``fapm-merge eval`` on the demo pair's base model (the demo's text
+and task) and on the pair's base model (a short text and task, byte tokens), each
+quiet and then busy, interleaved (the order rotates every repetition), and prints
+each slowdown (busy / quiet, medians) and fapm's and eval's slowdown relative to
+task_arithmetic's. Targets: fapm's (issue 15) and eval's (issue 22) slowdown at
 most 1.3x task_arithmetic's, and no run more than 4x its quiet time.
 
 The neighbours: ``--neighbours`` processes (default: one per core) that busy-loop
@@ -21,6 +23,7 @@ Usage::
 
     python benchmarks/make_pair.py benchmarks/data/pair-034b --params 0.34e9
     python benchmarks/bench_contention.py --pair benchmarks/data/pair-034b --reps 2
+    # (writes the demo pair and its eval data into benchmarks/data/demo first, ~3 min)
     # side by side with an older version's fapm:
     git archive b9aa636 | tar -x -C /tmp/before
     python benchmarks/bench_contention.py ... --baseline-src /tmp/before
@@ -99,20 +102,58 @@ def recipes(base: Path, finetuned: Path, adapter: Path) -> Dict[str, Dict]:
     }
 
 
+EVALS = ("eval_demo", "eval_pair")
+"""The ``fapm-merge eval`` runs: the demo pair's base model on the demo's text and
+task, and the pair's base model on the demo's first text tokens and task items."""
+
+PAIR_TEXT_TOKENS, PAIR_BATCH, PAIR_ITEMS = 1024, 2, 16
+"""The pair's eval: 4 batches of 2 windows of 256 byte tokens and 16 task items,
+~20 s quiet on 2 cores (several batches, so the forward passes can be shared out)."""
+
+
+def demo_eval_inputs(folder: Path) -> Dict[str, Path]:
+    """The demo pair and its text and task in ``folder``, written once (~3 min)."""
+    text, task = folder / "eval" / "general.txt", folder / "eval" / "task.jsonl"
+    if not task.exists():
+        subprocess.run([str(BIN / "fapm-merge"), "demo", str(folder)], check=True,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "fapm_merge.workflows.demo", "demo-data", str(folder)],
+                       check=True, stdout=subprocess.DEVNULL)
+    return {"model": folder / "models" / "base", "text": text, "task": task}
+
+
+def eval_commands(demo: Dict[str, Path], pair_base: Path, work: Path) -> Dict[str, List[str]]:
+    """``fapm-merge eval`` command lines; each writes into ``work/out`` (cleared before a run)."""
+    eval_bin = str(BIN / "fapm-merge")
+    pair_task = work / "pair-task.jsonl"
+    pair_task.write_text("".join(demo["task"].read_text().splitlines(keepends=True)[:PAIR_ITEMS]))
+    return {
+        "eval_demo": [eval_bin, "eval", str(demo["model"]), "--text", str(demo["text"]),
+                      "--task", str(demo["task"]), "--out", str(work / "out" / "demo.jsonl")],
+        "eval_pair": [eval_bin, "eval", str(pair_base), "--tokenizer", "bytes",
+                      "--text", str(demo["text"]), "--max-tokens", str(PAIR_TEXT_TOKENS),
+                      "--batch-size", str(PAIR_BATCH), "--task", str(pair_task),
+                      "--out", str(work / "out" / "pair.jsonl")],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", type=Path, default=HERE / "data" / "pair-034b")
     parser.add_argument("--params", type=float, default=0.34e9,
                         help="size of the pair written when --pair is missing")
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "fapm", "fapm_lora"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["task_arithmetic", "fapm", "fapm_lora", *EVALS])
+    parser.add_argument("--demo", type=Path, default=HERE / "data" / "demo",
+                        help="the demo pair and its eval data (written when missing)")
     parser.add_argument("--neighbours", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--neighbour-limit", type=float, default=300.0,
                         help="seconds after which a neighbour stops by itself")
     parser.add_argument("--baseline-src", type=Path, default=None,
                         help="a source tree of another fapm-merge version (e.g. from "
-                             "`git archive`): adds 'fapm (baseline)', the fapm recipe run "
-                             "with that tree first on PYTHONPATH")
+                             "`git archive`): adds 'fapm (baseline)' and 'eval_... (baseline)', "
+                             "the same commands run with that tree first on PYTHONPATH")
     parser.add_argument("--work", type=Path, default=HERE / "data" / "contention-work")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "contention.json")
     args = parser.parse_args()
@@ -134,10 +175,16 @@ def main() -> None:
             path.write_text(yaml.safe_dump(recipe, sort_keys=False))
             commands[method] = [str(BIN / "mergekit-yaml"), str(path), str(work / "out"),
                                 "--no-copy-tokenizer"]
+    wanted_evals = [name for name in EVALS if name in args.methods]
+    if wanted_evals:
+        evals = eval_commands(demo_eval_inputs(args.demo.resolve()), base, work)
+        commands.update({name: evals[name] for name in wanted_evals})
     envs = {method: env for method in commands}
-    if args.baseline_src and "fapm" in commands:
-        commands["fapm (baseline)"] = commands["fapm"]
-        envs["fapm (baseline)"] = {**env, "PYTHONPATH": str(args.baseline_src.resolve())}
+    if args.baseline_src:
+        for name in ("fapm", *EVALS):
+            if name in commands:
+                commands[f"{name} (baseline)"] = commands[name]
+                envs[f"{name} (baseline)"] = {**env, "PYTHONPATH": str(args.baseline_src.resolve())}
     runs: Dict[str, Dict[str, List[Dict]]] = {m: {"quiet": [], "busy": []} for m in commands}
     started = time.perf_counter()
     names = list(commands)
@@ -145,6 +192,7 @@ def main() -> None:
         for method in names[rep % len(names):] + names[: rep % len(names)]:
             for state in ("quiet", "busy"):
                 shutil.rmtree(work / "out", ignore_errors=True)
+                (work / "out").mkdir()
                 load_before = os.getloadavg()
                 if state == "busy":
                     with Neighbours(args.neighbours, args.neighbour_limit):
@@ -153,7 +201,7 @@ def main() -> None:
                     row = timed(commands[method], envs[method])
                 row.update(load_before=load_before, load_after=os.getloadavg())
                 runs[method][state].append(row)
-                print(f"rep {rep + 1}/{args.reps} {method:16s} {state:5s} {row['wall_s']:7.1f} s"
+                print(f"rep {rep + 1}/{args.reps} {method:21s} {state:5s} {row['wall_s']:7.1f} s"
                       f"  load {load_before[0]:.1f} -> {row['load_after'][0]:.1f}", flush=True)
     shutil.rmtree(work / "out", ignore_errors=True)
 
@@ -166,15 +214,15 @@ def main() -> None:
             "worst_run_over_quiet": max(r["wall_s"] for r in states["busy"]) / quiet,
             "quiet_load_1min": [r["load_before"][0] for r in states["quiet"]],
         }
-    print(f"\n{'method':16s} {'quiet s':>8s} {'busy s':>8s} {'slowdown':>9s} {'worst/quiet':>12s}")
+    print(f"\n{'method':21s} {'quiet s':>8s} {'busy s':>8s} {'slowdown':>9s} {'worst/quiet':>12s}")
     for method, row in summary.items():
-        print(f"{method:16s} {row['quiet_s']:8.1f} {row['busy_s']:8.1f} {row['slowdown']:8.2f}x "
+        print(f"{method:21s} {row['quiet_s']:8.1f} {row['busy_s']:8.1f} {row['slowdown']:8.2f}x "
               f"{row['worst_run_over_quiet']:11.2f}x")
     verdict = {}
     if "task_arithmetic" in summary:
         floor = summary["task_arithmetic"]["slowdown"]
-        for method in ("fapm", "fapm_lora", "fapm (baseline)"):
-            if method in summary:
+        for method in summary:
+            if method != "task_arithmetic":
                 relative = summary[method]["slowdown"] / floor
                 verdict[method] = relative
                 print(f"{method} slowdown / task_arithmetic slowdown: {relative:.2f} "

@@ -290,3 +290,36 @@ def test_window_longer_than_the_model_and_boolean_answers_are_refused(model, tmp
         load_task(task)
     task.write_bytes('\ufeff{"prompt": "a", "answer": "b"}\n'.encode("utf-8"))
     assert load_task(task) == [{"prompt": "a", "answer": "b"}]
+
+
+def test_forward_passes_run_on_single_threaded_workers_and_give_the_same_values(model):
+    """Issue 22: text batches and task items run on the kernel's pool of one-thread
+    workers (a busy core then delays one pass, not every op); every value is the one
+    the calling thread computes with its own torch threads."""
+    import threading
+
+    tokenizer = Latin1Tokenizer()
+    items = [{"prompt": p, "choices": [" red", " green", " blue"], "answer": i % 3}
+             for i, p in enumerate(("colour:", "pick:", "a", "b c"))]
+    items += [{"prompt": p, "answer": "xy"} for p in ("hello", "the cat")]
+    seen = []  # (thread, its torch thread count) of every forward pass
+    hook = model.register_forward_pre_hook(
+        lambda *_: seen.append((threading.get_ident(), torch.get_num_threads())))
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            seen.clear()
+            results[threads] = (mean_token_loss(model, tokenizer, TEXT, window=7, batch_size=2),
+                                task_accuracy(model, tokenizer, items))
+            callers = {ident for ident, _ in seen}
+            if threads == 1:  # one thread: no workers, everything here as before
+                assert callers == {threading.get_ident()}
+            else:
+                assert threading.get_ident() not in callers
+                assert {count for _, count in seen} == {1}
+    finally:
+        torch.set_num_threads(before)
+        hook.remove()
+    assert json.dumps(results[1]) == json.dumps(results[2])
