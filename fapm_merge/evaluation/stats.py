@@ -396,12 +396,16 @@ def _loss_bootstrap(estimate: float, columns: tuple, statistic, *, same: bool,
 
 
 def cluster_count(groups: Sequence) -> tuple:
-    """``(index, count)``: each item's cluster number (0 to count - 1, the ids sorted as
-    strings) and the number of clusters."""
+    """``(index, count)``: each item's cluster number (0 to count - 1, numbered in the
+    order the clusters first appear, so the bootstrap's draws do not depend on how the
+    ids sort) and the number of clusters."""
     import numpy as np
 
-    labels, index = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-    return index, len(labels)
+    labels, first, index = np.unique(np.asarray([str(g) for g in groups]), return_index=True,
+                                     return_inverse=True)
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(labels))
+    return rank[index.reshape(-1)], len(labels)
 
 
 def cluster_sums(groups: Sequence, *columns) -> tuple:
