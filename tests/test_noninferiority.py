@@ -190,3 +190,14 @@ def test_too_few_groups_are_flagged():
     assert stats.Interval(0.0, -1.0, 1.0, 24).too_few_units  # 24 windows of one text
     assert not stats.Interval(0.0, -1.0, 1.0, 400).too_few_units
     assert not stats.Interval(0.0, -1.0, 1.0, 400, clusters=30).too_few_units
+
+
+def test_the_table_in_choosing_sparsity_is_what_the_planner_computes():
+    # docs/choosing-sparsity.md, "How many prompts a retention margin needs"
+    table = {0.02: ([5131, 1397, 425, 225], [5.2, 2.5, 1.2, 0.7]),
+             0.05: ([12438, 3162, 837, 400], [6.9, 3.5, 1.8, 1.0]),
+             0.10: ([24763, 6215, 1578, 717], [8.8, 4.8, 2.5, 1.4])}
+    for rate, (prompts, margins) in table.items():
+        assert [ni.prompts_needed(m, rate) for m in (0.005, 0.01, 0.02, 0.03)] == prompts
+        assert [round(100 * ni.resolvable_margin(n, rate), 1) for n in (100, 300, 1000, 3000)] == margins
+    assert [ni.prompts_needed(0.008, rate) for rate in table] == [2103, 4902, 9693]

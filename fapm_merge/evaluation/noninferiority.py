@@ -135,6 +135,8 @@ def design_effect(model_correct, reference_correct, groups) -> float:
     difference = np.asarray(model_correct, dtype=np.float64) - np.asarray(reference_correct,
                                                                           dtype=np.float64)
     n = len(difference)
+    if len(groups) != n:
+        raise ValueError(f"one group id per prompt is needed: {len(groups)} ids for {n} prompts")
     index, count = cluster_count(groups)
     if count < 2:
         return float(n)
@@ -173,7 +175,15 @@ def accuracy_difference_score(
         confidence (`float`, defaults to 0.95): the interval's level.
     """
     gain, loss, n = _counts(model_correct, reference_correct)
-    effect = 1.0 if groups is None else design_effect(model_correct, reference_correct, groups)
+    effect = _effect(model_correct, reference_correct, groups)
+    return _score_interval(gain, loss, n, effect, groups, confidence)
+
+
+def _effect(model_correct, reference_correct, groups) -> float:
+    return 1.0 if groups is None else design_effect(model_correct, reference_correct, groups)
+
+
+def _score_interval(gain: int, loss: int, n: int, effect: float, groups, confidence: float) -> Interval:
     low, high = tango_interval(gain / effect, loss / effect, n / effect, confidence)
     clusters = None if groups is None else cluster_count(groups)[1]
     return Interval((gain - loss) / n, low, high, n, clusters)
@@ -247,17 +257,15 @@ def noninferior(
         confidence (`float`, defaults to 0.95): level of each one-sided bound.
         power (`float`, defaults to 0.8): power :attr:`NonInferiority.prompts_needed` plans for.
     """
-    if not (math.isfinite(margin) and 0 < margin < 1):
-        raise ValueError(f"a non-inferiority margin must be in (0, 1), got {margin}")
+    _check_margin(margin)
     gain, loss, n = _counts(model_correct, reference_correct)
-    effect = 1.0 if groups is None else design_effect(model_correct, reference_correct, groups)
+    effect = _effect(model_correct, reference_correct, groups)
     lower, upper = tango_interval(gain / effect, loss / effect, n / effect, confidence,
                                   one_sided=True)
     rate = discordance(model_correct, reference_correct)
     needed = math.ceil(effect * prompts_needed(margin, rate, power=power, confidence=confidence))
-    return NonInferiority(
-        accuracy_difference_score(model_correct, reference_correct, groups=groups),
-        lower, upper, margin, rate, effect, needed)
+    return NonInferiority(_score_interval(gain, loss, n, effect, groups, confidence),
+                          lower, upper, margin, rate, effect, needed)
 
 
 # --------------------------------------------------------------------------- planning
@@ -270,9 +278,12 @@ def _null_sd(margin: float, rate: float) -> float:
     return math.sqrt(max(2 * q - margin * (1 + margin), 0.0))
 
 
-def _check_plan(margin: float, rate: float) -> None:
+def _check_margin(margin: float) -> None:
     if not (math.isfinite(margin) and 0 < margin < 1):
         raise ValueError(f"a non-inferiority margin must be in (0, 1), got {margin}")
+
+
+def _check_discordance(rate: float) -> None:
     if not (0 < rate <= 1):
         raise ValueError(f"a discordance rate must be in (0, 1], got {rate}")
 
@@ -289,7 +300,8 @@ def prompts_needed(margin: float, discordance: float, *, power: float = POWER,
         discordance (`float`): share of prompts answered differently, in (0, 1].
         power (`float`, defaults to 0.8), confidence (`float`, defaults to 0.95).
     """
-    _check_plan(margin, discordance)
+    _check_margin(margin)
+    _check_discordance(discordance)
     spread = _z(confidence) * _null_sd(margin, discordance) + _z(power) * math.sqrt(discordance)
     return max(1, math.ceil((spread / margin) ** 2))
 
@@ -300,7 +312,8 @@ def power_at(prompts: int, margin: float, discordance: float, *,
     with no true loss and this discordance (the inverse of :func:`prompts_needed`)."""
     from scipy import stats
 
-    _check_plan(margin, discordance)
+    _check_margin(margin)
+    _check_discordance(discordance)
     shift = math.sqrt(prompts) * margin - _z(confidence) * _null_sd(margin, discordance)
     return float(stats.norm.cdf(shift / math.sqrt(discordance)))
 
@@ -310,7 +323,7 @@ def resolvable_margin(prompts: int, discordance: float, *, power: float = POWER,
     """The smallest margin that ``prompts`` prompts show with ``power`` for a model with
     no true loss and this discordance (found by bisection; the power rises with the
     margin)."""
-    _check_plan(0.5, discordance)
+    _check_discordance(discordance)
     if prompts < 1:
         raise ValueError(f"need at least one prompt, got {prompts}")
     lo, hi = 0.0, 1.0
