@@ -14,6 +14,15 @@ negative log-likelihood and token count).
 * :func:`loss_difference`: ``L(model) - L(reference)`` (mean token loss) with a
   95% paired bootstrap interval over windows.
 * :func:`repaired_share`: ``(L_ft - L_model) / (L_ft - L_base)`` with an interval.
+* :func:`cf_reduction`, :func:`repair`, :func:`forgetting`: the repair as a finite
+  paired reduction of CF in CF points, whether it is significant, and whether the
+  fine-tune's forgetting is.
+
+Items drawn from a common source (prompts from one movie, windows of one document)
+are not independent: with ``groups`` the bootstrap resamples whole groups
+(:func:`cluster_sums`), and :attr:`Interval.too_few_units` flags intervals resting on
+fewer than :data:`MIN_UNITS` independent units. The accuracy's non-inferiority test
+(a paired score interval, never of zero width) is in :mod:`.noninferiority`.
 
 The statistics come from ``scipy.stats`` (``bootstrap`` with ``paired=True`` and
 the percentile method, seeded, so a rerun gives the same interval; ``binomtest``).
