@@ -200,3 +200,23 @@ def test_repair_of_doubtful_forgetting_has_a_finite_interval_where_the_share_has
     # a model that repairs nothing measurable is not significant
     noise = stats.repair(finetuned + rng.normal(0, 2, 24), finetuned, base, tokens)
     assert not noise.significant
+
+
+def test_resampling_documents_restores_the_coverage_that_correlated_windows_break():
+    # 40 documents of 5 windows; the models' difference varies mostly between documents
+    # (one text is harder for the variant than another): windows of a document are not
+    # independent, and the window bootstrap covers the true difference (0) far too rarely
+    rng = np.random.default_rng(8)
+    documents = np.repeat(np.arange(40), 5)
+    tokens = np.full(200, 100.0)
+    covered = {"windows": 0, "documents": 0}
+    runs = 200
+    for _ in range(runs):
+        difference = np.repeat(rng.normal(0, 1.0, 40), 5) + rng.normal(0, 0.5, 200)
+        reference = rng.normal(250, 10, 200)
+        model = reference + difference
+        for name, groups in (("windows", None), ("documents", documents)):
+            interval = stats.loss_difference(model, reference, tokens, groups=groups, resamples=999)
+            covered[name] += interval.low <= 0 <= interval.high
+    assert covered["windows"] / runs < 0.8
+    assert covered["documents"] / runs >= 0.9
