@@ -110,3 +110,113 @@ def test_mismatched_items_are_refused():
         stats.accuracy_difference([1, 0, 1], [1, 0])
     with pytest.raises(ValueError, match="same windows"):
         stats.loss_difference([1.0, 2.0], [1.0, 2.0], [3])
+
+
+def test_grouped_items_resample_whole_groups():
+    # A document whose windows are copies of one window is one window: grouped, the
+    # bootstrap draws exactly what it draws for the single windows (same seed).
+    rng = np.random.default_rng(5)
+    model, reference = rng.normal(60, 5, 40), rng.normal(58, 5, 40)
+    tokens = rng.integers(20, 30, 40).astype(float)
+    single = stats.loss_difference(model, reference, tokens)
+    copies = [np.repeat(v, 3) for v in (model, reference, tokens)]
+    documents = np.repeat(np.arange(40), 3)
+    grouped = stats.loss_difference(*copies, groups=documents)
+    assert (grouped.estimate, grouped.low, grouped.high) == pytest.approx(
+        (single.estimate, single.low, single.high), rel=1e-12)
+    assert (grouped.n, grouped.clusters, single.clusters) == (120, 40, None)
+    assert stats.loss_difference(*copies).half_width < single.half_width * 0.7  # overconfident
+    # the same for prompts
+    a, b = (rng.random(50) < 0.7).astype(int), (rng.random(50) < 0.7).astype(int)
+    plain = stats.accuracy_difference(a, b)
+    grouped = stats.accuracy_difference(np.repeat(a, 2), np.repeat(b, 2), groups=np.repeat(np.arange(50), 2))
+    assert (grouped.low, grouped.high) == pytest.approx((plain.low, plain.high), abs=1e-12)
+    assert grouped.to_json()["clusters"] == 50 and "clusters" not in plain.to_json()
+    with pytest.raises(ValueError, match="one group id per item"):
+        stats.loss_difference(model, reference, tokens, groups=[0, 1])
+
+
+def test_grouped_share_matches_the_exact_bootstrap_over_documents():
+    # two windows per document: the exact bootstrap over the 4 documents' sums
+    base = [100.0, 110.0, 90.0, 105.0, 98.0, 101.0, 97.0, 103.0]
+    finetuned = [104.0, 113.0, 95.0, 108.0, 103.0, 104.0, 99.0, 108.0]
+    model = [101.0, 111.0, 91.0, 106.0, 100.0, 102.0, 98.0, 104.0]
+    tokens = [40, 44, 36, 42, 40, 41, 39, 42]
+    documents = ["d1", "d1", "d2", "d2", "d3", "d3", "d4", "d4"]
+    sums = [[column[i] + column[i + 1] for i in range(0, 8, 2)] for column in (model, finetuned, base, tokens)]
+
+    def reduction(m, f, b, t):
+        return 100 * (math.exp((sum(f) - sum(b)) / sum(t)) - math.exp((sum(m) - sum(b)) / sum(t)))
+
+    exact = exact_bootstrap_quantiles(reduction, sums, levels=(0.02, 0.025, 0.03, 0.97, 0.975, 0.98))
+    got = stats.cf_reduction(model, finetuned, base, tokens, groups=documents, resamples=40000)
+    assert got.estimate == pytest.approx(reduction(model, finetuned, base, tokens))
+    slack = 1e-9  # the exact quantiles are sums in another order
+    assert exact[0] - slack <= got.low <= exact[2] + slack
+    assert exact[3] - slack <= got.high <= exact[5] + slack
+    assert got.clusters == 4 and got.too_few_units
+
+
+def test_repair_is_a_finite_cf_reduction_with_significance_checks():
+    base = [100.0, 110.0, 90.0, 105.0]
+    finetuned = [104.0, 113.0, 95.0, 108.0]
+    model = [101.0, 111.0, 91.0, 106.0]
+    tokens = [40, 44, 36, 42]
+    total = sum(tokens)
+    l_base, l_ft, l_model = (sum(x) / total for x in (base, finetuned, model))
+    cf_ft, cf_model = 100 * math.expm1(l_ft - l_base), 100 * math.expm1(l_model - l_base)
+    result = stats.repair(model, finetuned, base, tokens)
+    assert result.cf_reduction.estimate == pytest.approx(cf_ft - cf_model)
+    assert result.finetuned_cf == pytest.approx(cf_ft)
+    assert result.share == pytest.approx((cf_ft - cf_model) / cf_ft)
+    assert result.loss_vs_finetuned == stats.loss_difference(model, finetuned, tokens)
+    assert result.significant  # the model is below the fine-tune on every window
+    assert result.to_json()["significant"] is True
+    exact = exact_bootstrap_quantiles(
+        lambda m, f, b, t: 100 * (math.exp((sum(f) - sum(b)) / sum(t)) - math.exp((sum(m) - sum(b)) / sum(t))),
+        [model, finetuned, base, tokens], levels=(0.02, 0.025, 0.03, 0.97, 0.975, 0.98))
+    slack = 1e-9  # the exact quantiles are sums in another order
+    assert exact[0] - slack <= result.cf_reduction.low <= exact[2] + slack
+    assert exact[3] - slack <= result.cf_reduction.high <= exact[5] + slack
+    forgetting = stats.forgetting(finetuned, base, tokens)
+    assert forgetting.cf.estimate == pytest.approx(cf_ft) and forgetting.significant
+
+
+def test_repair_of_doubtful_forgetting_has_a_finite_interval_where_the_share_has_none():
+    # forgetting that is not there (the fine-tune is above the base on some windows and
+    # below on others): the share's interval runs to infinity, the CF reduction's not
+    rng = np.random.default_rng(11)
+    base = rng.normal(100, 3, 24)
+    finetuned = base + np.tile([3.0, -2.5], 12) + rng.normal(0, 0.1, 24)
+    model = finetuned - 0.5 + rng.normal(0, 0.3, 24)
+    tokens = np.full(24, 40.0)
+    forgetting = stats.forgetting(finetuned, base, tokens)
+    assert forgetting.cf.estimate > 0 and not forgetting.significant
+    share = stats.repaired_share(model, finetuned, base, tokens)
+    assert not (math.isfinite(share.low) and math.isfinite(share.high))
+    result = stats.repair(model, finetuned, base, tokens)
+    assert math.isfinite(result.cf_reduction.low) and math.isfinite(result.cf_reduction.high)
+    assert result.cf_reduction.low > 0 and result.significant  # it does lower the loss
+    # a model that repairs nothing measurable is not significant
+    noise = stats.repair(finetuned + rng.normal(0, 2, 24), finetuned, base, tokens)
+    assert not noise.significant
+
+
+def test_resampling_documents_restores_the_coverage_that_correlated_windows_break():
+    # 40 documents of 5 windows; the models' difference varies mostly between documents
+    # (one text is harder for the variant than another): windows of a document are not
+    # independent, and the window bootstrap covers the true difference (0) far too rarely
+    rng = np.random.default_rng(8)
+    documents = np.repeat(np.arange(40), 5)
+    tokens = np.full(200, 100.0)
+    covered = {"windows": 0, "documents": 0}
+    runs = 200
+    for _ in range(runs):
+        difference = np.repeat(rng.normal(0, 1.0, 40), 5) + rng.normal(0, 0.5, 200)
+        reference = rng.normal(250, 10, 200)
+        model = reference + difference
+        for name, groups in (("windows", None), ("documents", documents)):
+            interval = stats.loss_difference(model, reference, tokens, groups=groups, resamples=999)
+            covered[name] += interval.low <= 0 <= interval.high
+    assert covered["windows"] / runs < 0.8
+    assert covered["documents"] / runs >= 0.9

@@ -14,6 +14,15 @@ negative log-likelihood and token count).
 * :func:`loss_difference`: ``L(model) - L(reference)`` (mean token loss) with a
   95% paired bootstrap interval over windows.
 * :func:`repaired_share`: ``(L_ft - L_model) / (L_ft - L_base)`` with an interval.
+* :func:`cf_reduction`, :func:`repair`, :func:`forgetting`: the repair as a finite
+  paired reduction of CF in CF points, whether it is significant, and whether the
+  fine-tune's forgetting is.
+
+Items drawn from a common source (prompts from one movie, windows of one document)
+are not independent: with ``groups`` the bootstrap resamples whole groups
+(:func:`cluster_sums`), and :attr:`Interval.too_few_units` flags intervals resting on
+fewer than :data:`MIN_UNITS` independent units. The accuracy's non-inferiority test
+(a paired score interval, never of zero width) is in :mod:`.noninferiority`.
 
 The statistics come from ``scipy.stats`` (``bootstrap`` with ``paired=True`` and
 the percentile method, seeded, so a rerun gives the same interval; ``binomtest``).
@@ -37,6 +46,13 @@ width between seeds at this count."""
 SEED = 0
 """The bootstrap's seed: same inputs, same interval."""
 
+MIN_UNITS = 30
+"""Below this many independent units (windows, prompts, or the groups they were drawn
+from) a bootstrap interval covers the truth less often than it claims (with few clusters
+the percentile bootstrap is too narrow: A. C. Cameron, J. B. Gelbach and D. L. Miller,
+"Bootstrap-based improvements for inference with clustered errors", Review of
+Economics and Statistics 90:414-427, 2008): :attr:`Interval.too_few_units` flags it."""
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -52,10 +68,22 @@ class Interval:
     low: float
     high: float
     n: int
+    clusters: Optional[int] = None
 
     @property
     def half_width(self) -> float:
         return (self.high - self.low) / 2
+
+    @property
+    def units(self) -> int:
+        """Independent units the interval rests on: clusters when items were grouped."""
+        return self.n if self.clusters is None else self.clusters
+
+    @property
+    def too_few_units(self) -> bool:
+        """Fewer than :data:`MIN_UNITS` independent units: warn that the interval may be
+        too narrow."""
+        return self.units < MIN_UNITS
 
     def excludes(self, value: float) -> bool:
         """True when ``value`` lies outside the interval (a significant difference)."""
@@ -63,10 +91,14 @@ class Interval:
 
     def map(self, function) -> "Interval":
         """The interval of a monotonically increasing function of the statistic."""
-        return Interval(function(self.estimate), function(self.low), function(self.high), self.n)
+        return Interval(function(self.estimate), function(self.low), function(self.high), self.n,
+                        self.clusters)
 
     def to_json(self) -> dict:
-        return {"estimate": self.estimate, "low": self.low, "high": self.high, "n": self.n}
+        out = {"estimate": self.estimate, "low": self.low, "high": self.high, "n": self.n}
+        if self.clusters is not None:
+            out["clusters"] = self.clusters
+        return out
 
 
 def _bootstrap(data, statistic, *, seed: int, resamples: int) -> tuple:
@@ -102,6 +134,7 @@ def accuracy_difference(
     model_correct: Sequence[int],
     reference_correct: Sequence[int],
     *,
+    groups: Optional[Sequence] = None,
     seed: int = SEED,
     resamples: int = RESAMPLES,
 ) -> Interval:
@@ -109,17 +142,28 @@ def accuracy_difference(
 
     Args:
         model_correct, reference_correct (`Sequence[int]`): 1/0 per prompt, same order.
+        groups (`Sequence`, *optional*): a group id per prompt (a source document, a
+            movie); whole groups are resampled then (see :func:`cluster_sums`).
         seed (`int`, defaults to 0): bootstrap seed.
         resamples (`int`, defaults to 9999): bootstrap resamples.
     """
     a, b = _as_array(model_correct), _as_array(reference_correct)
-    _check_paired(a, b, "prompts")
+    check_paired(a, b, "prompts")
     estimate = float(a.mean() - b.mean())
-    if (a == b).all():  # no prompt differs: every resample gives 0
-        return Interval(estimate, estimate, estimate, len(a))
-    low, high = _bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis=axis) - y.mean(axis=axis),
+    if groups is None:
+        if (a == b).all():  # no prompt differs: every resample gives 0
+            return Interval(estimate, estimate, estimate, len(a))
+        low, high = _bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis=axis) - y.mean(axis=axis),
+                               seed=seed, resamples=resamples)
+        return Interval(estimate, low, high, len(a))
+    (x, y, k), clusters = cluster_sums(groups, a, b, _as_array([1.0] * len(a)))
+    if clusters < 2 or (a == b).all():
+        return _degenerate(estimate, len(a), clusters)
+    # correct answers and prompts summed per group: the accuracy of a resample is a
+    # ratio of sums, as the mean loss is
+    low, high = _bootstrap((x, y, k), lambda x, y, k, axis=-1: _mean_loss(x, k, axis) - _mean_loss(y, k, axis),
                            seed=seed, resamples=resamples)
-    return Interval(estimate, low, high, len(a))
+    return Interval(estimate, low, high, len(a), clusters)
 
 
 def accuracy_drop_pvalue(model_correct: Sequence[int], reference_correct: Sequence[int]) -> float:
@@ -132,7 +176,7 @@ def accuracy_drop_pvalue(model_correct: Sequence[int], reference_correct: Sequen
     from scipy import stats
 
     a, b = _as_array(model_correct), _as_array(reference_correct)
-    _check_paired(a, b, "prompts")
+    check_paired(a, b, "prompts")
     worse = int(((b == 1) & (a == 0)).sum())
     better = int(((b == 0) & (a == 1)).sum())
     if worse + better == 0:
@@ -149,6 +193,7 @@ def loss_difference(
     reference_losses: Sequence[float],
     tokens: Sequence[int],
     *,
+    groups: Optional[Sequence] = None,
     seed: int = SEED,
     resamples: int = RESAMPLES,
 ) -> Interval:
@@ -158,20 +203,16 @@ def loss_difference(
     Args:
         model_losses, reference_losses (`Sequence[float]`): summed NLL per window.
         tokens (`Sequence[int]`): predicted tokens per window (the same for both).
+        groups (`Sequence`, *optional*): a document id per window; whole documents are
+            resampled then (see :func:`cluster_sums`).
     """
     a, b, t = _as_array(model_losses), _as_array(reference_losses), _as_array(tokens)
-    _check_paired(a, b, "windows")
-    _check_paired(a, t, "windows")
+    check_paired(a, b, "windows")
+    check_paired(a, t, "windows")
     estimate = float(_mean_loss(a, t) - _mean_loss(b, t))
-    if len(a) < 2 or (a == b).all():
-        return Interval(estimate, estimate if len(a) >= 2 else -math.inf,
-                        estimate if len(a) >= 2 else math.inf, len(a))
-    low, high = _bootstrap(
-        (a, b, t),
-        lambda x, y, n, axis=-1: _mean_loss(x, n, axis) - _mean_loss(y, n, axis),
-        seed=seed, resamples=resamples,
-    )
-    return Interval(estimate, low, high, len(a))
+    return _loss_bootstrap(
+        estimate, (a, b, t), lambda x, y, n, axis=-1: _mean_loss(x, n, axis) - _mean_loss(y, n, axis),
+        same=(a == b).all(), groups=groups, seed=seed, resamples=resamples)
 
 
 def repaired_share(
@@ -180,23 +221,24 @@ def repaired_share(
     base_losses: Sequence[float],
     tokens: Sequence[int],
     *,
+    groups: Optional[Sequence] = None,
     seed: int = SEED,
     resamples: int = RESAMPLES,
 ) -> Optional[Interval]:
     """``(L_ft - L_model) / (L_ft - L_base)``: the share of the fine-tune's forgetting
     a model undoes (1 all, 0 none, < 0 worse than not repairing), with a paired
-    interval over windows. None when the fine-tune did not forget (``L_ft <= L_base``):
-    the share is undefined then.
+    interval over windows (whole documents with ``groups``). None when the fine-tune
+    did not forget (``L_ft <= L_base``): the share is undefined then. Its interval
+    reaches +-inf when resamples without forgetting occur: :func:`repair` reports the
+    repair as a finite difference of CF instead.
     """
     m, f, b, t = (_as_array(v) for v in (model_losses, finetuned_losses, base_losses, tokens))
     for other in (f, b, t):
-        _check_paired(m, other, "windows")
+        check_paired(m, other, "windows")
     forgetting = _mean_loss(f, t) - _mean_loss(b, t)
     if not forgetting > 0:
         return None
     estimate = float((_mean_loss(f, t) - _mean_loss(m, t)) / forgetting)
-    if len(m) < 2:
-        return Interval(estimate, -math.inf, math.inf, len(m))
 
     def share(x, y, z, n, axis=-1):
         undone = _mean_loss(y, n, axis) - _mean_loss(x, n, axis)
@@ -208,10 +250,187 @@ def repaired_share(
             return np.where(total > 0, undone / np.where(total > 0, total, 1.0),
                             np.where(undone >= 0, np.inf, -np.inf))
 
-    if (m == f).all():
-        return Interval(estimate, estimate, estimate, len(m))
-    low, high = _bootstrap((m, f, b, t), share, seed=seed, resamples=resamples)
-    return Interval(estimate, low, high, len(m))
+    return _loss_bootstrap(estimate, (m, f, b, t), share, same=(m == f).all(), groups=groups,
+                           seed=seed, resamples=resamples)
+
+
+def cf_reduction(
+    model_losses: Sequence[float],
+    finetuned_losses: Sequence[float],
+    base_losses: Sequence[float],
+    tokens: Sequence[int],
+    *,
+    groups: Optional[Sequence] = None,
+    seed: int = SEED,
+    resamples: int = RESAMPLES,
+) -> Interval:
+    """``CF_ft - CF_model`` in CF points (CF as :func:`cf_percent`): how much of the
+    fine-tune's forgetting a model takes away, with a paired interval over windows
+    (whole documents with ``groups``). A difference, not a ratio: its interval is
+    finite whenever there are two windows, also when the forgetting itself is in
+    doubt (the ratio of :func:`repaired_share` then reaches +-inf).
+
+    Args:
+        model_losses, finetuned_losses, base_losses (`Sequence[float]`): summed NLL per window.
+        tokens (`Sequence[int]`): predicted tokens per window.
+        groups (`Sequence`, *optional*): a document id per window.
+        seed (`int`, defaults to 0), resamples (`int`, defaults to 9999): the bootstrap's.
+    """
+    import numpy as np
+
+    m, f, b, t = (_as_array(v) for v in (model_losses, finetuned_losses, base_losses, tokens))
+    for other in (f, b, t):
+        check_paired(m, other, "windows")
+
+    def reduction(x, y, z, n, axis=-1):
+        base = _mean_loss(z, n, axis)
+        return 100.0 * (np.exp(_mean_loss(y, n, axis) - base) - np.exp(_mean_loss(x, n, axis) - base))
+
+    estimate = cf_percent(_mean_loss(f, t) - _mean_loss(b, t)) - cf_percent(_mean_loss(m, t) - _mean_loss(b, t))
+    return _loss_bootstrap(float(estimate), (m, f, b, t), reduction, same=(m == f).all(),
+                           groups=groups, seed=seed, resamples=resamples)
+
+
+@dataclass(frozen=True)
+class Forgetting:
+    """The fine-tune's forgetting (see :func:`forgetting`).
+
+    Attributes:
+        cf (`Interval`): CF% of the fine-tune against the base.
+    """
+
+    cf: Interval
+
+    @property
+    def significant(self) -> bool:
+        """The fine-tune forgets measurably: its CF interval lies above 0. Otherwise there
+        is nothing a repair could be shown to undo on this text."""
+        return self.cf.low > 0
+
+    def to_json(self) -> dict:
+        return {"cf": self.cf.to_json(), "significant": self.significant}
+
+
+def forgetting(
+    finetuned_losses: Sequence[float],
+    base_losses: Sequence[float],
+    tokens: Sequence[int],
+    *,
+    groups: Optional[Sequence] = None,
+    seed: int = SEED,
+    resamples: int = RESAMPLES,
+) -> Forgetting:
+    """Does the fine-tune forget on this text? Its CF% against the base with a paired
+    interval over windows (whole documents with ``groups``)."""
+    difference = loss_difference(finetuned_losses, base_losses, tokens, groups=groups,
+                                 seed=seed, resamples=resamples)
+    return Forgetting(difference.map(cf_percent))
+
+
+@dataclass(frozen=True)
+class Repair:
+    """How much of the fine-tune's forgetting a model undoes (see :func:`repair`).
+
+    Attributes:
+        cf_reduction (`Interval`): ``CF_ft - CF_model`` in CF points (> 0: less forgetting).
+        loss_vs_finetuned (`Interval`): ``L_model - L_ft``, the paired loss difference.
+        finetuned_cf (`float`): the fine-tune's CF% (point estimate).
+    """
+
+    cf_reduction: Interval
+    loss_vs_finetuned: Interval
+    finetuned_cf: float
+
+    @property
+    def significant(self) -> bool:
+        """The model forgets measurably less than the fine-tune: the interval of
+        ``L_model - L_ft`` lies below 0."""
+        return self.loss_vs_finetuned.high < 0
+
+    @property
+    def share(self) -> Optional[float]:
+        """``cf_reduction / CF_ft``: the share of the forgetting undone, in CF (not loss)
+        units, so that it matches the CF points reported; None without forgetting."""
+        return self.cf_reduction.estimate / self.finetuned_cf if self.finetuned_cf > 0 else None
+
+    def to_json(self) -> dict:
+        return {"cf_reduction": self.cf_reduction.to_json(),
+                "loss_vs_finetuned": self.loss_vs_finetuned.to_json(),
+                "finetuned_cf": self.finetuned_cf, "share": self.share,
+                "significant": self.significant}
+
+
+def repair(
+    model_losses: Sequence[float],
+    finetuned_losses: Sequence[float],
+    base_losses: Sequence[float],
+    tokens: Sequence[int],
+    *,
+    groups: Optional[Sequence] = None,
+    seed: int = SEED,
+    resamples: int = RESAMPLES,
+) -> Repair:
+    """A model's repair of the fine-tune's forgetting: the reduction of CF in CF points
+    (:func:`cf_reduction`) and whether it is significant (the paired loss difference to
+    the fine-tune excludes 0), both with paired intervals over windows (whole documents
+    with ``groups``). Arguments as :func:`cf_reduction`."""
+    m, f, b, t = (_as_array(v) for v in (model_losses, finetuned_losses, base_losses, tokens))
+    return Repair(
+        cf_reduction(m, f, b, t, groups=groups, seed=seed, resamples=resamples),
+        loss_difference(m, f, t, groups=groups, seed=seed, resamples=resamples),
+        cf_percent(_mean_loss(f, t) - _mean_loss(b, t)))
+
+
+def _degenerate(estimate: float, n: int, clusters: Optional[int]) -> Interval:
+    """No resampling possible or needed: one unit says nothing about the spread (an
+    unbounded interval); identical values give the same difference in every resample."""
+    units = n if clusters is None else clusters
+    if units < 2:
+        return Interval(estimate, -math.inf, math.inf, n, clusters)
+    return Interval(estimate, estimate, estimate, n, clusters)
+
+
+def _loss_bootstrap(estimate: float, columns: tuple, statistic, *, same: bool,
+                    groups: Optional[Sequence], seed: int, resamples: int) -> Interval:
+    """The paired bootstrap of a statistic of summed window losses and tokens: windows
+    resampled, or whole documents (the columns summed per document first: a sum of
+    sums over resampled documents is the sum over their windows)."""
+    n, clusters = len(columns[0]), None
+    if groups is not None:
+        columns, clusters = cluster_sums(groups, *columns)
+    if len(columns[0]) < 2 or same:
+        return _degenerate(estimate, n, clusters)
+    low, high = _bootstrap(tuple(columns), statistic, seed=seed, resamples=resamples)
+    return Interval(estimate, low, high, n, clusters)
+
+
+def cluster_count(groups: Sequence) -> tuple:
+    """``(index, count)``: each item's cluster number (0 to count - 1, numbered in the
+    order the clusters first appear, so the bootstrap's draws do not depend on how the
+    ids sort) and the number of clusters."""
+    import numpy as np
+
+    labels, first, index = np.unique(np.asarray([str(g) for g in groups]), return_index=True,
+                                     return_inverse=True)
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(labels))
+    return rank[index.reshape(-1)], len(labels)
+
+
+def cluster_sums(groups: Sequence, *columns) -> tuple:
+    """Per-item columns summed per cluster, and the number of clusters.
+
+    Resampling clusters instead of items (the cluster bootstrap: A. C. Davison and D. V.
+    Hinkley, *Bootstrap Methods and their Application*, 1997, sec. 3.8) keeps items that
+    share a source together, so their correlation widens the interval as it should.
+    Ids are compared as strings (1 and "1" are the same group)."""
+    import numpy as np
+
+    if len(groups) != len(columns[0]):
+        raise ValueError(f"one group id per item is needed: {len(groups)} ids for "
+                         f"{len(columns[0])} items")
+    index, count = cluster_count(groups)
+    return [np.bincount(index, weights=c, minlength=count) for c in columns], count
 
 
 def cf_percent(loss_difference_to_base: float) -> float:
@@ -229,7 +448,7 @@ def items_needed(interval: Interval, distance: float) -> Optional[int]:
     return max(interval.n + 1, math.ceil(interval.n * (interval.half_width / abs(distance)) ** 2))
 
 
-def _check_paired(a, b, what: str) -> None:
+def check_paired(a, b, what: str) -> None:
     if len(a) != len(b):
         raise ValueError(f"paired comparison needs the same {what} for both models: "
                          f"{len(a)} vs {len(b)}")
@@ -239,11 +458,20 @@ def _check_paired(a, b, what: str) -> None:
 
 __all__ = [
     "CONFIDENCE",
+    "MIN_UNITS",
+    "Forgetting",
     "Interval",
+    "Repair",
     "accuracy_difference",
     "accuracy_drop_pvalue",
     "cf_percent",
+    "cf_reduction",
+    "check_paired",
+    "cluster_count",
+    "cluster_sums",
+    "forgetting",
     "items_needed",
     "loss_difference",
+    "repair",
     "repaired_share",
 ]
