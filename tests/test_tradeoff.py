@@ -288,6 +288,22 @@ def test_results_and_items_files_round_trip_through_eval_s_writer(tmp_path):
         read_results(path)
 
 
+@pytest.mark.parametrize("json_out", [None, "-"])
+def test_cli_exits_3_when_nothing_is_selected_as_tune_does(tmp_path, json_out):
+    """Regression (issue 22): tradeoff exited 0 when nothing qualified, tune 3."""
+    from fapm_merge.evaluation.results import append_result
+
+    path = tmp_path / "results.jsonl"
+    for record_ in PAIRED:
+        append_result(path, record_)
+    args = ["tradeoff", str(path), "--rule", "max-cf", "--plot", str(tmp_path / "p.png")]
+    out = CliRunner().invoke(main, args + ["--max-cf", "-50"] + (["--json", json_out] if json_out else []))
+    assert out.exit_code == 3, out.output
+    assert "no point has CF <= -50%" in out.output
+    chosen = CliRunner().invoke(main, args + ["--max-cf", "50"])
+    assert chosen.exit_code == 0, chosen.output
+
+
 def test_the_table_fits_80_columns_and_json_is_for_scripts(tmp_path):
     from rich.console import Console
 
