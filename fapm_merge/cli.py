@@ -425,7 +425,7 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
     if to_stdout:
         click.echo(json_module.dumps(document))
     else:
-        console.print(tradeoff_table(result))
+        console.print(tradeoff_table(result, width=console.width))
         for line in summary_lines(result):
             console.print(line, markup=False, highlight=False)
         if json_path:
@@ -534,7 +534,7 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, ray_address, ray
             raise click.ClickException(
                 f"tune stopped: {cause}. OUT_DIR was not written; finished evaluations are "
                 "kept in the work folder, so the same command resumes") from None
-    console.print(tradeoff_table(result.tradeoff))
+    console.print(tradeoff_table(result.tradeoff, width=console.width))
     for line in summary_lines(result.tradeoff):
         console.print(line, markup=False, highlight=False)
     console.print(f"{result.evaluated} evaluated, {result.reused} reused, {result.seconds:.0f} s; "
