@@ -22,6 +22,10 @@ from fapm_merge.workflows.tradeoff import MIN_RETENTION, RULES, TASK_WEIGHT
 from fapm_merge.workflows.tune import DEFAULT_ALPHAS, DEFAULT_BASELINES, DEFAULT_SPARSITIES, MAX_ON_DISK
 
 
+EXIT_NOTHING_SELECTED = 3
+"""Exit status of ``tradeoff`` and ``tune`` when the rule selects no model (not an error)."""
+
+
 def _listed(values) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
@@ -45,6 +49,17 @@ def _check_device(ctx, param, value: str) -> str:
     except DeviceError as error:
         raise click.BadParameter(str(error)) from None
     return value
+
+
+def _refuse_cuda_flag(ctx, param, value):
+    if value:
+        raise click.UsageError("--cuda is mergekit-yaml's flag; here it is --device cuda "
+                               "(or cuda:1, ...)", ctx=ctx)
+
+
+# mergekit-yaml users type --cuda; click alone would answer "No such option"
+_cuda_flag = click.option("--cuda", is_flag=True, hidden=True, expose_value=False,
+                          callback=_refuse_cuda_flag)
 
 
 def _absolute(ctx, param, value):
@@ -167,6 +182,7 @@ def demo(out_dir: Path, sparsity: float, overwrite: bool):
 @click.option("--alpha", "alphas", default=None, help="WiSE-FT strengths (default: the densities of the sweep).")
 @click.option("--seed", default=0, show_default=True, help="DARE seed (same stream as mergekit-yaml --random-seed SEED).")
 @click.option("--device", default="cpu", show_default=True, callback=_check_device, help="Math device, e.g. cuda.")
+@_cuda_flag
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the base model's tokenizer into every output.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
 def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, copy_tokenizer, overwrite):
@@ -221,6 +237,7 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
 
 
 @main.command(name="eval")
+@_cuda_flag
 @_takes_eval_settings
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_eval_option("text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text file: mean token loss and perplexity (general ability).")
@@ -243,6 +260,7 @@ def eval_command(models, results, evaluation: EvalSettings):
 
     from fapm_merge.evaluation.evaluate import evaluate_model
     from fapm_merge.evaluation.results import append_result, expand_models, progress_line
+    from fapm_merge.workflows.progress import LogLines
 
     console = Console(stderr=True)
     try:
@@ -254,14 +272,24 @@ def eval_command(models, results, evaluation: EvalSettings):
         raise click.ClickException(f"cannot write --out {results}: {error.strerror}") from None
     if results.is_dir():
         raise click.ClickException(f"--out {results} is a folder; give the path of a results file")
+    # a log (stderr not a terminal) gets a timestamped line as each model starts and
+    # ends, with what is left; a terminal a spinner, then the model's line
+    log = None if console.is_terminal else LogLines("eval", stream=console.file)
     for number, folder in enumerate(folders, 1):
         try:
-            with console.status(f"[{number}/{len(folders)}] evaluating {folder}"):
+            if log is not None:
+                log("models", number - 1, len(folders), f"evaluating {folder}")
                 record = evaluate_model(folder, evaluation)
+            else:
+                with console.status(f"[{number}/{len(folders)}] evaluating {folder}"):
+                    record = evaluate_model(folder, evaluation)
         except FapmMergeError as error:
             raise click.ClickException(f"{folder}: {error}") from None
         append_result(results, record)
-        click.echo(progress_line(number, len(folders), record), err=True)
+        if log is not None:
+            log("models", number, len(folders), progress_line(number, len(folders), record, width=10**6))
+        else:
+            click.echo(progress_line(number, len(folders), record), err=True)
     console.print(f"appended {len(folders)} line(s) to {results}")
 
 
@@ -367,7 +395,7 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
 
     CF% = 100 (PPL - PPL_base) / PPL_base on eval's --text; repaired = share of the
     fine-tune's extra loss undone. Warnings say where intervals are wider than the
-    differences the rule decides between.
+    differences the rule decides between. Exit status 3 when nothing is selected.
     """
     import json as json_module
 
@@ -396,17 +424,20 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
     document = {**result.to_json(), "plot": str(plot_path)}
     if to_stdout:
         click.echo(json_module.dumps(document))
-        return
-    console.print(tradeoff_table(result))
-    for line in summary_lines(result):
-        console.print(line, markup=False, highlight=False)
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json_module.dumps(document, indent=2) + "\n")
-    console.print(f"plot: {plot_path}", markup=False, highlight=False)
+    else:
+        console.print(tradeoff_table(result, width=console.width))
+        for line in summary_lines(result):
+            console.print(line, markup=False, highlight=False)
+        if json_path:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json_module.dumps(document, indent=2) + "\n")
+        console.print(f"plot: {plot_path}", markup=False, highlight=False)
+    if result.selected is None:  # as tune: a script can tell "nothing qualifies" apart
+        raise SystemExit(EXIT_NOTHING_SELECTED)
 
 
 @main.command()
+@_cuda_flag
 @_takes_eval_settings
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -455,12 +486,13 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, ray_address, ray
     import sys
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fapm_merge.io.recipe import load_recipe
-    from fapm_merge.workflows.variants import parse_values
+    from fapm_merge.workflows.progress import progress_reporter
     from fapm_merge.workflows.tradeoff import summary_lines, tradeoff_table
-    from fapm_merge.workflows.tune import EXIT_NOTHING_CHOSEN, TuneSettings, run_tune
+    from fapm_merge.workflows.tune import TuneSettings, run_tune
+    from fapm_merge.workflows.tune.workdir import work_folder
+    from fapm_merge.workflows.variants import parse_values
 
     console = Console()
     try:
@@ -481,18 +513,15 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, ray_address, ray
         raise click.ClickException(str(error)) from None
     names = {"anchors": "evaluate base and fine-tune", "variants": "merge + evaluate variants",
              "decision": "decide", "rebuild": "rebuild the chosen model"}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console) as bars:
-        jobs = {}
-
-        def progress(stage, done, total, detail):
-            if stage not in jobs:
-                jobs[stage] = bars.add_task(names[stage], total=total, detail="")
-            bars.update(jobs[stage], completed=done, total=total, detail=detail)
-
+    with progress_reporter("tune", names, console=console) as progress:
         try:
             result = run_tune(parsed, out_dir, settings, progress=progress,
                               command=" ".join(shlex.quote(a) for a in ["fapm-merge", *sys.argv[1:]]))
+        except KeyboardInterrupt:
+            # click would print "Aborted!" and nothing about the finished work
+            click.echo(f"\ninterrupted: run the same command to resume (finished evaluations are "
+                       f"kept in the work folder {work_folder(out_dir, work_dir)})", err=True)
+            raise SystemExit(130) from None
         except (FapmMergeError, FileExistsError) as error:
             raise click.ClickException(str(error)) from None
         except Exception as error:
@@ -505,14 +534,14 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, ray_address, ray
             raise click.ClickException(
                 f"tune stopped: {cause}. OUT_DIR was not written; finished evaluations are "
                 "kept in the work folder, so the same command resumes") from None
-    console.print(tradeoff_table(result.tradeoff))
+    console.print(tradeoff_table(result.tradeoff, width=console.width))
     for line in summary_lines(result.tradeoff):
         console.print(line, markup=False, highlight=False)
     console.print(f"{result.evaluated} evaluated, {result.reused} reused, {result.seconds:.0f} s; "
                   f"work folder {result.work_dir}; plot {result.plot}", markup=False, highlight=False)
     console.print(result.message, markup=False, highlight=False)
     if result.out_dir is None:
-        raise SystemExit(EXIT_NOTHING_CHOSEN)
+        raise SystemExit(EXIT_NOTHING_SELECTED)
 
 
 @main.command()

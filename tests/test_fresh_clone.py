@@ -16,6 +16,7 @@ console scripts in a subprocess (run from a temporary directory holding relative
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -511,7 +512,8 @@ def test_tables_fit_80_columns_with_whole_tensor_names(demo_dir, llama_pair):
 def test_eval_progress_lines_fit_80_columns(demo_dir, tmp_path):
     """Regression: `[2/22] finetuned: ... (55.7 s)` was 81-82 characters and wrapped."""
     # through the command, with the folder names a sweep gives; a wide COLUMNS so
-    # that nothing but the command itself decides where lines break
+    # that nothing but the command itself decides where lines break; a terminal
+    # (TTY_COMPATIBLE: rich's own switch), where these lines are printed, not log lines
     model = tmp_path / "magnitude-s0.95"
     model.symlink_to(demo_dir / "models" / "finetuned", target_is_directory=True)
     (tmp_path / "t.txt").write_text("general text, " * 40)
@@ -519,12 +521,14 @@ def test_eval_progress_lines_fit_80_columns(demo_dir, tmp_path):
     outcome = CliRunner().invoke(cli, ["eval", str(demo_dir / "models" / "base"), str(model),
                                        "--text", str(tmp_path / "t.txt"), "--task",
                                        str(tmp_path / "task.jsonl"), "--tokenizer", "bytes",
-                                       "--out", str(tmp_path / "r.jsonl")], env={"COLUMNS": "200"})
+                                       "--out", str(tmp_path / "r.jsonl")],
+                                 env={"COLUMNS": "200", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "0"})
     assert outcome.exit_code == 0, outcome.output
-    assert "[2/2] magnitude-s0.95: loss " in outcome.output
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", outcome.output)  # the terminal's escape codes
+    assert "[2/2] magnitude-s0.95: loss " in shown
     # the progress lines and their continuations (not transformers' loading bars, nor
     # the closing line that names the results file, as long as its path)
-    progress = [line for line in outcome.output.splitlines()
+    progress = [line for line in shown.splitlines()
                 if line.startswith(("[1/2]", "[2/2]", " ")) and "it/s]" not in line]
     assert len(progress) >= 2 and max(len(line) for line in progress) <= 80, progress
 

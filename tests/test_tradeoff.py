@@ -288,6 +288,50 @@ def test_results_and_items_files_round_trip_through_eval_s_writer(tmp_path):
         read_results(path)
 
 
+@pytest.mark.parametrize("json_out", [None, "-"])
+def test_cli_exits_3_when_nothing_is_selected_as_tune_does(tmp_path, json_out):
+    """Regression (issue 22): tradeoff exited 0 when nothing qualified, tune 3."""
+    from fapm_merge.evaluation.results import append_result
+
+    path = tmp_path / "results.jsonl"
+    for record_ in PAIRED:
+        append_result(path, record_)
+    args = ["tradeoff", str(path), "--rule", "max-cf", "--plot", str(tmp_path / "p.png")]
+    out = CliRunner().invoke(main, args + ["--max-cf", "-50"] + (["--json", json_out] if json_out else []))
+    assert out.exit_code == 3, out.output
+    assert "no point has CF <= -50%" in out.output
+    chosen = CliRunner().invoke(main, args + ["--max-cf", "50"])
+    assert chosen.exit_code == 0, chosen.output
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 120])
+def test_the_table_never_cuts_a_number_at_any_width(width):
+    """Regression (issue 22): a DARE row read `[+22550.30,+…` at 80 and 120 columns, and
+    below 80 digits were cut silently (`+0.` for `+0.65`)."""
+    from rich.console import Console
+
+    from fapm_merge.workflows.tradeoff import tradeoff_table
+
+    far = paired_record("/s/dare-s0.99", FT_RIGHT - set(range(40)), 3.0,
+                        {"merge_method": "dare_linear", "base_model": BASE,
+                         "models": [{"model": FT, "parameters": {"weight": 1.0, "density": 0.01}}]})
+    result = compute_tradeoff(PAIRED + [far])
+    console = Console(width=width, record=True)
+    console.print(tradeoff_table(result, width=width))
+    text = console.export_text()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= width
+    shown = text.split()
+    for p in result.points:
+        for interval in (p.cf_interval, p.accuracy_vs_ft, p.repaired_interval):
+            low, high = f"{interval.low:+.2f}", f"{interval.high:+.2f}"
+            assert f"[{low},{high}]" in shown or (f"[{low}," in shown and f"{high}]" in shown), (p.name, low, high)
+        assert f"{p.cf_pct:+.2f}" in shown
+    assert "◀" in text and "drop" in text  # every column is there: the verdicts too
+    if width < 60:  # too narrow for one table: the columns in parts, and it says so
+        assert f"the table is shown in 2 parts at {width} columns" in " ".join(shown)
+
+
 def test_the_table_fits_80_columns_and_json_is_for_scripts(tmp_path):
     from rich.console import Console
 

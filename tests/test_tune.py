@@ -145,7 +145,8 @@ def test_a_work_folder_of_another_tune_is_refused(first_run, demo, tmp_path):
                                                     sparsities=[0.5]))
 
 
-@pytest.mark.parametrize("case", ["empty task", "short text", "fine-tune scores 0", "hub id"])
+@pytest.mark.parametrize("case", ["empty task", "short text", "fine-tune scores 0", "hub id",
+                                  "misspelt folder"])
 def test_bad_input_is_a_clear_error_and_nothing_is_written(case, demo, tmp_path):
     root, recipe, files = demo
     text, task = files["text"], files["task"]
@@ -164,9 +165,12 @@ def test_bad_input_is_a_clear_error_and_nothing_is_written(case, demo, tmp_path)
             item["answer"] = (item["answer"] + 1) % len(item["choices"])
         task.write_text("".join(json.dumps(item) + "\n" for item in items))
         match = "the fine-tuned model scores 0 on --task"
-    else:
+    elif case == "hub id":
         recipe = {**recipe, "base_model": "someone/some-model"}
         match = "tune evaluates models from local folders"
+    else:  # regression (issue 22): was the hub-id advice; lint and sweep say "no such folder"
+        recipe = {**recipe, "base_model": str(root / "models" / "bsae")}
+        match = r"base_model: .*bsae: no such folder"
     out = tmp_path / "out"
     with pytest.raises(TuneError, match=match):
         run_tune(recipe, out, TuneSettings(text=text, task=task,
@@ -245,6 +249,8 @@ def test_tune_command_line_reports_stages_and_exit_status(demo, tmp_path):
     # retention 1.0 cannot be met by a pruned variant on this proxy task: nothing chosen
     assert result.exit_code == 3, result.output
     assert "nothing written to" in result.output and "no variant qualifies" in result.output
+    # Regression (issue 22): the "nothing selected" explanation was printed twice
+    assert result.output.count("no variant qualifies") == 1
     assert not out.exists()
     shutil.rmtree(out.with_name("out.tune"))
 
@@ -277,3 +283,24 @@ def test_a_failure_inside_a_merge_names_its_cause_and_the_rerun_resumes(demo, tm
     assert resumed.exit_code in (0, 3), resumed.output  # 3: no variant qualifies on this proxy
     assert "1 evaluated, 2 reused" in resumed.output  # base and fine-tune were kept
     shutil.rmtree(out.with_name("out.tune"))
+
+
+def test_ctrl_c_says_the_same_command_resumes(demo, tmp_path, monkeypatch):
+    """Regression (issue 22): Ctrl-C ended in click's bare "Aborted!"."""
+    import fapm_merge.workflows.tune as tune_package
+
+    root, recipe, files = demo
+    recipe_path = tmp_path / "recipe.yml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_package, "run_tune", interrupted)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["tune", str(recipe_path), str(out), "--text", str(files["text"]),
+                                       "--task", str(files["task"])])
+    assert result.exit_code == 130
+    assert "interrupted: run the same command to resume" in result.output
+    assert str(out.with_name("out.tune")) in result.output
+    assert "Aborted!" not in result.output

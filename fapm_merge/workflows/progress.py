@@ -91,16 +91,20 @@ def progress_reporter(command: str, names: Optional[Dict[str, str]] = None, *,
                       console=None, stream: Optional[TextIO] = None) -> Iterator[Report]:
     """A :data:`Report` callback for the duration of the ``with`` block: rich bars (one
     per stage, with what is being done and the time spent) on a terminal, else
-    :class:`LogLines` on ``stream``.
+    :class:`LogLines`.
 
     Args:
         command (`str`): the command's name, for the log lines.
         names (`Dict[str, str]`, *optional*): how each stage is written.
-        console (`rich.console.Console`, *optional*): the terminal's console.
-        stream (`TextIO`, defaults to stderr): where the log lines go.
+        console (`rich.console.Console`, *optional*): where the command prints; the
+            bars or lines go there too (``tune > log`` gets a line per model).
+        stream (`TextIO`, defaults to the console's file, else stderr): where the
+            log lines go when it is no terminal.
     """
-    stream = stream if stream is not None else sys.stderr
-    if not is_terminal(stream):
+    if stream is None:
+        stream = console.file if console is not None else sys.stderr
+    terminal = console.is_terminal if console is not None else is_terminal(stream)
+    if not terminal:
         yield LogLines(command, names, stream=stream)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -188,18 +188,15 @@ def _execute(executor, total: int, variants: int, progress: bool) -> None:
         for _ in executor.run(quiet=True):
             pass
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.console import Console
 
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=False,
-    ) as bar:
-        job = bar.add_task(f"sweep: {variants} outputs", total=total)
-        for _ in executor.run(quiet=True):
-            bar.advance(job)
+    from fapm_merge.workflows.progress import progress_reporter
+
+    what = f"{variants} outputs"
+    with progress_reporter("sweep", {"tensors": "sweep: output tensors"}, console=Console()) as report:
+        report("tensors", 0, total, what)
+        for done, _ in enumerate(executor.run(quiet=True), 1):
+            report("tensors", done, total, what)
 
 
 __all__ = [

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 from fapm_merge.evaluation import stats
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
+from fapm_merge.workflows.tables import WIDTH
 from fapm_merge.workflows.tradeoff.points import Point, Tradeoff
 
 
@@ -29,48 +30,101 @@ def _num(value: Optional[float], digits: int, signed: bool = False) -> str:
 
 
 def _with_interval(value: Optional[float], interval: Optional[stats.Interval], digits: int,
-                   signed: bool = True) -> str:
-    """The value on one line and its 95% interval on the next (narrow columns)."""
+                   signed: bool = True, lines: int = 2) -> str:
+    """The value on one line and its 95% interval below it: ``[low,high]`` on one line,
+    or with ``lines=3`` the low and the high end on a line each (narrow terminals)."""
     text = _num(value, digits, signed)
     if interval is not None:
-        text += f"\n[{_num(interval.low, digits, signed)},{_num(interval.high, digits, signed)}]"
+        low, high = _num(interval.low, digits, signed), _num(interval.high, digits, signed)
+        text += f"\n[{low},{high}]" if lines == 2 else f"\n[{low},\n{high}]"
     return text
 
 
 _RULE_COLUMN = {  # the column beside CF %, as the rule names it (SelectionRule.column)
-    "repaired": lambda p: _with_interval(p.repaired, p.repaired_interval, 2),
-    "score": lambda p: _num(p.score, 3),
+    "repaired": lambda p, lines: _with_interval(p.repaired, p.repaired_interval, 2, lines=lines),
+    "score": lambda p, lines: _num(p.score, 3),
 }
 
+_NAME_MIN = 8
+"""The fewest characters the model column gets; longer names fold onto more lines."""
 
-def tradeoff_table(result: Tradeoff):
-    """A rich table of every point that fits 80 columns: long names wrap, each number
-    carries its 95% paired interval on the line below it. Sorted by method and
-    strength; the last column is the rule's verdict."""
+
+def _width(cells: List[str], header: str) -> int:
+    """Characters a column needs: its longest line, or its header's longest word."""
+    return max([len(line) for cell in cells for line in cell.splitlines()]
+               + [len(word) for word in header.split()])
+
+
+def tradeoff_table(result: Tradeoff, width: int = WIDTH):
+    """A rich table of every point in ``width`` columns that never cuts a number.
+
+    Each number carries its 95% paired interval below it; every number column is
+    as wide as its longest line (a DARE interval such as ``[+22550.30,+inf]``
+    widens its column instead of being cut) and long model names fold. Where that
+    is too wide, the interval's two ends go on two lines, and then the columns are
+    shown as two or more tables, each with the model names, which the caption says.
+    Sorted by method and strength; the last column is the rule's verdict.
+
+    Args:
+        result (`Tradeoff`): the points and the decision.
+        width (`int`, defaults to 80): the terminal's width.
+
+    Returns:
+        a rich renderable: one table, or a group of tables.
+    """
+    from rich.console import Group
+
+    column = result.rule.selection.column
+    headers = ["acc", "Δacc vs FT", "CF %", column, "rule"]
+    points = ordered(result)
+    names = [{"base": f"{p.name} (base)", "finetuned": f"{p.name} (FT)"}.get(p.method, p.name)
+             for p in points]
+    bold = [p is result.selected for p in points]
+    for lines in (2, 3):
+        cells = [[_num(p.accuracy, 3) for p in points],
+                 [_with_interval(accuracy_change(result, p), p.accuracy_vs_ft, 2, lines=lines)
+                  for p in points],
+                 [_with_interval(p.cf_pct, p.cf_interval, 2, lines=lines) for p in points],
+                 [_RULE_COLUMN[column](p, lines) for p in points],
+                 ["◀ chosen" if p is result.selected else p.verdict for p in points]]
+        widths = [_width(column_cells, header) for column_cells, header in zip(cells, headers)]
+        # SIMPLE_HEAD draws a one-space gap between columns, so no padding is added
+        if _NAME_MIN + sum(widths) + len(widths) <= width:
+            return _table(names, bold, headers, cells, widths, width, title=f"rule: {result.rule.kind}")
+    parts: List[List[int]] = [[]]  # too narrow even so: the columns in as many tables as needed
+    for index, column_width in enumerate(widths):
+        used = sum(widths[i] + 1 for i in parts[-1])
+        if parts[-1] and _NAME_MIN + used + column_width + 1 > width:
+            parts.append([])
+        parts[-1].append(index)
+    tables = [_table(names, bold, [headers[i] for i in part], [cells[i] for i in part],
+                     [widths[i] for i in part], width,
+                     title=f"rule: {result.rule.kind} ({number} of {len(parts)})"
+                     if number == 1 else f"({number} of {len(parts)})")
+              for number, part in enumerate(parts, 1)]
+    tables[-1].caption = f"the table is shown in {len(parts)} parts at {width} columns"
+    return Group(*tables)
+
+
+def _table(names: List[str], bold: List[bool], headers: List[str], cells: List[List[str]],
+           widths: List[int], width: int, *, title: str):
+    """One rich table: the model column and the given number columns at exact widths."""
     from rich import box
     from rich.table import Table
 
-    column = result.rule.selection.column
-    # SIMPLE_HEAD draws a one-space gap between columns, so no padding is added
-    table = Table(box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False,
-                  title=f"rule: {result.rule.kind}", title_justify="left")
-    table.add_column("model", overflow="fold", ratio=1, min_width=14)
-    table.add_column("acc", justify="right", width=5)
-    table.add_column("Δacc vs FT", justify="right", width=13)
-    table.add_column("CF %", justify="right", width=13)
-    table.add_column(column, justify="right", width=13)
-    table.add_column("rule", overflow="fold", width=8)  # the rule's legend explains the words
-    for p in ordered(result):
-        name = {"base": f"{p.name} (base)", "finetuned": f"{p.name} (FT)"}.get(p.method, p.name)
-        table.add_row(
-            name,
-            _num(p.accuracy, 3),
-            _with_interval(accuracy_change(result, p), p.accuracy_vs_ft, 2),
-            _with_interval(p.cf_pct, p.cf_interval, 2),
-            _RULE_COLUMN[column](p),
-            "◀ chosen" if p is result.selected else p.verdict,
-            style="bold" if p is result.selected else None,
-        )
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False, title=title,
+                  title_justify="left", caption_justify="left")
+    # exact widths: rich would otherwise widen a column to its header and crop the table
+    longest = max(len(name) for name in names)
+    table.add_column("model", overflow="fold", width=max(_NAME_MIN, min(longest, width - sum(widths) - len(widths))))
+    for header, column_width in zip(headers, widths):
+        # fold, never an ellipsis: at this width a number is whole (numbers have no
+        # spaces); a header wraps between its words
+        table.add_column(header, justify="left" if header == "rule" else "right",
+                         width=column_width, overflow="fold")
+    for index, name in enumerate(names):
+        table.add_row(name, *(column_cells[index] for column_cells in cells),
+                      style="bold" if bold[index] else None)
     return table
 
 

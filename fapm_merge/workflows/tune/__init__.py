@@ -50,13 +50,12 @@ from fapm_merge.workflows.tune.plan import (
     TuneSettings,
     plan_tune,
 )
-from fapm_merge.workflows.tune.runner import EXIT_NOTHING_CHOSEN, TuneResult, run_tune
+from fapm_merge.workflows.tune.runner import TuneResult, run_tune
 
 __all__ = [
     "DEFAULT_ALPHAS",
     "DEFAULT_BASELINES",
     "DEFAULT_SPARSITIES",
-    "EXIT_NOTHING_CHOSEN",
     "MAX_ON_DISK",
     "TuneError",
     "TunePlan",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.core.rules import DEFAULT_LORA_SPARSITY, DEFAULT_SPARSITY, FAPM, FAPM_LORA
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC, EvalSettings
-from fapm_merge.io.model_paths import looks_local
+from fapm_merge.io.model_paths import looks_local, missing_local_models
 from fapm_merge.io.recipe import model_name, non_base_models
 from fapm_merge.workflows.tradeoff import Rule
 
@@ -118,6 +118,9 @@ def plan_tune(recipe: dict, settings: TuneSettings, work: Path) -> TunePlan:
     references = [("base_model", base)]
     if method == FAPM:
         references.append(("the fine-tuned model", model_name(non_base_models(recipe)[0])))
+    missing = missing_local_models(recipe)  # a misspelt folder: said as lint and sweep say it
+    if missing:
+        raise TuneError("; ".join(str(problem) for problem in missing))
     for where, reference in references:
         if not isinstance(reference, str) or "+" in reference or not looks_local(reference) \
                 or not Path(reference).is_dir():

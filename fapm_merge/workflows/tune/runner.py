@@ -28,14 +28,11 @@ from fapm_merge.workflows.tradeoff import Tradeoff, compute_tradeoff
 from fapm_merge.workflows.tune.card import model_card
 from fapm_merge.workflows.tune.checks import check_anchors, check_axes, check_disk, check_eval_inputs
 from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings, plan_tune, variant_dir
-from fapm_merge.workflows.tune.workdir import RESULTS_FILE, evaluated_models, fingerprint, open_work
+from fapm_merge.workflows.progress import Report
+from fapm_merge.workflows.tune.workdir import RESULTS_FILE, evaluated_models, fingerprint, open_work, work_folder
 
 if TYPE_CHECKING:  # sweep imports mergekit
     from fapm_merge.workflows.variants import Variant
-
-Progress = Callable[[str, int, int, str], None]
-"""``progress(stage, done, total, detail)``: called as each step finishes."""
-
 
 def _quiet(stage: str, done: int, total: int, detail: str) -> None:
     pass
@@ -53,10 +50,6 @@ class TuneResult:
     seconds: float
     plot: Path
     message: str
-
-
-EXIT_NOTHING_CHOSEN = 3
-"""Exit status of ``fapm-merge tune`` when no variant is chosen (nothing is written)."""
 
 
 def _merge_batch(batch: List[Variant], work: Path, settings: TuneSettings, copy_tokenizer: bool,
@@ -120,7 +113,7 @@ def run_job(job: Job, work: Path, settings: TuneSettings, copy_tokenizer: bool) 
 
 def _evaluate_models(executor: Union[SerialExecutor, RayExecutor], plan: TunePlan, work: Path,
                      settings: TuneSettings, copy_tokenizer: bool, recipe: dict, results: Path,
-                     done: set, progress: Progress) -> Tuple[int, int]:
+                     done: set, progress: Report) -> Tuple[int, int]:
     """Evaluate the anchors, check them, then the variants: every model not in ``done``,
     at most ``max_on_disk`` variants on disk at once; records are appended here, in the
     plan's order, as they are ready. Returns (evaluated, reused).
@@ -140,9 +133,13 @@ def _evaluate_models(executor: Union[SerialExecutor, RayExecutor], plan: TunePla
         progress(stage, finished, total, "")
 
         def before_submit(index: int) -> None:  # on the driver, as each job starts
-            count = len(jobs[index].to_merge(work))
-            if count:
-                check_disk(work, plan, count, recipe)
+            merging = jobs[index].to_merge(work)
+            if merging:
+                check_disk(work, plan, len(merging), recipe)
+            # what runs now: a merge batch takes long, and an empty detail looks stuck
+            doing = (f"merging {', '.join(v.name for v in merging)}, then evaluating"
+                     if merging else "evaluating")
+            progress(stage, finished, total, f"{doing} {jobs[index].folder.name}")
 
         for index, outcome in executor.ordered(run_job, jobs, (work, settings, copy_tokenizer),
                                                limit=settings.max_on_disk,
@@ -156,7 +153,7 @@ def _evaluate_models(executor: Union[SerialExecutor, RayExecutor], plan: TunePla
                 append_result(results, outcome)
                 evaluated += 1
             finished += 1
-            progress(stage, finished, total, job.folder.name)
+            progress(stage, finished, total, f"evaluated {job.folder.name}")
         if failures:
             raise TuneError(_failed_message(failures, work))
 
@@ -215,7 +212,7 @@ def run_tune(
     settings: TuneSettings,
     *,
     command: str = "fapm-merge tune ...",
-    progress: Progress = _quiet,
+    progress: Report = _quiet,
 ) -> TuneResult:
     """Sweep, evaluate, decide, and write the chosen model to ``out_dir``.
 
@@ -224,7 +221,8 @@ def run_tune(
         out_dir (`Path`): where the chosen model goes (atomically; only if one is chosen).
         settings (`TuneSettings`): what to sweep and how to evaluate and decide.
         command (`str`): the command line, quoted in the model card.
-        progress (`Progress`): called after each step.
+        progress (`Report`): told what starts and what finished, see
+            :mod:`fapm_merge.workflows.progress`.
 
     Raises:
         TuneError: bad input, a work folder of another tune, too little disk.
@@ -234,7 +232,7 @@ def run_tune(
     if out_dir.exists() and any(out_dir.iterdir()) and not settings.overwrite:
         raise TuneError(f"output folder {out_dir} exists and is not empty; choose another path "
                         "or pass --overwrite")
-    work = Path(settings.work_dir or out_dir.with_name(out_dir.name + ".tune")).absolute()
+    work = work_folder(out_dir, settings.work_dir)
     if settings.max_on_disk < 1:
         raise TuneError(f"--max-on-disk must be at least 1, got {settings.max_on_disk}")
     check_axes(settings)  # first: it says which of --text and --task are needed
@@ -284,8 +282,9 @@ def run_tune(
         if result.selected is not None:  # max-cf / weighted may pick an anchor
             message = (f"the rule selects {result.selected.name}, one of the two models you already "
                        f"have ({result.selected.model}); nothing is written to {out_dir}")
-        else:
-            message = f"nothing written to {out_dir}: {result.reason}"
+        else:  # the reason is the summary's (summary_lines): said once, not twice
+            message = (f"nothing written to {out_dir}: no variant is selected (why: the summary "
+                       f"above, or 'reason' in {work / 'tradeoff.json'})")
         return TuneResult(result, None, work, evaluated, reused,
                           time.perf_counter() - started, plot, message)
 
@@ -300,4 +299,4 @@ def run_tune(
     return TuneResult(result, out_dir, work, evaluated, reused, time.perf_counter() - started,
                       plot, f"wrote {chosen.name} ({result.selected.label}) to {out_dir}")
 
-__all__ = ["EXIT_NOTHING_CHOSEN", "Job", "Progress", "TuneResult", "run_job", "run_tune"]
+__all__ = ["Job", "TuneResult", "run_job", "run_tune"]

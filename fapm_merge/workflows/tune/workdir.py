@@ -20,6 +20,12 @@ PLAN_FILE = "tune.json"
 RESULTS_FILE = "results.jsonl"
 
 
+def work_folder(out_dir: Path, work_dir=None) -> Path:
+    """Where tune keeps its results, plan and plot: ``--work``, or ``OUT_DIR.tune``."""
+    out_dir = Path(out_dir).absolute()
+    return Path(work_dir or out_dir.with_name(out_dir.name + ".tune")).absolute()
+
+
 def fingerprint(recipe: dict, plan: TunePlan, settings: TuneSettings) -> dict:
     """What the evaluations depend on; a resumed tune must match it exactly."""
     evaluation = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings.eval).items()}
