@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fapm_merge.methods  # noqa: F401  (registers fapm and fapm_ties)
-from conftest import load_state, run_merge_in_process
+from helpers import load_state, run_merge_in_process
 from fapm_merge.core import FapmInputError
 from mergekit.merge_methods import merge_tensors
 from recipe_support import build_family

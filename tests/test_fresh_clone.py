@@ -26,16 +26,12 @@ import yaml
 from click.testing import CliRunner
 from rich.console import Console
 
-from conftest import fapm_recipe, mergekit_yaml_command, run_merge_in_process, run_mergekit_yaml
+from helpers import console_script, fapm_recipe, run_merge_in_process, run_mergekit_yaml
 from fapm_merge.cli import main as cli
 from fapm_merge.io.lint import lint_recipe
 from fapm_merge.workflows.verify import format_report, verify_output
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def _tool(name: str) -> str:
-    return str(Path(mergekit_yaml_command()).parent / name)
 
 
 def _relative_recipe(**extra) -> dict:
@@ -57,7 +53,7 @@ def relative_merge(llama_pair, tmp_path_factory):
     fixed["models"][0]["model"] = f"{work}/models/finetuned"
     (work / "fixed.yml").write_text(yaml.safe_dump(fixed, sort_keys=False))
     results = {
-        recipe: subprocess.run([mergekit_yaml_command(), recipe, out, "--no-copy-tokenizer"],
+        recipe: subprocess.run([console_script("mergekit-yaml"), recipe, out, "--no-copy-tokenizer"],
                                cwd=work, capture_output=True, text=True, env=OFFLINE)
         for recipe, out in (("r.yml", "out"), ("fixed.yml", "fixed-out"))
     }
@@ -158,7 +154,7 @@ def test_lint_flags_a_one_word_intermediate_dir_that_mergekit_multi_sends_to_the
     monkeypatch.chdir(tmp_path)
 
     def multi(stages):
-        return subprocess.run([_tool("mergekit-multi"), "multi.yml", "--intermediate-dir", stages,
+        return subprocess.run([console_script("mergekit-multi"), "multi.yml", "--intermediate-dir", stages,
                                "--out-path", f"final-{Path(stages).name}", "--no-copy-tokenizer"],
                               cwd=tmp_path, capture_output=True, text=True, env=OFFLINE)
 
@@ -341,7 +337,7 @@ def test_explain_failure_sends_offline_hub_errors_to_the_recipe_path(relative_me
 def test_explain_failure_names_the_truncated_input_shard(llama_pair, tmp_path):
     from safetensors import SafetensorError
 
-    from conftest import truncated_copy
+    from helpers import truncated_copy
     from fapm_merge.io.failures import explain_failure
 
     base, ft = llama_pair
@@ -373,7 +369,7 @@ def test_use_the_choice_reproduces_the_variant_bit_for_bit_including_the_card(ll
         folder = sweep / variant.name
         choice = use_the_choice(folder, out_parent=tmp_path / "chosen")
         assert choice.command[0] == "mergekit-yaml" and choice.shell in choice.advice
-        result = subprocess.run([mergekit_yaml_command(), *choice.command[1:]], cwd=tmp_path,
+        result = subprocess.run([console_script("mergekit-yaml"), *choice.command[1:]], cwd=tmp_path,
                                 capture_output=True, text=True, env=OFFLINE)
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
         again = tmp_path / "chosen" / variant.name
@@ -416,7 +412,7 @@ def test_demo_model_card_is_titled_after_its_folder(demo_dir):
 def test_documented_mergekit_commands_run_without_tracebacks_on_the_demo_models(demo_dir, tmp_path):
     """The guide's and lora.md's mergekit-yaml lines have no --no-copy-tokenizer; on the
     demo models they printed mergekit's 'Failed to copy tokenizer' traceback."""
-    result = subprocess.run([mergekit_yaml_command(), str(demo_dir / "recipe.yml"), "merged"],
+    result = subprocess.run([console_script("mergekit-yaml"), str(demo_dir / "recipe.yml"), "merged"],
                             cwd=tmp_path, capture_output=True, text=True, env=OFFLINE)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Failed to copy tokenizer" not in result.stderr

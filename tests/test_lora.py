@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import load_state, run_merge_in_process, run_mergekit_yaml
+from helpers import load_state, run_merge_in_process, run_mergekit_yaml
 from reference import reference_fapm, reference_keep_count, reference_mask, reference_scores
 
 from fapm_merge.core import FapmInputError

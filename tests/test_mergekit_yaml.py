@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import fapm_recipe, load_state, run_mergekit_yaml
+from helpers import console_script, fapm_recipe, load_state, run_mergekit_yaml
 from reference import reference_fapm
 
 pytestmark = pytest.mark.slow
@@ -43,9 +43,8 @@ def test_plain_mergekit_multi_knows_fapm(llama_pair, tmp_path):
     stage = dict(fapm_recipe(base, finetuned, sparsity=0.9), name="repaired")
     recipe = tmp_path / "multi.yml"
     recipe.write_text(yaml.safe_dump_all([stage], sort_keys=False))
-    command = Path(sys.executable).parent / "mergekit-multi"
     result = subprocess.run(
-        [str(command), str(recipe), "--intermediate-dir", str(tmp_path / "stages"),
+        [console_script("mergekit-multi"), str(recipe), "--intermediate-dir", str(tmp_path / "stages"),
          "--out-path", str(tmp_path / "final"), "--no-copy-tokenizer"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )

@@ -6,7 +6,7 @@ Every tensor of every tiny architecture is compared with the plain reference.
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, fapm_recipe, load_state, run_merge_in_process
+from helpers import ARCHITECTURES, fapm_recipe, load_state, run_merge_in_process
 from reference import reference_fapm, reference_keep_count
 
 

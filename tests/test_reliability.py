@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import (
+from helpers import (
     fapm_recipe,
     load_state,
     run_merge_in_process,

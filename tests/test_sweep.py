@@ -14,7 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import fapm_recipe, load_state, run_merge_in_process, run_mergekit_yaml
+from helpers import fapm_recipe, load_state, run_merge_in_process, run_mergekit_yaml
 
 import fapm_merge.methods.sweep_graph as sweep_module
 from fapm_merge.cli import main

@@ -15,7 +15,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import load_state, run_mergekit_yaml
+from helpers import load_state, run_mergekit_yaml
 from fapm_merge.cli import main
 from fapm_merge.evaluation.evaluate import EvalSettings
 from fapm_merge.evaluation.results import read_results
