@@ -6,6 +6,7 @@ Every tensor of every tiny architecture is compared with the plain reference.
 import pytest
 import torch
 
+from fapm_merge.core import FapmInputError
 from helpers import ARCHITECTURES, fapm_recipe, load_state, run_merge_in_process
 from reference import reference_fapm, reference_keep_count
 
@@ -81,7 +82,7 @@ def test_density_spelling_equals_sparsity(llama_pair, merged_default, tmp_path):
 
 
 def test_both_sparsity_and_density_on_one_model_is_refused(llama_pair, tmp_path):
-    with pytest.raises(Exception, match="not both"):
+    with pytest.raises(FapmInputError, match="not both"):
         run_merge_in_process(fapm_recipe(*llama_pair, sparsity=0.9, density=0.1), tmp_path / "x")
 
 
