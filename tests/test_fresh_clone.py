@@ -63,6 +63,7 @@ def relative_merge(llama_pair, tmp_path_factory):
 # ------------------------------------------------------------------ 1. lint
 
 
+@pytest.mark.slow
 def test_lint_flags_relative_path_that_mergekit_sends_to_the_hub(relative_merge, monkeypatch):
     work, result, fixed = relative_merge
     # what mergekit does (the behaviour lint must predict): weights and config.json
@@ -142,6 +143,7 @@ def test_lint_flags_the_relative_adapter_part_of_base_plus_adapter(tmp_path, mon
     assert [(p.where, p.message.split(" is ")[0]) for p in wrong] == [("models[0].model", "adapters/a")]
 
 
+@pytest.mark.slow
 def test_lint_flags_a_one_word_intermediate_dir_that_mergekit_multi_sends_to_the_hub(
         llama_pair, tmp_path, monkeypatch):
     base, ft = llama_pair
@@ -196,6 +198,7 @@ def test_lint_notes_what_mergekit_will_fetch_from_the_hub_without_failing(tmp_pa
 # ---------------------------------------------------------------- 2. verify
 
 
+@pytest.mark.slow
 def test_verify_refuses_the_half_written_output_of_the_offline_card_crash(relative_merge, monkeypatch):
     work, _, _ = relative_merge
     monkeypatch.chdir(work)
@@ -229,6 +232,7 @@ def good_output(llama_pair, tmp_path_factory):
     return recipe, run_merge_in_process(recipe, tmp_path_factory.mktemp("verify17") / "out")
 
 
+@pytest.mark.slow
 def test_verify_uses_the_recipe_mergekit_wrote_into_the_folder(relative_merge):
     work, _, _ = relative_merge
     out = work / "fixed-out"  # mergekit-yaml copied fixed.yml into it
@@ -272,6 +276,7 @@ def test_verify_refuses_a_shard_the_index_names_but_the_folder_lacks(llama_pair,
 # ----------------------------------------------------------------- 3. sweep
 
 
+@pytest.mark.slow
 def test_sweep_names_the_recipe_path_not_the_inputs_when_mergekit_would_ask_the_hub(
         relative_merge, monkeypatch):
     work, _, _ = relative_merge
@@ -316,6 +321,7 @@ def test_sweep_failures_name_the_cause_and_the_fix(llama_pair, tmp_path, monkeyp
     assert explain_failure(raised).kind == kind
 
 
+@pytest.mark.slow
 def test_explain_failure_sends_offline_hub_errors_to_the_recipe_path(relative_merge, monkeypatch):
     from huggingface_hub.errors import OfflineModeIsEnabled
 
@@ -350,6 +356,7 @@ def test_explain_failure_names_the_truncated_input_shard(llama_pair, tmp_path):
 # ---------------------------------------------------------- 4. use the choice
 
 
+@pytest.mark.slow
 def test_use_the_choice_reproduces_the_variant_bit_for_bit_including_the_card(llama_pair, tmp_path):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -386,6 +393,7 @@ def test_use_the_choice_reproduces_the_variant_bit_for_bit_including_the_card(ll
     assert "\n# fapm-s0.9\n" in (sweep / "fapm-s0.9" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_use_the_choice_says_what_to_do_when_the_finetuned_model_or_the_base_wins(demo_dir):
     from fapm_merge.workflows.choice import use_the_choice
 
@@ -399,6 +407,7 @@ def test_use_the_choice_says_what_to_do_when_the_finetuned_model_or_the_base_win
     assert plain.command is None and "holds no mergekit_config.yml" in plain.advice
 
 
+@pytest.mark.slow
 def test_demo_model_card_is_titled_after_its_folder(demo_dir):
     """Regression: the demo merged into a hidden temporary folder, and mergekit
     titled the card after it ('# .merged.partial-kth2m5t0')."""
@@ -409,6 +418,7 @@ def test_demo_model_card_is_titled_after_its_folder(demo_dir):
 # --------------------------------------------------------------- 5. tokenizer
 
 
+@pytest.mark.slow
 def test_documented_mergekit_commands_run_without_tracebacks_on_the_demo_models(demo_dir, tmp_path):
     """The guide's and lora.md's mergekit-yaml lines have no --no-copy-tokenizer; on the
     demo models they printed mergekit's 'Failed to copy tokenizer' traceback."""
@@ -419,6 +429,7 @@ def test_documented_mergekit_commands_run_without_tracebacks_on_the_demo_models(
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "merged").iterdir()}
 
 
+@pytest.mark.slow
 def test_demo_tokenizer_is_the_byte_tokenizer_eval_uses(demo_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -452,6 +463,7 @@ def test_lint_cuda_fails_fast_in_one_line_without_a_gpu(llama_pair, tmp_path, mo
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="documents what happens without a GPU")
+@pytest.mark.slow
 def test_mergekit_yaml_cuda_without_a_gpu_leaves_an_empty_folder_as_documented(llama_pair, tmp_path):
     """mergekit creates OUT before any plugin code can see the device: the reason the
     plugin cannot fail first, documented in troubleshooting.md."""
@@ -482,6 +494,7 @@ def _first_column(text: str) -> str:
     return "".join(cells)
 
 
+@pytest.mark.slow
 def test_tables_fit_80_columns_with_whole_tensor_names(demo_dir, llama_pair):
     from fapm_merge.workflows.analyze import analysis_table, analyze
     from fapm_merge.workflows.demo import MergeSummary, TensorSummary, summarize_merge
@@ -504,6 +517,7 @@ def test_tables_fit_80_columns_with_whole_tensor_names(demo_dir, llama_pair):
         assert name in names, name
 
 
+@pytest.mark.slow
 def test_eval_progress_lines_fit_80_columns(demo_dir, tmp_path):
     """Regression: `[2/22] finetuned: ... (55.7 s)` was 81-82 characters and wrapped."""
     # through the command, with the folder names a sweep gives; a wide COLUMNS so
@@ -536,6 +550,7 @@ def test_eval_progress_lines_fit_80_columns(demo_dir, tmp_path):
     assert all(len(part) <= 80 for part in wrapped.splitlines())
 
 
+@pytest.mark.slow
 def test_results_line_settings_cannot_contradict_the_metrics(demo_dir, tmp_path):
     """Regression: `settings.bos: true` beside `metrics.text.bos: false` (the byte
     tokenizer has no BOS token; --bos asks for one only when there is one)."""

@@ -173,6 +173,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("arguments", [["eval", "--help"], ["tradeoff", "--help"],
                                        ["analyze", "--help"], ["--help"]])
+@pytest.mark.slow
 def test_commands_that_do_not_merge_do_not_import_mergekit(arguments):
     result = _python(f"""
         import sys
@@ -185,6 +186,7 @@ def test_commands_that_do_not_merge_do_not_import_mergekit(arguments):
     assert result.stdout.split() == ["0", "False"]
 
 
+@pytest.mark.slow
 def test_analyze_and_tradeoff_run_without_importing_mergekit(llama_pair, tmp_path):
     base, finetuned = llama_pair
     results = tmp_path / "results.jsonl"
@@ -213,6 +215,7 @@ def test_analyze_and_tradeoff_run_without_importing_mergekit(llama_pair, tmp_pat
     assert result.stdout.split()[:3] == ["0", "0", "False"], result.stdout
 
 
+@pytest.mark.slow
 def test_planning_variants_imports_neither_torch_nor_mergekit():
     # tune plans (and refuses a bad grid) before anything heavy loads.
     result = _python("""
@@ -224,6 +227,7 @@ def test_planning_variants_imports_neither_torch_nor_mergekit():
     assert result.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.slow
 def test_importing_the_package_is_cheap():
     result = _python("""
         import sys

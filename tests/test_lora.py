@@ -450,6 +450,7 @@ def _substituted(recipe_file, base, adapter):
     return config
 
 
+@pytest.mark.slow
 def test_shipped_recipes_run_with_mergekit_yaml_and_agree(case_runs, lora_root):
     """recipes/lora-native.yml and recipes/lora-base-plus-adapter.yml, paths substituted,
     through the real mergekit-yaml (the second with --lora-merge-cache): same output,

@@ -152,6 +152,7 @@ def test_lint_reports_rescale_with_density_rescale_before_the_merge(llama_pair):
     assert lint_recipe(one) == []
 
 
+@pytest.mark.slow
 def test_mergekit_yaml_prints_parameter_error_and_writes_nothing(llama_pair, tmp_path):
     base, ft = llama_pair
     out = tmp_path / "out"
@@ -268,6 +269,7 @@ def test_integer_buffer_and_zero_size_tensors_pass_through():
 # -------------------------------------------------------------- output integrity
 
 
+@pytest.mark.slow
 def test_plain_mergekit_yaml_leaves_a_partial_folder_that_verify_rejects(llama_pair, tmp_path):
     # Documented behaviour of mergekit 0.1.5: shards are written as they fill, the
     # index and config.json only at the end; a failure mid-run leaves the shards.

@@ -76,6 +76,7 @@ def _assert_same_model(ours: Path, theirs: Path):
     assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
 
 
+@pytest.mark.slow
 def test_fapm_output_equals_real_mergekit_yaml(swept, tmp_path):
     result, variants, _ = swept
     variant = next(v for v in variants if v.name == "fapm-s0.9")
