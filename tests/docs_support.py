@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from helpers import console_script
+
 REPO = Path(__file__).resolve().parent.parent
 SHELL_INFO = {"", "sh", "bash", "shell", "console"}
 COMMAND_WORDS = ("fapm-merge", "mergekit-yaml", "mergekit-multi", "make", "python", "pip",
@@ -277,8 +279,7 @@ class DocRunner:
         elif program == "python":
             self._process(block, [sys.executable, *words[1:]], env, command)
         elif program in PROCESS_TOOLS:
-            tool = Path(sys.executable).parent / program
-            self._process(block, [str(tool) if tool.exists() else program, *words[1:]], env, command)
+            self._process(block, [console_script(program), *words[1:]], env, command)
         else:
             raise DocCommandFailed(
                 f"{block.where}: the docs test cannot run {program!r} ({command!r}); mark the "

@@ -16,7 +16,6 @@ output change that was intended and reviewed::
     PYTHONPATH=. python tests/kernel_cases.py --write
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,27 +25,13 @@ from pathlib import Path
 import torch
 
 from fapm_merge import core
+from helpers import bits, torch_threads
 
 DIGESTS = Path(__file__).resolve().parent / "data" / "kernel_digests.json"
 DIRECT = (1 << 17) + 3  # whole-tensor kthvalue
 BIG = (1 << 19) + 4099  # sampled bracket, one-pass path; odd: a tail that is not 8-aligned
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "f64": torch.float64}
 SPARSITIES = (0.0, 0.1, 0.5, 0.9, 0.999, 1.0)
-
-
-@contextlib.contextmanager
-def torch_threads(count):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def bits(tensor):
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return tensor.contiguous().view(ints[tensor.dtype.itemsize])
 
 
 def pair(numel, dtype, seed, kind="normal"):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
 from fapm_merge.workflows.demo import TINY_CONFIGS, build_model, simulate_finetune
+from helpers import console_script
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 FAMILY_SIZE = 4
@@ -109,14 +109,10 @@ def write_documents(documents: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def _console_script(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
 def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
     """Run an unmodified mergekit console script in a subprocess; fail loudly."""
     result = subprocess.run(
-        [_console_script(script), *map(str, args)],
+        [console_script(script), *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -154,7 +150,7 @@ def run_stages_by_hand(
 ) -> Dict[Optional[str], Path]:
     """Run each stage with mergekit's run_merge, in file order, wiring stage names
     to the folders written before; returns {stage name (None = final): folder}."""
-    from conftest import run_merge_in_process
+    from helpers import run_merge_in_process
 
     stages = {doc["name"]: Path(workdir) / doc["name"] for doc in documents if "name" in doc}
     written: Dict[Optional[str], Path] = {}

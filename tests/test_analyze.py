@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import load_state, variant
+from helpers import load_state, variant
 from reference import reference_keep_count, reference_mask, reference_scores
 
 from fapm_merge.workflows.analyze import analyze, split_name, tensor_stats

@@ -9,7 +9,7 @@ difference (a division, the float64 mean, the tie rule) fails here, not in a ben
 import pytest
 import torch
 
-from conftest import fapm_recipe, load_state, run_merge_in_process
+from helpers import fapm_recipe, load_state, run_merge_in_process
 from reference import reference_fapm
 
 from fapm_merge.core import fapm_merge, keep_count

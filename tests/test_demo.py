@@ -4,7 +4,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import load_state
+from helpers import load_state
 from reference import reference_fapm
 
 pytestmark = pytest.mark.slow

@@ -69,6 +69,7 @@ def test_documented_commands_run(path, tmp_path, request):
         print(f"{seconds:6.1f} s  {command}")
 
 
+@pytest.mark.slow
 def test_a_broken_documented_command_fails_the_docs_test(tmp_path):
     """The harness itself can fail: a wrong option, a missing file, an unmarked tool,
     a stale replace, a traceback on exit status 0."""
@@ -92,6 +93,7 @@ def test_a_broken_documented_command_fails_the_docs_test(tmp_path):
     assert run_markdown(page, tmp_path, lambda n: "").ran == ["fapm-merge --help   # prints the commands"]
 
 
+@pytest.mark.slow
 def test_readme_names_the_folder_make_demo_writes():
     """Regression (issue 17, finding 7): the README did not say `make demo` writes to
     build/demo/ while the guide uses demo/."""

@@ -9,7 +9,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import truncated_copy, variant
+from helpers import truncated_copy, variant
 from fapm_merge.cli import main
 from fapm_merge.evaluation.metrics import (
     ByteTokenizer,

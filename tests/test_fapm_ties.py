@@ -4,9 +4,10 @@ normalize and lambda, density_rescale; then a whole model through run_merge."""
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 import fapm_merge.methods  # noqa: F401  (registers fapm and fapm_ties)
-from conftest import load_state, run_merge_in_process
+from helpers import load_state, run_merge_in_process
 from fapm_merge.core import FapmInputError
 from mergekit.merge_methods import merge_tensors
 from recipe_support import build_family
@@ -107,7 +108,7 @@ def test_bf16_inputs_keep_their_dtype(conflicting):
 
 def test_unknown_consensus_is_refused(conflicting):
     pre, finetuned = conflicting
-    with pytest.raises(Exception, match=r"Input should be 'sum' or 'count'"):
+    with pytest.raises(ValidationError, match=r"Input should be 'sum' or 'count'"):
         merge(pre, finetuned, consensus="median")
 
 

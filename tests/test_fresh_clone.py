@@ -27,16 +27,12 @@ import yaml
 from click.testing import CliRunner
 from rich.console import Console
 
-from conftest import fapm_recipe, mergekit_yaml_command, run_merge_in_process, run_mergekit_yaml
+from helpers import console_script, fapm_recipe, run_merge_in_process, run_mergekit_yaml
 from fapm_merge.cli import main as cli
 from fapm_merge.io.lint import lint_recipe
 from fapm_merge.workflows.verify import format_report, verify_output
 
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def _tool(name: str) -> str:
-    return str(Path(mergekit_yaml_command()).parent / name)
 
 
 def _relative_recipe(**extra) -> dict:
@@ -58,7 +54,7 @@ def relative_merge(llama_pair, tmp_path_factory):
     fixed["models"][0]["model"] = f"{work}/models/finetuned"
     (work / "fixed.yml").write_text(yaml.safe_dump(fixed, sort_keys=False))
     results = {
-        recipe: subprocess.run([mergekit_yaml_command(), recipe, out, "--no-copy-tokenizer"],
+        recipe: subprocess.run([console_script("mergekit-yaml"), recipe, out, "--no-copy-tokenizer"],
                                cwd=work, capture_output=True, text=True, env=OFFLINE)
         for recipe, out in (("r.yml", "out"), ("fixed.yml", "fixed-out"))
     }
@@ -68,6 +64,7 @@ def relative_merge(llama_pair, tmp_path_factory):
 # ------------------------------------------------------------------ 1. lint
 
 
+@pytest.mark.slow
 def test_lint_flags_relative_path_that_mergekit_sends_to_the_hub(relative_merge, monkeypatch):
     work, result, fixed = relative_merge
     # what mergekit does (the behaviour lint must predict): weights and config.json
@@ -147,6 +144,7 @@ def test_lint_flags_the_relative_adapter_part_of_base_plus_adapter(tmp_path, mon
     assert [(p.where, p.message.split(" is ")[0]) for p in wrong] == [("models[0].model", "adapters/a")]
 
 
+@pytest.mark.slow
 def test_lint_flags_a_one_word_intermediate_dir_that_mergekit_multi_sends_to_the_hub(
         llama_pair, tmp_path, monkeypatch):
     base, ft = llama_pair
@@ -159,7 +157,7 @@ def test_lint_flags_a_one_word_intermediate_dir_that_mergekit_multi_sends_to_the
     monkeypatch.chdir(tmp_path)
 
     def multi(stages):
-        return subprocess.run([_tool("mergekit-multi"), "multi.yml", "--intermediate-dir", stages,
+        return subprocess.run([console_script("mergekit-multi"), "multi.yml", "--intermediate-dir", stages,
                                "--out-path", f"final-{Path(stages).name}", "--no-copy-tokenizer"],
                               cwd=tmp_path, capture_output=True, text=True, env=OFFLINE)
 
@@ -201,6 +199,7 @@ def test_lint_notes_what_mergekit_will_fetch_from_the_hub_without_failing(tmp_pa
 # ---------------------------------------------------------------- 2. verify
 
 
+@pytest.mark.slow
 def test_verify_refuses_the_half_written_output_of_the_offline_card_crash(relative_merge, monkeypatch):
     work, _, _ = relative_merge
     monkeypatch.chdir(work)
@@ -234,6 +233,7 @@ def good_output(llama_pair, tmp_path_factory):
     return recipe, run_merge_in_process(recipe, tmp_path_factory.mktemp("verify17") / "out")
 
 
+@pytest.mark.slow
 def test_verify_uses_the_recipe_mergekit_wrote_into_the_folder(relative_merge):
     work, _, _ = relative_merge
     out = work / "fixed-out"  # mergekit-yaml copied fixed.yml into it
@@ -277,6 +277,7 @@ def test_verify_refuses_a_shard_the_index_names_but_the_folder_lacks(llama_pair,
 # ----------------------------------------------------------------- 3. sweep
 
 
+@pytest.mark.slow
 def test_sweep_names_the_recipe_path_not_the_inputs_when_mergekit_would_ask_the_hub(
         relative_merge, monkeypatch):
     work, _, _ = relative_merge
@@ -321,6 +322,7 @@ def test_sweep_failures_name_the_cause_and_the_fix(llama_pair, tmp_path, monkeyp
     assert explain_failure(raised).kind == kind
 
 
+@pytest.mark.slow
 def test_explain_failure_sends_offline_hub_errors_to_the_recipe_path(relative_merge, monkeypatch):
     from huggingface_hub.errors import OfflineModeIsEnabled
 
@@ -342,7 +344,7 @@ def test_explain_failure_sends_offline_hub_errors_to_the_recipe_path(relative_me
 def test_explain_failure_names_the_truncated_input_shard(llama_pair, tmp_path):
     from safetensors import SafetensorError
 
-    from conftest import truncated_copy
+    from helpers import truncated_copy
     from fapm_merge.io.failures import explain_failure
 
     base, ft = llama_pair
@@ -355,6 +357,7 @@ def test_explain_failure_names_the_truncated_input_shard(llama_pair, tmp_path):
 # ---------------------------------------------------------- 4. use the choice
 
 
+@pytest.mark.slow
 def test_use_the_choice_reproduces_the_variant_bit_for_bit_including_the_card(llama_pair, tmp_path):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -374,7 +377,7 @@ def test_use_the_choice_reproduces_the_variant_bit_for_bit_including_the_card(ll
         folder = sweep / variant.name
         choice = use_the_choice(folder, out_parent=tmp_path / "chosen")
         assert choice.command[0] == "mergekit-yaml" and choice.shell in choice.advice
-        result = subprocess.run([mergekit_yaml_command(), *choice.command[1:]], cwd=tmp_path,
+        result = subprocess.run([console_script("mergekit-yaml"), *choice.command[1:]], cwd=tmp_path,
                                 capture_output=True, text=True, env=OFFLINE)
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
         again = tmp_path / "chosen" / variant.name
@@ -391,6 +394,7 @@ def test_use_the_choice_reproduces_the_variant_bit_for_bit_including_the_card(ll
     assert "\n# fapm-s0.9\n" in (sweep / "fapm-s0.9" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_use_the_choice_says_what_to_do_when_the_finetuned_model_or_the_base_wins(demo_dir):
     from fapm_merge.workflows.choice import use_the_choice
 
@@ -404,6 +408,7 @@ def test_use_the_choice_says_what_to_do_when_the_finetuned_model_or_the_base_win
     assert plain.command is None and "holds no mergekit_config.yml" in plain.advice
 
 
+@pytest.mark.slow
 def test_demo_model_card_is_titled_after_its_folder(demo_dir):
     """Regression: the demo merged into a hidden temporary folder, and mergekit
     titled the card after it ('# .merged.partial-kth2m5t0')."""
@@ -414,16 +419,18 @@ def test_demo_model_card_is_titled_after_its_folder(demo_dir):
 # --------------------------------------------------------------- 5. tokenizer
 
 
+@pytest.mark.slow
 def test_documented_mergekit_commands_run_without_tracebacks_on_the_demo_models(demo_dir, tmp_path):
     """The guide's and lora.md's mergekit-yaml lines have no --no-copy-tokenizer; on the
     demo models they printed mergekit's 'Failed to copy tokenizer' traceback."""
-    result = subprocess.run([mergekit_yaml_command(), str(demo_dir / "recipe.yml"), "merged"],
+    result = subprocess.run([console_script("mergekit-yaml"), str(demo_dir / "recipe.yml"), "merged"],
                             cwd=tmp_path, capture_output=True, text=True, env=OFFLINE)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Failed to copy tokenizer" not in result.stderr
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "merged").iterdir()}
 
 
+@pytest.mark.slow
 def test_demo_tokenizer_is_the_byte_tokenizer_eval_uses(demo_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -457,6 +464,7 @@ def test_lint_cuda_fails_fast_in_one_line_without_a_gpu(llama_pair, tmp_path, mo
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="documents what happens without a GPU")
+@pytest.mark.slow
 def test_mergekit_yaml_cuda_without_a_gpu_leaves_an_empty_folder_as_documented(llama_pair, tmp_path):
     """mergekit creates OUT before any plugin code can see the device: the reason the
     plugin cannot fail first, documented in troubleshooting.md."""
@@ -487,6 +495,7 @@ def _first_column(text: str) -> str:
     return "".join(cells)
 
 
+@pytest.mark.slow
 def test_tables_fit_80_columns_with_whole_tensor_names(demo_dir, llama_pair):
     from fapm_merge.workflows.analyze import analysis_table, analyze
     from fapm_merge.workflows.demo import MergeSummary, TensorSummary, summarize_merge
@@ -509,6 +518,7 @@ def test_tables_fit_80_columns_with_whole_tensor_names(demo_dir, llama_pair):
         assert name in names, name
 
 
+@pytest.mark.slow
 def test_eval_progress_lines_fit_80_columns(demo_dir, tmp_path):
     """Regression: `[2/22] finetuned: ... (55.7 s)` was 81-82 characters and wrapped."""
     # through the command, with the folder names a sweep gives; a wide COLUMNS so
@@ -544,6 +554,7 @@ def test_eval_progress_lines_fit_80_columns(demo_dir, tmp_path):
     assert all(len(part) <= 80 for part in wrapped.splitlines())
 
 
+@pytest.mark.slow
 def test_results_line_settings_cannot_contradict_the_metrics(demo_dir, tmp_path):
     """Regression: `settings.bos: true` beside `metrics.text.bos: false` (the byte
     tokenizer has no BOS token; --bos asks for one only when there is one)."""

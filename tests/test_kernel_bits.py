@@ -19,7 +19,8 @@ import torch
 
 from fapm_merge import core
 from fapm_merge.core import FapmInputError, fapm_merge, keep_count, merge, selection, threads
-from kernel_cases import BIG, GROUPS, bits, compute, extreme_pair, pair, stored, torch_threads
+from helpers import bits, torch_threads
+from kernel_cases import BIG, GROUPS, compute, extreme_pair, pair, stored
 from reference import reference_fapm, reference_scores
 
 

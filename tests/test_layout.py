@@ -173,6 +173,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("arguments", [["eval", "--help"], ["tradeoff", "--help"],
                                        ["analyze", "--help"], ["--help"]])
+@pytest.mark.slow
 def test_commands_that_do_not_merge_do_not_import_mergekit(arguments):
     result = _python(f"""
         import sys
@@ -185,6 +186,7 @@ def test_commands_that_do_not_merge_do_not_import_mergekit(arguments):
     assert result.stdout.split() == ["0", "False"]
 
 
+@pytest.mark.slow
 def test_analyze_and_tradeoff_run_without_importing_mergekit(llama_pair, tmp_path):
     base, finetuned = llama_pair
     results = tmp_path / "results.jsonl"
@@ -213,21 +215,15 @@ def test_analyze_and_tradeoff_run_without_importing_mergekit(llama_pair, tmp_pat
     assert result.stdout.split()[:3] == ["0", "0", "False"], result.stdout
 
 
-def test_planning_variants_imports_neither_torch_nor_mergekit():
-    # tune plans (and refuses a bad grid) before anything heavy loads.
-    result = _python("""
+@pytest.mark.parametrize("modules", [
+    "fapm_merge.workflows.variants",  # tune plans (and refuses a bad grid) before anything heavy loads
+    "fapm_merge, fapm_merge.core.rules",  # importing the package is cheap
+])
+@pytest.mark.slow
+def test_light_modules_import_neither_torch_nor_mergekit(modules):
+    result = _python(f"""
         import sys
-        import fapm_merge.workflows.variants
-        print("torch" in sys.modules, "mergekit" in sys.modules)
-    """)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "False"]
-
-
-def test_importing_the_package_is_cheap():
-    result = _python("""
-        import sys
-        import fapm_merge, fapm_merge.core.rules
+        import {modules}
         print("torch" in sys.modules, "mergekit" in sys.modules)
     """)
     assert result.returncode == 0, result.stderr

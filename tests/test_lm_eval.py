@@ -236,6 +236,7 @@ run_lm_eval(sys.argv[1], "my_task", backend="vllm", include_path=sys.argv[2],
 """
 
 
+@pytest.mark.slow
 def test_vllm_model_args_reach_the_harness_constructor(byte_pair):
     """Our call goes through lm_eval.simple_evaluate and the harness's own
     create_from_arg_string; the constructor registered for "vllm" receives every
@@ -320,6 +321,7 @@ def test_a_missing_or_unusable_axis_is_named_with_the_reason(task_metric, text_m
         compute_tradeoff(_records(), task_metric=task_metric, text_metric=text_metric)
 
 
+@pytest.mark.slow
 def test_tradeoff_with_harness_axes_stays_free_of_torch():
     result = subprocess.run([sys.executable, "-c", "import sys; import fapm_merge.workflows.tradeoff, "
                              "fapm_merge.evaluation.lm_eval; print('torch' in sys.modules)"],
@@ -375,6 +377,7 @@ def test_tradeoff_command_takes_a_harness_axis(tmp_path):
 # ------------------------------------------------------------------ tune
 
 
+@pytest.mark.slow
 def test_tune_selects_from_harness_scores(byte_pair, tmp_path):
     """tune runs the harness on every model and decides on lm_eval:my_task/acc; since
     the harness's per-item outcomes equal fapm-merge eval's on the same items, the

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 
-from conftest import load_state, run_merge_in_process, run_mergekit_yaml
+from helpers import load_state, run_merge_in_process, run_mergekit_yaml
 from reference import reference_fapm, reference_keep_count, reference_mask, reference_scores
 
 from fapm_merge.core import FapmInputError
@@ -297,7 +298,7 @@ def test_dora_is_refused_with_a_clear_message(llama_base, lora_root):
                            target_modules=["q_proj"], use_dora=True)
     with pytest.raises(FapmInputError, match=r"use_dora.*DoRA.*BASE\+ADAPTER"):
         LoraAdapter(adapter)
-    with pytest.raises(Exception, match="DoRA"):
+    with pytest.raises(FapmInputError, match="DoRA"):
         run_merge_in_process(native_recipe(llama_base, adapter), lora_root / "dora-out")
 
 
@@ -318,7 +319,7 @@ def test_pickled_adapter_needs_opt_in(llama_base, lora_root, case_runs):
 
 def test_adapter_for_another_architecture_names_module_and_file(llama_base, case_runs, lora_root):
     gpt2_adapter = case_runs("gpt2-conv1d-mts-bias")["adapter"]
-    with pytest.raises(Exception) as error:
+    with pytest.raises(FapmInputError) as error:
         run_merge_in_process(native_recipe(llama_base, gpt2_adapter), lora_root / "wrong-arch")
     assert f"{gpt2_adapter / 'adapter_config.json'} was trained on a 'gpt2' model" in str(error.value)
     assert f"{llama_base} is a 'llama' one" in str(error.value)
@@ -385,7 +386,7 @@ def test_modules_to_save_on_a_tied_head_is_refused(lora_root, bases):
 
 
 def test_missing_adapter_fails_at_plan_time(llama_base, lora_root):
-    with pytest.raises(Exception, match=r"adapter.*has no adapter_config\.json"):
+    with pytest.raises(ValidationError, match=r"adapter.*has no adapter_config\.json"):
         run_merge_in_process(native_recipe(llama_base, lora_root / "no-such-adapter"),
                              lora_root / "missing-out")
 
@@ -449,6 +450,7 @@ def _substituted(recipe_file, base, adapter):
     return config
 
 
+@pytest.mark.slow
 def test_shipped_recipes_run_with_mergekit_yaml_and_agree(case_runs, lora_root):
     """recipes/lora-native.yml and recipes/lora-base-plus-adapter.yml, paths substituted,
     through the real mergekit-yaml (the second with --lora-merge-cache): same output,

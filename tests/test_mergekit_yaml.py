@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import fapm_recipe, load_state, run_mergekit_yaml
+from helpers import console_script, fapm_recipe, load_state, run_mergekit_yaml
 from reference import reference_fapm
 
 pytestmark = pytest.mark.slow
@@ -43,9 +43,8 @@ def test_plain_mergekit_multi_knows_fapm(llama_pair, tmp_path):
     stage = dict(fapm_recipe(base, finetuned, sparsity=0.9), name="repaired")
     recipe = tmp_path / "multi.yml"
     recipe.write_text(yaml.safe_dump_all([stage], sort_keys=False))
-    command = Path(sys.executable).parent / "mergekit-multi"
     result = subprocess.run(
-        [str(command), str(recipe), "--intermediate-dir", str(tmp_path / "stages"),
+        [console_script("mergekit-multi"), str(recipe), "--intermediate-dir", str(tmp_path / "stages"),
          "--out-path", str(tmp_path / "final"), "--no-copy-tokenizer"],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -84,11 +83,13 @@ def test_regular_wheel_install_registers_for_plain_mergekit_yaml(llama_pair, tmp
     deps = next(p for p in map(Path, sys.path) if (p / "mergekit").is_dir())
     (site / "zz_deps.pth").write_text(f"{deps}\n")
     python = venv / "bin" / "python"
+    # without PYTHONPATH: a checkout named there would be imported instead of the wheel
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1"}
 
     probe = subprocess.run(
         [str(python), "-c", "import sys, fapm_merge; print(fapm_merge.__file__); "
          "print('torch' in sys.modules)"],
-        capture_output=True, text=True, check=True, cwd=tmp_path,  # not the repo
+        capture_output=True, text=True, check=True, cwd=tmp_path, env=env,  # not the repo
     )
     assert str(site) in probe.stdout, "the wheel's copy must be the one imported"
 
@@ -99,8 +100,7 @@ def test_regular_wheel_install_registers_for_plain_mergekit_yaml(llama_pair, tmp
     result = subprocess.run(
         [str(python), "-c", "from mergekit.scripts.run_yaml import main; main()",
          str(recipe), str(out), "--no-copy-tokenizer"],
-        capture_output=True, text=True, cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, cwd=tmp_path, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_matches_reference(base, finetuned, out, 0.9)

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import fapm_merge.methods  # noqa: F401  (registers the methods in this process)
-from conftest import load_state, run_merge_in_process
+from helpers import load_state, run_merge_in_process
 from recipe_support import (
     RECIPES_DIR,
     build_family,

@@ -7,7 +7,7 @@ the equality is not an accident of a method that ignores its seed."""
 import pytest
 import torch
 
-from conftest import load_state, run_merge_in_process
+from helpers import load_state, run_merge_in_process
 from recipe_support import (
     RECIPES_DIR,
     build_family,

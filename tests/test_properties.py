@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from fapm_merge import core
 from fapm_merge.core import selection
+from helpers import bits
 from reference import reference_keep_count, reference_mask, reference_scores
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,13 +34,6 @@ SETTINGS = settings(
 # "large" is near the top of each dtype's range, "tiny" is subnormal in each.
 LARGE = {torch.float32: 1e30, torch.float16: 6e4, torch.bfloat16: 1e30, torch.float64: 1e300}
 TINY = {torch.float32: 1e-42, torch.float16: 1e-7, torch.bfloat16: 1e-40, torch.float64: 1e-310}
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    """Raw bit pattern, so -0.0 vs 0.0 and every last bit count."""
-    ints = {torch.float32: torch.int32, torch.float16: torch.int16,
-            torch.bfloat16: torch.int16, torch.float64: torch.int64}
-    return tensor.contiguous().view(ints[tensor.dtype])
 
 
 @st.composite

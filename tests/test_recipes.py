@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import load_state, run_merge_in_process
+from helpers import load_state, run_merge_in_process
 from fapm_merge.workflows.demo import TINY_CONFIGS
 from recipe_support import (
     RECIPES_DIR,

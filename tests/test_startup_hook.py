@@ -46,6 +46,7 @@ def test_hook_file_is_installed_and_current():
     )
 
 
+@pytest.mark.slow
 def test_startup_imports_neither_torch_nor_mergekit():
     result = python("""
         import json, sys
@@ -65,6 +66,7 @@ def test_startup_imports_neither_torch_nor_mergekit():
     assert result.stderr == ""
 
 
+@pytest.mark.slow
 def test_startup_does_no_file_or_network_io():
     # -S: no site, so the audit hook is in place before the hook module runs.
     result = python(f"""
@@ -87,6 +89,7 @@ def test_startup_does_no_file_or_network_io():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_unrelated_program_runs_when_mergekit_is_broken(tmp_path):
     fake = tmp_path / "mergekit"
     (fake / "merge_methods").mkdir(parents=True)
@@ -107,6 +110,7 @@ def test_unrelated_program_runs_when_mergekit_is_broken(tmp_path):
     assert "fapm" not in importer.stderr
 
 
+@pytest.mark.slow
 def test_unrelated_program_runs_when_mergekit_is_missing():
     # sys.modules[name] = None is how Python spells "not installed" for one process.
     result = python("""
@@ -123,6 +127,7 @@ def test_unrelated_program_runs_when_mergekit_is_missing():
     assert result.stderr == ""
 
 
+@pytest.mark.slow
 def test_broken_plugin_becomes_one_warning(tmp_path):
     # A fapm_merge whose methods module raises, shadowing the real one.
     package = tmp_path / "fapm_merge"
@@ -142,6 +147,7 @@ def test_broken_plugin_becomes_one_warning(tmp_path):
     assert "plugin exploded" in warnings[0] and "fapm-merge could not register" in warnings[0]
 
 
+@pytest.mark.slow
 def test_plain_import_of_mergekit_registers_fapm():
     result = python("""
         import sys
@@ -153,6 +159,7 @@ def test_plain_import_of_mergekit_registers_fapm():
     assert result.stdout.split() == ["1", "True"]
 
 
+@pytest.mark.slow
 def test_install_after_mergekit_was_imported_registers_at_once():
     # The finder is removed first, as if the .pth had not run (python -S, or an
     # environment where the hook was installed after start-up).
@@ -173,6 +180,7 @@ def test_install_after_mergekit_was_imported_registers_at_once():
     assert result.stdout.split() == ["0", "1", "1"]
 
 
+@pytest.mark.slow
 def test_import_fapm_merge_registers_idempotently():
     result = python("""
         import fapm_merge, fapm_merge.methods

@@ -29,6 +29,26 @@ def mean(values):
     return sum(values) / len(values)
 
 
+# Four windows: summed losses of the base, of the fine-tune (it forgot) and of a model
+# that undoes most of that, and each window's token count.
+BASE_LOSSES = [100.0, 110.0, 90.0, 105.0]
+FINETUNED_LOSSES = [104.0, 113.0, 95.0, 108.0]
+MODEL_LOSSES = [101.0, 111.0, 91.0, 106.0]
+TOKENS = [40, 44, 36, 42]
+
+
+def per_token_losses(*columns):
+    """Each column's loss per token over the TOKENS windows."""
+    total = sum(TOKENS)
+    return [sum(column) / total for column in columns]
+
+
+def reference_cf_reduction(model, finetuned, base, tokens):
+    """CF % of the fine-tune minus CF % of the model, CF = exp(L - L_base) - 1."""
+    return 100 * (math.exp((sum(finetuned) - sum(base)) / sum(tokens))
+                  - math.exp((sum(model) - sum(base)) / sum(tokens)))
+
+
 def test_accuracy_interval_matches_the_exact_paired_bootstrap():
     model = [1, 0, 1, 1, 0, 1]
     reference = [1, 1, 1, 0, 1, 1]
@@ -84,12 +104,8 @@ def test_accuracy_drop_test_is_the_exact_one_sided_mcnemar_test(worse, better):
 
 
 def test_repaired_share_and_cf_follow_their_definitions():
-    base = [100.0, 110.0, 90.0, 105.0]
-    finetuned = [104.0, 113.0, 95.0, 108.0]
-    model = [101.0, 111.0, 91.0, 106.0]
-    tokens = [40, 44, 36, 42]
-    total = sum(tokens)
-    l_base, l_ft, l_model = (sum(x) / total for x in (base, finetuned, model))
+    base, finetuned, model, tokens = BASE_LOSSES, FINETUNED_LOSSES, MODEL_LOSSES, TOKENS
+    l_base, l_ft, l_model = per_token_losses(base, finetuned, model)
     share = stats.repaired_share(model, finetuned, base, tokens)
     assert share.estimate == pytest.approx((l_ft - l_model) / (l_ft - l_base))
     assert share.low <= share.estimate <= share.high
@@ -144,13 +160,9 @@ def test_grouped_share_matches_the_exact_bootstrap_over_documents():
     tokens = [40, 44, 36, 42, 40, 41, 39, 42]
     documents = ["d1", "d1", "d2", "d2", "d3", "d3", "d4", "d4"]
     sums = [[column[i] + column[i + 1] for i in range(0, 8, 2)] for column in (model, finetuned, base, tokens)]
-
-    def reduction(m, f, b, t):
-        return 100 * (math.exp((sum(f) - sum(b)) / sum(t)) - math.exp((sum(m) - sum(b)) / sum(t)))
-
-    exact = exact_bootstrap_quantiles(reduction, sums, levels=(0.02, 0.025, 0.03, 0.97, 0.975, 0.98))
+    exact = exact_bootstrap_quantiles(reference_cf_reduction, sums, levels=(0.02, 0.025, 0.03, 0.97, 0.975, 0.98))
     got = stats.cf_reduction(model, finetuned, base, tokens, groups=documents, resamples=40000)
-    assert got.estimate == pytest.approx(reduction(model, finetuned, base, tokens))
+    assert got.estimate == pytest.approx(reference_cf_reduction(model, finetuned, base, tokens))
     slack = 1e-9  # the exact quantiles are sums in another order
     assert exact[0] - slack <= got.low <= exact[2] + slack
     assert exact[3] - slack <= got.high <= exact[5] + slack
@@ -158,12 +170,8 @@ def test_grouped_share_matches_the_exact_bootstrap_over_documents():
 
 
 def test_repair_is_a_finite_cf_reduction_with_significance_checks():
-    base = [100.0, 110.0, 90.0, 105.0]
-    finetuned = [104.0, 113.0, 95.0, 108.0]
-    model = [101.0, 111.0, 91.0, 106.0]
-    tokens = [40, 44, 36, 42]
-    total = sum(tokens)
-    l_base, l_ft, l_model = (sum(x) / total for x in (base, finetuned, model))
+    base, finetuned, model, tokens = BASE_LOSSES, FINETUNED_LOSSES, MODEL_LOSSES, TOKENS
+    l_base, l_ft, l_model = per_token_losses(base, finetuned, model)
     cf_ft, cf_model = 100 * math.expm1(l_ft - l_base), 100 * math.expm1(l_model - l_base)
     result = stats.repair(model, finetuned, base, tokens)
     assert result.cf_reduction.estimate == pytest.approx(cf_ft - cf_model)
@@ -172,9 +180,8 @@ def test_repair_is_a_finite_cf_reduction_with_significance_checks():
     assert result.loss_vs_finetuned == stats.loss_difference(model, finetuned, tokens)
     assert result.significant  # the model is below the fine-tune on every window
     assert result.to_json()["significant"] is True
-    exact = exact_bootstrap_quantiles(
-        lambda m, f, b, t: 100 * (math.exp((sum(f) - sum(b)) / sum(t)) - math.exp((sum(m) - sum(b)) / sum(t))),
-        [model, finetuned, base, tokens], levels=(0.02, 0.025, 0.03, 0.97, 0.975, 0.98))
+    exact = exact_bootstrap_quantiles(reference_cf_reduction, [model, finetuned, base, tokens],
+                                      levels=(0.02, 0.025, 0.03, 0.97, 0.975, 0.98))
     slack = 1e-9  # the exact quantiles are sums in another order
     assert exact[0] - slack <= result.cf_reduction.low <= exact[2] + slack
     assert exact[3] - slack <= result.cf_reduction.high <= exact[5] + slack

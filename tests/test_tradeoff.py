@@ -13,7 +13,7 @@ from fapm_merge.cli import main
 from fapm_merge.io.recipe import describe_recipe as describe
 from fapm_merge.workflows.tradeoff import Rule, TradeoffError, compute_tradeoff, read_results
 
-WEIGHTED = Rule("weighted")  # these records carry no per-item values: the rule of earlier releases
+WEIGHTED = Rule("weighted")  # needs no paired intervals, so it also decides on RECORDS (no per-item values)
 
 BASE, FT = "/m/base", "/m/ft"
 

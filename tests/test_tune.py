@@ -15,7 +15,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import load_state, run_mergekit_yaml
+from helpers import load_state, run_mergekit_yaml
 from fapm_merge.cli import main
 from fapm_merge.evaluation.evaluate import EvalSettings
 from fapm_merge.evaluation.results import read_results
@@ -58,6 +58,7 @@ def first_run(demo, tmp_path_factory):
     return out, result, on_disk
 
 
+@pytest.mark.slow
 def test_tune_evaluates_every_model_once_and_keeps_the_disk_bounded(first_run):
     out, result, on_disk = first_run
     work = out.with_name("chosen.tune")
@@ -91,6 +92,7 @@ def _variant_under_the_fine_tune(work):
     return best["name"], bound
 
 
+@pytest.mark.slow
 def test_a_new_rule_reuses_every_evaluation_and_the_chosen_model_equals_mergekit_yaml(
         first_run, demo, tmp_path):
     out, _, _ = first_run
@@ -116,6 +118,7 @@ def test_a_new_rule_reuses_every_evaluation_and_the_chosen_model_equals_mergekit
     assert json.loads((chosen / "config.json").read_text()) == json.loads((again / "config.json").read_text())
 
 
+@pytest.mark.slow
 def test_an_interrupted_tune_resumes_with_finished_evaluations(demo, tmp_path):
     _, recipe, files = demo
     out = tmp_path / "out"
@@ -137,6 +140,7 @@ def test_an_interrupted_tune_resumes_with_finished_evaluations(demo, tmp_path):
     assert len(lines) == 4  # no model evaluated twice
 
 
+@pytest.mark.slow
 def test_a_work_folder_of_another_tune_is_refused(first_run, demo, tmp_path):
     out, _, _ = first_run
     _, recipe, files = demo
@@ -208,6 +212,7 @@ def lora_case(tmp_path_factory):
     return root, recipe, files, merged
 
 
+@pytest.mark.slow
 def test_tune_on_a_real_lora_adapter(lora_case, tmp_path):
     root, recipe, files, merged = lora_case
     out = tmp_path / "chosen"
@@ -238,6 +243,7 @@ def test_tune_on_a_real_lora_adapter(lora_case, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_tune_command_line_reports_stages_and_exit_status(demo, tmp_path):
     root, recipe, files = demo
     recipe_path = tmp_path / "recipe.yml"
@@ -255,6 +261,7 @@ def test_tune_command_line_reports_stages_and_exit_status(demo, tmp_path):
     shutil.rmtree(out.with_name("out.tune"))
 
 
+@pytest.mark.slow
 def test_a_failure_inside_a_merge_names_its_cause_and_the_rerun_resumes(demo, tmp_path, monkeypatch):
     """Regression: tune let an exception from inside mergekit (here the disk filling up
     while a shard is written) end in a traceback, where sweep names the cause."""
