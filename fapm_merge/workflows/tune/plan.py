@@ -155,8 +155,8 @@ def plan_tune(recipe: dict, settings: TuneSettings, work: Path) -> TunePlan:
     """Every model the tune evaluates, from the recipe (raises TuneError)."""
     method = recipe.get("merge_method")
     if method not in DEFAULT_SPARSITIES:
-        raise TuneError(f"tune needs a recipe with merge_method: fapm (a full fine-tune) or "
-                        f"fapm_lora (a LoRA adapter), got {method!r}")
+        raise TuneError(f"tune needs a recipe with merge_method: {FAPM} (a full fine-tune) or "
+                        f"{FAPM_LORA} (a LoRA adapter), got {method!r}")
     if method == FAPM and len(non_base_models(recipe)) != 1:
         raise TuneError("tune compares one fine-tune with its base: the recipe must list exactly "
                         "one fine-tuned model besides base_model")
