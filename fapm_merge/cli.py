@@ -18,8 +18,8 @@ from fapm_merge.evaluation.settings import (
     TEXT_METRIC,
     EvalSettings,
 )
-from fapm_merge.workflows.tradeoff import MIN_RETENTION, RULES, TASK_WEIGHT
-from fapm_merge.workflows.tune import DEFAULT_ALPHAS, DEFAULT_BASELINES, DEFAULT_SPARSITIES, MAX_ON_DISK
+from fapm_merge.workflows.tradeoff import RULES, SELECTIONS, Rule
+from fapm_merge.workflows.tune import DEFAULT_ALPHAS, DEFAULT_SPARSITIES, TuneSettings
 
 
 EXIT_NOTHING_SELECTED = 3
@@ -85,35 +85,60 @@ def _options(*decorators):
     return apply
 
 
-class _EvalOption(click.Option):
-    """An option that sets the `EvalSettings` field of its name (see `_takes_eval_settings`)."""
+class _FieldOption(click.Option):
+    """An option that sets the field of its name of a settings dataclass, ``owner``
+    (see `_takes`)."""
+
+    def __init__(self, *declarations, owner: type, **attributes):
+        super().__init__(*declarations, **attributes)
+        self.owner = owner
 
 
-_EVAL_DEFAULTS = {field.name: field.default for field in dataclasses.fields(EvalSettings)}
-
-
-def _eval_option(name: str, *declarations: str, **attributes):
-    """The option for `EvalSettings` field NAME (``--name`` unless declared otherwise):
-    its default is the field's, shown in --help when there is one."""
-    default = _EVAL_DEFAULTS[name]
-    attributes.setdefault("show_default", default is not None)
+def _field_option(owner: type, name: str, *declarations: str, **attributes):
+    """The option for field NAME of the dataclass OWNER (``--name`` unless declared
+    otherwise): its default is the field's (a sequence written comma-separated),
+    shown in --help when there is one; ``default=`` overrides it."""
+    if "default" in attributes:
+        default = attributes.pop("default")
+    else:
+        default = next(f.default for f in dataclasses.fields(owner) if f.name == name)
+        if isinstance(default, (tuple, list)):
+            default = _listed(default)
+    attributes.setdefault("show_default", default is not None and not attributes.get("is_flag"))
     return click.option(*(declarations or (f"--{name.replace('_', '-')}",)), name,
-                        cls=_EvalOption, default=default, **attributes)
+                        cls=_FieldOption, owner=owner, default=default, **attributes)
 
 
-def _takes_eval_settings(function):
-    """Hand the command's `EvalSettings` options to it as one ``evaluation`` argument,
-    as mergekit's add_merge_options hands over one MergeOptions (put it right below
-    the command decorator, above every option)."""
-    fields = [param.name for param in getattr(function, "__click_params__", ())
-              if isinstance(param, _EvalOption)]
+def _takes(owner: type, argument: str, build=None, *, parts=()):
+    """Hand the command's options for OWNER's fields to it as one ARGUMENT,
+    ``build(**values)`` (default: ``owner(**values)``), as mergekit's add_merge_options
+    hands over one MergeOptions; a FapmMergeError becomes the command's error.
 
-    @functools.wraps(function)
-    def command(**values):
-        return function(evaluation=EvalSettings(**{name: values.pop(name) for name in fields}), **values)
+    ``parts``: arguments made by `_takes` decorators above this one that ``build``
+    takes too (tune's settings hold its evaluation settings and its rule). Put the
+    decorators right below the command decorator, above every option.
+    """
 
-    return command
+    def decorate(function):
+        fields = [param.name for param in getattr(function, "__click_params__", ())
+                  if isinstance(param, _FieldOption) and param.owner is owner]
 
+        @functools.wraps(function)
+        def command(**values):
+            given = {name: values.pop(name) for name in (*fields, *parts)}
+            try:
+                made = (build or owner)(**given)
+            except FapmMergeError as error:
+                raise click.ClickException(str(error)) from None
+            return function(**{argument: made}, **values)
+
+        return command
+
+    return decorate
+
+
+_eval_option = functools.partial(_field_option, EvalSettings)
+_takes_eval_settings = _takes(EvalSettings, "evaluation")
 
 _eval_options = _options(  # shared by eval and tune
     _eval_option("tokenizer", help="Tokenizer folder (default: each model's own), or 'bytes' for tokenizer-less toy models."),
@@ -125,20 +150,41 @@ _eval_options = _options(  # shared by eval and tune
     _eval_option("dtype", type=click.Choice(EVAL_DTYPES), help="Model dtype for evaluation."),
 )
 
+_RULE_SETTING_HELP = {
+    "min_retention": "least share of the fine-tune's accuracy a variant must keep.",
+    "max_cf": "largest CF% on the text allowed; selects the best accuracy under it.",
+    "task_weight": "maximise TASK_WEIGHT * task_norm + general_norm.",
+}
+"""What each `Rule` setting means; its option is named after the rule that reads it."""
+
+
+def _rule_default(name: str):
+    return next(f.default for f in dataclasses.fields(Rule) if f.name == name)
+
+
+_IMPLIED_RULES = {setting: selection.name for selection in SELECTIONS.values()
+                  for setting in selection.parameters if _rule_default(setting) is None}
+"""A setting without a default names its rule when given alone (--max-cf: max-cf)."""
+
+
+def _rule(kind=None, **settings) -> Rule:
+    """The selection rule the rule options describe: --rule, else the rule of a setting
+    without a default that was given, else the first rule (TradeoffError if they cannot)."""
+    if kind is None:
+        kind = next((rule for setting, rule in _IMPLIED_RULES.items()
+                     if settings.get(setting) is not None), RULES[0])
+    return Rule(kind, **settings)
+
+
 _rule_options = _options(  # shared by tradeoff and tune
-    click.option("--rule", type=click.Choice(RULES), default=None, help="Selection rule (default repair; --max-cf alone implies max-cf)."),
-    click.option("--min-retention", type=float, default=MIN_RETENTION, show_default=True, help="repair: least share of the fine-tune's accuracy a variant must keep."),
-    click.option("--max-cf", type=float, default=None, help="max-cf: largest CF% on the text allowed; selects the best accuracy under it."),
-    click.option("--task-weight", type=float, default=TASK_WEIGHT, show_default=True, help="weighted: maximise TASK_WEIGHT * task_norm + general_norm."),
+    _field_option(Rule, "kind", "--rule", type=click.Choice(RULES), default=None, help=(
+        f"Selection rule (default {RULES[0]}; "
+        + "; ".join(f"--{setting.replace('_', '-')} alone implies {rule}"
+                    for setting, rule in _IMPLIED_RULES.items()) + ").")),
+    *(_field_option(Rule, setting, type=float, help=f"{selection.name}: {_RULE_SETTING_HELP[setting]}")
+      for selection in SELECTIONS.values() for setting in selection.parameters),
 )
-
-
-def _rule(rule, min_retention, max_cf, task_weight):
-    """The selection rule the rule options describe (TradeoffError if they cannot)."""
-    from fapm_merge.workflows.tradeoff import Rule
-
-    return Rule(rule or ("max-cf" if max_cf is not None else "repair"),
-                min_retention=min_retention, max_cf=max_cf, task_weight=task_weight)
+_takes_rule = _takes(Rule, "rule", _rule)
 
 
 @main.command()
@@ -372,6 +418,7 @@ def lint(recipe: Path, cuda: bool, device, intermediate_dir):
 
 
 @main.command()
+@_takes_rule
 @click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_rule_options
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=_check_plot_path, help="PNG to write (default: RESULTS with .png).")
@@ -381,7 +428,7 @@ def lint(recipe: Path, cuda: bool, device, intermediate_dir):
 @click.option("--title", default="", help="Plot title.")
 @click.option("--task-metric", default=TASK_METRIC, show_default=True, help=f"Task axis: {TASK_METRIC!r} (eval --task accuracy) or an lm-eval per-sample metric, lm_eval:TASK/METRIC (e.g. lm_eval:arc_easy/acc).")
 @click.option("--text-metric", default=TEXT_METRIC, show_default=True, help=f"General axis: {TEXT_METRIC!r} (eval --text loss) or an lm-eval perplexity task, lm_eval:TASK (e.g. lm_eval:wikitext).")
-def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_path, base, finetuned, title, task_metric, text_metric):
+def tradeoff(results, rule: Rule, plot_path, json_path, base, finetuned, title, task_metric, text_metric):
     """Place every evaluated model of RESULTS (from `fapm-merge eval`) on the
     forgetting / task plane, with paired 95% intervals, and select one by a stated rule.
 
@@ -391,7 +438,7 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
       --min-retention of its accuracy and forget less than it, the one that
       repairs the most forgetting. If none qualifies, nothing is selected.
     max-cf: the best accuracy among points with CF <= --max-cf %.
-    weighted: maximise --task-weight * task_norm + general_norm (older releases).
+    weighted: maximise --task-weight * task_norm + general_norm.
 
     CF% = 100 (PPL - PPL_base) / PPL_base on eval's --text; repaired = share of the
     fine-tune's extra loss undone. Warnings say where intervals are wider than the
@@ -413,9 +460,8 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
     to_stdout = json_path is not None and str(json_path) == "-"
     console = Console(stderr=to_stdout)
     try:
-        chosen = _rule(rule, min_retention, max_cf, task_weight)
         axes = resolve_axes(task_metric, text_metric)
-        result = compute_tradeoff(read_results(results), base=base, finetuned=finetuned, rule=chosen,
+        result = compute_tradeoff(read_results(results), base=base, finetuned=finetuned, rule=rule,
                                   task_metric=axes.task, text_metric=axes.text)
     except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
@@ -436,36 +482,50 @@ def tradeoff(results, rule, min_retention, max_cf, task_weight, plot_path, json_
         raise SystemExit(EXIT_NOTHING_SELECTED)
 
 
+_tune_option = functools.partial(_field_option, TuneSettings)
+
+
+def _tune_settings(evaluation: EvalSettings, rule: Rule, sparsities, baselines, alphas, **settings):
+    """The `TuneSettings` tune's options describe (SweepError for a malformed list)."""
+    from fapm_merge.workflows.variants import parse_values
+
+    return TuneSettings(
+        sparsities=parse_values(sparsities, "--sparsity") if sparsities else None,
+        baselines=[b.strip() for b in baselines.split(",") if b.strip()],
+        alphas=parse_values(alphas, "--alpha") if alphas else None,
+        rule=rule, eval=evaluation, device=evaluation.device, **settings)
+
+
 @main.command()
 @_cuda_flag
 @_takes_eval_settings
+@_takes_rule
+@_takes(TuneSettings, "settings", _tune_settings, parts=("evaluation", "rule"))
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="General text: forgetting as CF% (perplexity against the base). Needed unless --text-metric is an lm-eval task.")
-@click.option("--task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Task JSONL (as for eval): accuracy, and what the fine-tune must keep. Needed unless --task-metric is an lm-eval metric.")
-@click.option("--task-metric", default=TASK_METRIC, show_default=True, help=f"Task axis: {TASK_METRIC!r} (the --task file) or lm_eval:TASK/METRIC, a per-sample harness metric (e.g. lm_eval:arc_easy/acc).")
-@click.option("--text-metric", default=TEXT_METRIC, show_default=True, help=f"General axis: {TEXT_METRIC!r} (the --text file) or lm_eval:TASK, a harness perplexity task (e.g. lm_eval:wikitext).")
+@_tune_option("text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="General text: forgetting as CF% (perplexity against the base). Needed unless --text-metric is an lm-eval task.")
+@_tune_option("task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Task JSONL (as for eval): accuracy, and what the fine-tune must keep. Needed unless --task-metric is an lm-eval metric.")
+@_tune_option("task_metric", help=f"Task axis: {TASK_METRIC!r} (the --task file) or lm_eval:TASK/METRIC, a per-sample harness metric (e.g. lm_eval:arc_easy/acc).")
+@_tune_option("text_metric", help=f"General axis: {TEXT_METRIC!r} (the --text file) or lm_eval:TASK, a harness perplexity task (e.g. lm_eval:wikitext).")
 @_eval_option("lm_eval_backend", type=click.Choice(LM_EVAL_LOADING_BACKENDS), help="How the harness runs each model: transformers, or vLLM on GPUs.")
 @_eval_option("lm_eval_model_args", help="Passed to the harness's model_args, e.g. dtype=bfloat16,tensor_parallel_size=8 (docs/scale.md).")
 @_eval_option("lm_eval_include", type=click.Path(exists=True, file_okay=False, path_type=Path), callback=_absolute, help="Folder of your own lm-eval task YAML files.")
 @_eval_option("lm_eval_limit", type=click.IntRange(1), help="Documents per lm-eval task (quick runs).")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, help="Run the variants as Ray tasks (extra 'distributed'): --ray alone starts Ray here; --ray ADDRESS joins a cluster (auto, HOST:6379).")
-@click.option("--ray-gpus", type=click.IntRange(1), default=1, show_default=True, help="GPUs per Ray task with --device cuda (vLLM's tensor_parallel_size).")
-@click.option("--sparsity", default=None, help=f"FAPM values, comma-separated (default: {_listed(DEFAULT_SPARSITIES[FAPM])} for {FAPM}; {_listed(DEFAULT_SPARSITIES[FAPM_LORA])} for {FAPM_LORA}).")
-@click.option("--baselines", default=_listed(DEFAULT_BASELINES), show_default=True, help="Comma-separated: magnitude, wiseft, dare (fapm only); empty for none.")
-@click.option("--alpha", "alphas", default=None, help=f"WiSE-FT strengths (default {_listed(DEFAULT_ALPHAS[FAPM])}; {FAPM_LORA} {_listed(DEFAULT_ALPHAS[FAPM_LORA])}).")
-@click.option("--seed", default=0, show_default=True, help="DARE seed (mergekit-yaml --random-seed).")
+@_tune_option("ray", is_flag=False, flag_value="local", help="Run the variants as Ray tasks (extra 'distributed'): --ray alone starts Ray here; --ray ADDRESS joins a cluster (auto, HOST:6379).")
+@_tune_option("ray_gpus", type=click.IntRange(1), help="GPUs per Ray task with --device cuda (vLLM's tensor_parallel_size).")
+@_tune_option("sparsities", "--sparsity", help=f"FAPM values, comma-separated (default: {_listed(DEFAULT_SPARSITIES[FAPM])} for {FAPM}; {_listed(DEFAULT_SPARSITIES[FAPM_LORA])} for {FAPM_LORA}).")
+@_tune_option("baselines", help="Comma-separated: magnitude, wiseft, dare (fapm only); empty for none.")
+@_tune_option("alphas", "--alpha", help=f"WiSE-FT strengths (default {_listed(DEFAULT_ALPHAS[FAPM])}; {FAPM_LORA} {_listed(DEFAULT_ALPHAS[FAPM_LORA])}).")
+@_tune_option("seed", help="DARE seed (mergekit-yaml --random-seed).")
 @_rule_options
-@click.option("--max-on-disk", type=click.IntRange(1), default=MAX_ON_DISK, show_default=True, help="Variants on disk at once (each is a full checkpoint).")
-@click.option("--keep-variants", is_flag=True, help="Keep every variant's weights in the work folder.")
-@click.option("--work", "work_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Work folder (results, plan, plot; default OUT_DIR.tune). Rerunning resumes there.")
-@click.option("--restart", is_flag=True, help="Discard the work folder's earlier results.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
+@_tune_option("max_on_disk", type=click.IntRange(1), help="Variants on disk at once (each is a full checkpoint).")
+@_tune_option("keep_variants", is_flag=True, help="Keep every variant's weights in the work folder.")
+@_tune_option("work_dir", "--work", type=click.Path(file_okay=False, path_type=Path), help="Work folder (results, plan, plot; default OUT_DIR.tune). Rerunning resumes there.")
+@_tune_option("restart", is_flag=True, help="Discard the work folder's earlier results.")
+@_tune_option("overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
 @_eval_options
-@click.option("--copy-tokenizer/--no-copy-tokenizer", default=None, help="Copy the base's tokenizer into outputs (default: when the base has one).")
-def tune(recipe, out_dir, text, task, task_metric, text_metric, ray_address, ray_gpus, sparsity, baselines,
-         alphas, seed, rule, min_retention, max_cf, task_weight, max_on_disk, keep_variants, work_dir,
-         restart, overwrite, copy_tokenizer, evaluation: EvalSettings):
+@_tune_option("copy_tokenizer", "--copy-tokenizer/--no-copy-tokenizer", help="Copy the base's tokenizer into outputs (default: when the base has one).")
+def tune(recipe, out_dir, settings: TuneSettings):
     """Sweep, evaluate, decide and write the chosen model to OUT_DIR, in one command.
 
     RECIPE is a mergekit recipe with merge_method: fapm (a full fine-tune; one
@@ -490,24 +550,11 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, ray_address, ray
     from fapm_merge.io.recipe import load_recipe
     from fapm_merge.workflows.progress import progress_reporter
     from fapm_merge.workflows.tradeoff import summary_lines, tradeoff_table
-    from fapm_merge.workflows.tune import TuneSettings, run_tune
+    from fapm_merge.workflows.tune import run_tune
     from fapm_merge.workflows.tune.workdir import work_folder
-    from fapm_merge.workflows.variants import parse_values
 
     console = Console()
     try:
-        settings = TuneSettings(
-            text=text, task=task,
-            sparsities=parse_values(sparsity, "--sparsity") if sparsity else None,
-            baselines=[b.strip() for b in baselines.split(",") if b.strip()],
-            alphas=parse_values(alphas, "--alpha") if alphas else None,
-            seed=seed,
-            rule=_rule(rule, min_retention, max_cf, task_weight),
-            eval=evaluation,
-            device=evaluation.device, copy_tokenizer=copy_tokenizer, max_on_disk=max_on_disk,
-            keep_variants=keep_variants, work_dir=work_dir, overwrite=overwrite, restart=restart,
-            task_metric=task_metric, text_metric=text_metric, ray=ray_address, ray_gpus=ray_gpus,
-        )
         parsed = load_recipe(recipe)
     except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
@@ -520,7 +567,7 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, ray_address, ray
         except KeyboardInterrupt:
             # click would print "Aborted!" and nothing about the finished work
             click.echo(f"\ninterrupted: run the same command to resume (finished evaluations are "
-                       f"kept in the work folder {work_folder(out_dir, work_dir)})", err=True)
+                       f"kept in the work folder {work_folder(out_dir, settings.work_dir)})", err=True)
             raise SystemExit(130) from None
         except (FapmMergeError, FileExistsError) as error:
             raise click.ClickException(str(error)) from None
@@ -530,7 +577,7 @@ def tune(recipe, out_dir, text, task, task_metric, text_metric, ray_address, ray
             from fapm_merge.io.failures import explain_failure
 
             cause = explain_failure(error, recipe=parsed, recipe_path=recipe,
-                                    out_dir=out_dir, outputs=max_on_disk)
+                                    out_dir=out_dir, outputs=settings.max_on_disk)
             raise click.ClickException(
                 f"tune stopped: {cause}. OUT_DIR was not written; finished evaluations are "
                 "kept in the work folder, so the same command resumes") from None

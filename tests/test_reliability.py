@@ -555,3 +555,17 @@ def test_lint_leaves_legitimate_references_alone_and_reports_mergekit_structure_
     assert [str(p) for p in lint_recipe({"merge_method": "fapm", "base_model": "org/base"})] == [
         "recipe: Exactly one of 'models', 'slices', or 'modules' must be present"
     ]
+
+
+def test_lint_reports_a_broken_mergekit_install_as_it_is(llama_pair, monkeypatch):
+    # a failing import of mergekit's method registry is the install's fault, not an
+    # unknown method: lint must not swallow it and pass the recipe unchecked
+    import sys
+
+    import mergekit.merge_methods
+
+    base, ft = llama_pair
+    monkeypatch.delattr(mergekit.merge_methods, "registry")
+    monkeypatch.setitem(sys.modules, "mergekit.merge_methods.registry", None)
+    with pytest.raises(ImportError, match="mergekit.merge_methods.registry"):
+        lint_recipe(dict(fapm_recipe(base, ft), parameters={"spasity": 0.5}))

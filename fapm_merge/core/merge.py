@@ -36,7 +36,7 @@ from fapm_merge.core.chunks import (
 )
 from fapm_merge.core.errors import FapmInputError, in_tensor
 from fapm_merge.core.masks import INT_VIEW, keep_flags, select_bits, select_where
-from fapm_merge.core.rules import is_exact_select, merge_coefficients
+from fapm_merge.core.rules import DEFAULT_BETA, is_exact_select, merge_coefficients
 from fapm_merge.core.scores import ChunkScorer, fapm_scores, prepare_pair
 from fapm_merge.core.selection import (
     band_limit,
@@ -78,7 +78,7 @@ def pruned_delta(
     finetuned: torch.Tensor,
     k: int,
     *,
-    beta: float = 1.0,
+    beta: float = DEFAULT_BETA,
     rescale: bool = False,
     out: Optional[torch.Tensor] = None,
     chunk_elements: Optional[int] = None,
@@ -96,7 +96,7 @@ def pruned_delta(
         pre (`torch.Tensor`): ``W_pre``.
         finetuned (`torch.Tensor`): ``W_ft``, same shape.
         k (`int`): entries kept (see `fapm_merge.core.rules.keep_count`).
-        beta (`float`, defaults to 1.0): the score's balance factor.
+        beta (`float`, defaults to `DEFAULT_BETA`, 1.0): the score's balance factor.
         rescale (`bool`, defaults to False): apply the L1 factor.
         out (`torch.Tensor`, *optional*): flat buffer in the compute dtype.
         chunk_elements (`int`, *optional*): streaming chunk; never changes the result.
@@ -299,7 +299,7 @@ def fapm_merge(
     *,
     keep_counts: Sequence[int],
     weights: Optional[Sequence[float]] = None,
-    beta: float = 1.0,
+    beta: float = DEFAULT_BETA,
     lambda_: float = 1.0,
     normalize: bool = False,
     rescale: bool = False,
@@ -317,7 +317,7 @@ def fapm_merge(
         finetuned (`Sequence[torch.Tensor]`): one or more fine-tuned weights.
         keep_counts (`Sequence[int]`): entries kept per model (see `keep_count`).
         weights (`Sequence[float]`, *optional*): per-model weight, default 1.0 each.
-        beta (`float`, defaults to 1.0): balance factor of the score.
+        beta (`float`, defaults to `DEFAULT_BETA`, 1.0): balance factor of the score.
         lambda_ (`float`, defaults to 1.0): scale of the summed pruned deltas.
         normalize (`bool`, defaults to False): divide by the sum of weights.
         rescale (`bool`, defaults to False): L1 rescale of each pruned delta.

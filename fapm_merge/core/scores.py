@@ -33,7 +33,7 @@ import torch
 
 from fapm_merge.core.chunks import chunk_bounds, default_chunk_elements, flat
 from fapm_merge.core.errors import FapmInputError, in_tensor
-from fapm_merge.core.rules import check_beta
+from fapm_merge.core.rules import DEFAULT_BETA, check_beta
 from fapm_merge.core.threads import map_chunks, worker_count
 
 MEAN_BLOCK_ELEMENTS = 1 << 16
@@ -191,7 +191,7 @@ def fapm_scores(
     pre: torch.Tensor,
     finetuned: torch.Tensor,
     *,
-    beta: float = 1.0,
+    beta: float = DEFAULT_BETA,
     chunk_elements: Optional[int] = None,
     name: Optional[str] = None,
     out: Optional[torch.Tensor] = None,
@@ -201,7 +201,7 @@ def fapm_scores(
     Args:
         pre (`torch.Tensor`): pre-trained weight ``W_pre``.
         finetuned (`torch.Tensor`): fine-tuned weight ``W_ft``, same shape.
-        beta (`float`, defaults to 1.0): the paper's balance factor; 0 gives plain
+        beta (`float`, defaults to `DEFAULT_BETA`, 1.0): the paper's balance factor; 0 gives plain
             magnitude pruning of ``dW``.
         chunk_elements (`int`, *optional*): streaming chunk; never changes the result.
         name (`str`, *optional*): tensor name used in error messages.

@@ -170,7 +170,7 @@ def model_args(backend: str, model_dir: Path, *, dtype: str, extra: Optional[str
     if backend == LM_EVAL_SERVER_BACKEND:
         defaults = {"model": str(model_dir)}
         if "base_url" not in given:
-            raise EvalInputError("--lm-eval-backend local-completions needs base_url in "
+            raise EvalInputError(f"--lm-eval-backend {LM_EVAL_SERVER_BACKEND} needs base_url in "
                                  "--lm-eval-model-args, e.g. base_url=http://localhost:8000/v1/completions")
     else:
         defaults = {"pretrained": str(model_dir), "dtype": dtype}

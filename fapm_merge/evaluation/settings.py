@@ -44,9 +44,10 @@ def _absolute(path: Optional[Path]) -> Optional[Path]:
     return Path(path).absolute() if path is not None else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalSettings:
-    """What to measure. Attributes mirror the ``fapm-merge eval`` options.
+    """What to measure. Attributes mirror the ``fapm-merge eval`` options. Frozen:
+    :meth:`resolved` gives a changed copy.
 
     Attributes:
         text (`Path`, *optional*): general text: mean token loss and perplexity.

@@ -20,11 +20,11 @@ def _method_spec(method: str):
     start-up hook; callers that may run without it (``python -S``) register them
     first with ``fapm_merge.methods.register_methods()``.
     """
-    try:
-        from mergekit.merge_methods import registry
+    from mergekit.merge_methods import registry  # a broken install reports its own ImportError
 
+    try:
         return registry.get(method).spec
-    except Exception:  # unknown method: mergekit itself reports it
+    except RuntimeError:  # mergekit's "Unimplemented merge method": it reports that itself
         return None
 
 

@@ -65,71 +65,33 @@ def share_parameter(name: str):
     return Annotated[Optional[float], number_parameter(name, 0.0, 1.0)]
 
 
-FAPM_PARAMETERS = (
-    ParameterSpec(
-        "sparsity",
-        share_parameter("sparsity"),
-        ParameterScope.NON_BASE,
-        default=None,
-        description=(
-            f"share of the task vector reset to the base (default {DEFAULT_SPARSITY}; "
-            f"{DEFAULT_LORA_SPARSITY} for `base+adapter` models)"
-        ),
-    ),
-    ParameterSpec(
-        "density",
-        share_parameter("density"),
-        ParameterScope.NON_BASE,
-        default=None,
-        description="share kept, 1 - sparsity (ties/dare spelling); not with sparsity",
-    ),
-    ParameterSpec(
-        "weight",
-        Annotated[float, number_parameter("weight")],
-        ParameterScope.NON_BASE,
-        default=1.0,
-        description="weight of this model's pruned task vector",
-    ),
-    ParameterSpec(
-        "beta",
-        Annotated[float, number_parameter("beta", 0.0)],
-        ParameterScope.SHARED,
-        default=DEFAULT_BETA,
-        description="balance factor of the score; 0 is magnitude pruning",
-    ),
-    ParameterSpec(
-        "lambda",
-        Annotated[float, number_parameter("lambda")],
-        ParameterScope.SHARED,
-        default=1.0,
-        description="scale of the summed pruned task vectors",
-    ),
-    ParameterSpec(
-        "normalize",
-        bool,
-        ParameterScope.SHARED,
-        default=False,
-        description="divide the sum by the sum of weights",
-    ),
-    ParameterSpec(
-        "rescale",
-        bool,
-        ParameterScope.SHARED,
-        default=False,
-        description="rescale each kept delta to the L1 norm of its full delta",
-    ),
-    # next to the L1 `rescale` on purpose: the two are alternatives
-    ParameterSpec(
-        "density_rescale",
-        bool,
-        ParameterScope.SHARED,
-        default=False,
-        description=(
-            "multiply each kept delta by 1/density, the DARE paper's factor after "
-            "random dropping (https://arxiv.org/abs/2311.03099); not with rescale"
-        ),
-    ),
+_NON_BASE, _SHARED = ParameterScope.NON_BASE, ParameterScope.SHARED
+
+FAPM_PARAMETERS = tuple(
+    ParameterSpec(name, value_type, scope, default=default, description=description)
+    for name, value_type, scope, default, description in (
+        ("sparsity", share_parameter("sparsity"), _NON_BASE, None,
+         f"share of the task vector reset to the base (default {DEFAULT_SPARSITY}; "
+         f"{DEFAULT_LORA_SPARSITY} for `base+adapter` models)"),
+        ("density", share_parameter("density"), _NON_BASE, None,
+         "share kept, 1 - sparsity (ties/dare spelling); not with sparsity"),
+        ("weight", Annotated[float, number_parameter("weight")], _NON_BASE, 1.0,
+         "weight of this model's pruned task vector"),
+        ("beta", Annotated[float, number_parameter("beta", 0.0)], _SHARED, DEFAULT_BETA,
+         "balance factor of the score; 0 is magnitude pruning"),
+        ("lambda", Annotated[float, number_parameter("lambda")], _SHARED, 1.0,
+         "scale of the summed pruned task vectors"),
+        ("normalize", bool, _SHARED, False, "divide the sum by the sum of weights"),
+        ("rescale", bool, _SHARED, False,
+         "rescale each kept delta to the L1 norm of its full delta"),
+        # next to the L1 `rescale` on purpose: the two are alternatives
+        ("density_rescale", bool, _SHARED, False,
+         "multiply each kept delta by 1/density, the DARE paper's factor after "
+         "random dropping (https://arxiv.org/abs/2311.03099); not with rescale"),
+    )
 )
+"""The parameters of ``fapm`` (and, by name, of the other methods: `shared_specs`),
+declared as a table: name, value type (with its validator), scope, default, description."""
 
 
 def is_lora_reference(model_id: Any) -> bool:

@@ -35,45 +35,18 @@ from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.checkpoint import iter_tensors
 from fapm_merge.workflows.progress import Report, progress_reporter
 
+_PICO = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4)
+"""The sizes the pico configs below share (gpt2 names them its own way)."""
+
 # Configs follow mergekit's own "pico" test models: tiny but structurally complete.
 TINY_CONFIGS: Dict[str, dict] = {
-    "llama": dict(
-        model_type="llama",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    ),
-    "qwen2": dict(  # attention projections carry biases
-        model_type="qwen2",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
-    "gpt2": dict(  # Conv1D weights stored transposed
-        model_type="gpt2",
-        vocab_size=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-    ),
-    "bert": dict(
-        model_type="bert",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    ),
+    "llama": dict(model_type="llama", **_PICO, num_key_value_heads=2, tie_word_embeddings=False),
+    # attention projections carry biases
+    "qwen2": dict(model_type="qwen2", **_PICO, num_key_value_heads=2, tie_word_embeddings=True),
+    # Conv1D weights stored transposed
+    "gpt2": dict(model_type="gpt2", vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "bert": dict(model_type="bert", **_PICO, max_position_embeddings=64),
 }
 
 DEMO_CONFIG = dict(  # the `fapm-merge demo` pair: Llama-shaped, ~4M parameters

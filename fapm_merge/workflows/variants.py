@@ -102,7 +102,7 @@ def _check_recipe(recipe: dict) -> None:
         raise SweepError("; ".join(str(problem) for problem in wrong))
     if recipe.get("merge_method") not in SWEEPABLE:
         raise SweepError(
-            f"sweep needs a recipe with merge_method: fapm (or fapm_lora), got "
+            f"sweep needs a recipe with merge_method: {FAPM} (or {FAPM_LORA}), got "
             f"{recipe.get('merge_method')!r}; baselines come from --baselines"
         )
     if not recipe.get("base_model"):
@@ -119,7 +119,7 @@ def _check_recipe(recipe: dict) -> None:
         )
     if recipe.get("merge_method") == FAPM_LORA:
         if not isinstance((recipe.get("parameters") or {}).get("adapter"), str):
-            raise SweepError("a fapm_lora recipe needs parameters: {adapter: /path/to/adapter}")
+            raise SweepError(f"a {FAPM_LORA} recipe needs parameters: {{adapter: /path/to/adapter}}")
     elif not non_base_models(recipe):
         raise SweepError("the recipe lists no fine-tuned model besides base_model")
     # Before any work: a missing folder, or a relative path that mergekit's model
@@ -169,7 +169,7 @@ def finetuned_variant(recipe: dict) -> Variant:
     ``fapm_lora`` at sparsity 0 is ``W_pre + scale * B @ A`` for every adapted
     weight, computed as peft's merge computes it."""
     if recipe.get("merge_method") != FAPM_LORA:
-        raise SweepError("only a fapm_lora recipe's fine-tune is made by a merge")
+        raise SweepError(f"only a {FAPM_LORA} recipe's fine-tune is made by a merge")
     return Variant("finetuned", "finetuned", {}, _with_parameters(recipe, sparsity=0.0))
 
 
@@ -207,7 +207,7 @@ def build_variants(
         raise SweepError(f"unknown baseline(s) {sorted(unknown)}; choose from {BASELINES}")
     lora = recipe.get("merge_method") == FAPM_LORA
     if lora and "dare" in baselines:
-        raise SweepError("the dare baseline has no fapm_lora form; use magnitude and wiseft, "
+        raise SweepError(f"the dare baseline has no {FAPM_LORA} form; use magnitude and wiseft, "
                          "or run dare_linear on a merged copy (model: BASE+ADAPTER)")
     if not lora and ("dare" in baselines or "wiseft" in baselines):
         if len(non_base_models(recipe)) != 1:

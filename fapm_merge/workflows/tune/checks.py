@@ -1,5 +1,6 @@
-"""What tune checks before it merges anything: the axes, the evaluation inputs, the
-disk, and, after the anchors, that a decision can be made at all (each raises TuneError)."""
+"""What tune checks before it merges anything: the evaluation inputs and the disk (the
+axes: :meth:`TuneSettings.resolved`), and, after the anchors, that a decision can be
+made at all (each raises TuneError)."""
 
 from __future__ import annotations
 
@@ -7,43 +8,10 @@ import math
 import shutil
 from pathlib import Path
 
-from fapm_merge.evaluation.errors import EvalInputError
-from fapm_merge.evaluation.lm_eval import explain_missing, parse_metric
+from fapm_merge.evaluation.lm_eval import explain_missing
 from fapm_merge.evaluation.results import read_results
-from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
+from fapm_merge.evaluation.settings import TASK_METRIC
 from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings
-
-
-def check_axes(settings: TuneSettings) -> None:
-    """Check the two axes and set the harness tasks they need (raises TuneError)."""
-    tasks = [t.strip() for t in (settings.eval.lm_eval_tasks or "").split(",") if t.strip()]
-    for name, option, default, needs, default_metric in (
-            (settings.task_metric, "--task-metric", TASK_METRIC, "task", None),
-            (settings.text_metric, "--text-metric", TEXT_METRIC, "text", "word_perplexity")):
-        if name == default:
-            if getattr(settings, needs) is None:
-                raise TuneError(f"--{needs} is required unless {option} names an lm-eval metric "
-                                f"(lm_eval:TASK/METRIC)")
-            continue
-        try:
-            parsed = parse_metric(name, option=option, default_metric=default_metric)
-        except EvalInputError as error:
-            raise TuneError(f"{error} (or {default!r}: the --{needs} file)") from None
-        if needs == "text" and parsed.metric not in ("word_perplexity", "byte_perplexity"):
-            raise TuneError(f"{option} {name}: the general axis is a perplexity task's "
-                            "word_perplexity or byte_perplexity (loss per word or byte), e.g. "
-                            "lm_eval:wikitext")
-        if parsed.task not in tasks:
-            tasks.append(parsed.task)
-        if needs == "task":
-            settings.task_metric = parsed.key
-        else:
-            settings.text_metric = parsed.key
-    if tasks and settings.eval.lm_eval_backend == "local-completions":
-        raise TuneError("--lm-eval-backend local-completions asks one server for one model, but "
-                        "tune evaluates a new model per variant: use hf or vllm (which load each "
-                        "variant themselves)")
-    settings.eval.lm_eval_tasks = ",".join(tasks) or None
 
 
 def check_eval_inputs(plan: TunePlan, settings: TuneSettings) -> None:
@@ -117,4 +85,4 @@ def check_anchors(results: Path, plan: TunePlan, settings: TuneSettings) -> None
             "prompt format, --bos/--no-bos as in training) before sweeping")
 
 
-__all__ = ["check_anchors", "check_axes", "check_disk", "check_eval_inputs"]
+__all__ = ["check_anchors", "check_disk", "check_eval_inputs"]

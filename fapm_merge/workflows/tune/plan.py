@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.core.rules import DEFAULT_LORA_SPARSITY, DEFAULT_SPARSITY, FAPM, FAPM_LORA
-from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC, EvalSettings
+from fapm_merge.evaluation.errors import EvalInputError
+from fapm_merge.evaluation.lm_eval import DEFAULT_PERPLEXITY_METRIC, PERPLEXITY_METRICS, parse_metric, resolve_axes
+from fapm_merge.evaluation.settings import (
+    LM_EVAL_LOADING_BACKENDS,
+    LM_EVAL_SERVER_BACKEND,
+    TASK_METRIC,
+    TEXT_METRIC,
+    EvalSettings,
+)
 from fapm_merge.io.model_paths import looks_local, missing_local_models
 from fapm_merge.io.recipe import model_name, non_base_models
 from fapm_merge.workflows.tradeoff import Rule
@@ -41,9 +49,12 @@ class TuneError(FapmMergeError, ValueError):
     """A tune that cannot run or continue; the message says what to change."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneSettings:
     """What ``tune`` sweeps, how it evaluates and decides. Attributes mirror the options.
+
+    :meth:`resolved` gives the settings a run applies (axes as record keys, the
+    harness tasks and the files in ``eval``); this object is never changed.
 
     Attributes:
         text, task (`Path`, *optional*): general text (forgetting) and task file
@@ -53,7 +64,8 @@ class TuneSettings:
         alphas (`Sequence[float]`, *optional*): WiSE-FT strengths; default `DEFAULT_ALPHAS`.
         seed (`int`, defaults to 0): DARE's seed (``mergekit-yaml --random-seed``).
         rule (`Rule`): the selection rule (default: repair at retention 0.99).
-        eval (`EvalSettings`): tokenizer, window, batch size, ... (text/task set here).
+        eval (`EvalSettings`): tokenizer, window, batch size, ... (text/task: :meth:`resolved`
+            sets them from ``text`` and ``task``).
         device (`str`, defaults to "cpu"): merge device (``cuda`` like ``--cuda``).
         copy_tokenizer (`bool`, *optional*): copy the base's tokenizer into outputs;
             default: when the base has one.
@@ -93,6 +105,40 @@ class TuneSettings:
     ray: Optional[str] = None
     ray_gpus: int = 1
 
+    def resolved(self) -> "TuneSettings":
+        """These settings as a run applies them, as a new object (raises TuneError).
+
+        The axes become record keys (:func:`~fapm_merge.evaluation.lm_eval.resolve_axes`),
+        and ``eval`` gets the harness tasks they need and the ``text`` and ``task``
+        files: a file given beside a harness axis is measured too, so the records can
+        be re-decided on either axis (``fapm-merge tradeoff --task-metric task``).
+        Checked first, as it says which of ``--text`` and ``--task`` are needed.
+        """
+        for name, option, builtin, needs, default_metric in (
+                (self.task_metric, "--task-metric", TASK_METRIC, "task", None),
+                (self.text_metric, "--text-metric", TEXT_METRIC, "text", DEFAULT_PERPLEXITY_METRIC)):
+            if name == builtin:
+                if getattr(self, needs) is None:
+                    raise TuneError(f"--{needs} is required unless {option} names an lm-eval metric "
+                                    f"(lm_eval:TASK/METRIC)")
+                continue
+            # tune measures its axes itself: a name is the built-in metric or the harness's
+            try:
+                parsed = parse_metric(name, option=option, default_metric=default_metric)
+            except EvalInputError as error:
+                raise TuneError(f"{error} (or {builtin!r}: the --{needs} file)") from None
+            if needs == "text" and parsed.metric not in PERPLEXITY_METRICS:
+                raise TuneError(f"{option} {name}: the general axis is a perplexity task's "
+                                f"{' or '.join(PERPLEXITY_METRICS)} (loss per word or byte), e.g. "
+                                "lm_eval:wikitext")
+        axes = resolve_axes(self.task_metric, self.text_metric)
+        evaluation = replace(self.eval, text=self.text, task=self.task).resolved(axes.harness_tasks)
+        if evaluation.lm_eval_tasks and evaluation.lm_eval_backend == LM_EVAL_SERVER_BACKEND:
+            raise TuneError(f"--lm-eval-backend {LM_EVAL_SERVER_BACKEND} asks one server for one model, "
+                            "but tune evaluates a new model per variant: use "
+                            f"{' or '.join(LM_EVAL_LOADING_BACKENDS)} (which load each variant themselves)")
+        return replace(self, task_metric=axes.task, text_metric=axes.text, eval=evaluation)
+
 
 @dataclass
 class TunePlan:
@@ -109,8 +155,8 @@ def plan_tune(recipe: dict, settings: TuneSettings, work: Path) -> TunePlan:
     """Every model the tune evaluates, from the recipe (raises TuneError)."""
     method = recipe.get("merge_method")
     if method not in DEFAULT_SPARSITIES:
-        raise TuneError(f"tune needs a recipe with merge_method: fapm (a full fine-tune) or "
-                        f"fapm_lora (a LoRA adapter), got {method!r}")
+        raise TuneError(f"tune needs a recipe with merge_method: {FAPM} (a full fine-tune) or "
+                        f"{FAPM_LORA} (a LoRA adapter), got {method!r}")
     if method == FAPM and len(non_base_models(recipe)) != 1:
         raise TuneError("tune compares one fine-tune with its base: the recipe must list exactly "
                         "one fine-tuned model besides base_model")

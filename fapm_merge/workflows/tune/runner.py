@@ -15,18 +15,17 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
 from fapm_merge.evaluation.results import append_result, read_results
-from fapm_merge.evaluation.settings import EvalSettings
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.recipe import RECIPE_FILE
 from fapm_merge.workflows.executors import ExecutorError, RayExecutor, SerialExecutor, TaskFailure
 from fapm_merge.workflows.tradeoff import Tradeoff, compute_tradeoff
 from fapm_merge.workflows.tune.card import model_card
-from fapm_merge.workflows.tune.checks import check_anchors, check_axes, check_disk, check_eval_inputs
+from fapm_merge.workflows.tune.checks import check_anchors, check_disk, check_eval_inputs
 from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings, plan_tune, variant_dir
 from fapm_merge.workflows.progress import Report
 from fapm_merge.workflows.tune.workdir import RESULTS_FILE, evaluated_models, fingerprint, open_work, work_folder
@@ -235,13 +234,7 @@ def run_tune(
     work = work_folder(out_dir, settings.work_dir)
     if settings.max_on_disk < 1:
         raise TuneError(f"--max-on-disk must be at least 1, got {settings.max_on_disk}")
-    check_axes(settings)  # first: it says which of --text and --task are needed
-    # a --text or --task given beside a harness axis is measured too: the records can
-    # then be re-decided on either axis (fapm-merge tradeoff --task-metric task)
-    settings.eval = EvalSettings(**{
-        **asdict(settings.eval),
-        "text": Path(settings.text).absolute() if settings.text is not None else None,
-        "task": Path(settings.task).absolute() if settings.task is not None else None})
+    settings = settings.resolved()  # first: it says which of --text and --task are needed
     plan = plan_tune(recipe, settings, work)
     check_eval_inputs(plan, settings)
     copy_tokenizer = settings.copy_tokenizer
