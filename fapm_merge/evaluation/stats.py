@@ -133,10 +133,7 @@ def _as_array(values: Sequence[float]):
 def accuracy_difference(
     model_correct: Sequence[int],
     reference_correct: Sequence[int],
-    *,
-    groups: Optional[Sequence] = None,
-    seed: int = SEED,
-    resamples: int = RESAMPLES,
+    *, groups: Optional[Sequence] = None, seed: int = SEED, resamples: int = RESAMPLES,
 ) -> Interval:
     """``acc(model) - acc(reference)`` on the same prompts, with a paired interval.
 
@@ -192,10 +189,7 @@ def loss_difference(
     model_losses: Sequence[float],
     reference_losses: Sequence[float],
     tokens: Sequence[int],
-    *,
-    groups: Optional[Sequence] = None,
-    seed: int = SEED,
-    resamples: int = RESAMPLES,
+    *, groups: Optional[Sequence] = None, seed: int = SEED, resamples: int = RESAMPLES,
 ) -> Interval:
     """``L(model) - L(reference)``, mean token losses on the same windows, with a
     paired interval (windows resampled, the same draw for both models).
@@ -220,10 +214,7 @@ def repaired_share(
     finetuned_losses: Sequence[float],
     base_losses: Sequence[float],
     tokens: Sequence[int],
-    *,
-    groups: Optional[Sequence] = None,
-    seed: int = SEED,
-    resamples: int = RESAMPLES,
+    *, groups: Optional[Sequence] = None, seed: int = SEED, resamples: int = RESAMPLES,
 ) -> Optional[Interval]:
     """``(L_ft - L_model) / (L_ft - L_base)``: the share of the fine-tune's forgetting
     a model undoes (1 all, 0 none, < 0 worse than not repairing), with a paired
@@ -259,10 +250,7 @@ def cf_reduction(
     finetuned_losses: Sequence[float],
     base_losses: Sequence[float],
     tokens: Sequence[int],
-    *,
-    groups: Optional[Sequence] = None,
-    seed: int = SEED,
-    resamples: int = RESAMPLES,
+    *, groups: Optional[Sequence] = None, seed: int = SEED, resamples: int = RESAMPLES,
 ) -> Interval:
     """``CF_ft - CF_model`` in CF points (CF as :func:`cf_percent`): how much of the
     fine-tune's forgetting a model takes away, with a paired interval over windows
@@ -315,10 +303,7 @@ def forgetting(
     finetuned_losses: Sequence[float],
     base_losses: Sequence[float],
     tokens: Sequence[int],
-    *,
-    groups: Optional[Sequence] = None,
-    seed: int = SEED,
-    resamples: int = RESAMPLES,
+    *, groups: Optional[Sequence] = None, seed: int = SEED, resamples: int = RESAMPLES,
 ) -> Forgetting:
     """Does the fine-tune forget on this text? Its CF% against the base with a paired
     interval over windows (whole documents with ``groups``)."""
@@ -365,10 +350,7 @@ def repair(
     finetuned_losses: Sequence[float],
     base_losses: Sequence[float],
     tokens: Sequence[int],
-    *,
-    groups: Optional[Sequence] = None,
-    seed: int = SEED,
-    resamples: int = RESAMPLES,
+    *, groups: Optional[Sequence] = None, seed: int = SEED, resamples: int = RESAMPLES,
 ) -> Repair:
     """A model's repair of the fine-tune's forgetting: the reduction of CF in CF points
     (:func:`cf_reduction`) and whether it is significant (the paired loss difference to

@@ -28,15 +28,8 @@ import torch
 from pydantic import BeforeValidator
 from typing_extensions import Annotated
 
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    GroupMergeMethod,
-    InputContract,
-    MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
-    TensorGroup,
-)
+from mergekit.merge_methods.base import (BasePolicy, GroupMergeMethod, InputContract, MergeMethodSpec,
+                                         ParameterScope, ParameterSpec, TensorGroup)
 
 from fapm_merge.core import DEFAULT_LORA_SPARSITY, FapmInputError, fapm_merge, keep_count
 from fapm_merge.core.rules import FAPM_LORA

@@ -27,15 +27,8 @@ from typing import Any
 import torch
 from typing_extensions import Literal
 
-from mergekit.merge_methods.base import (
-    BasePolicy,
-    GroupMergeMethod,
-    InputContract,
-    MergeMethodSpec,
-    ParameterScope,
-    ParameterSpec,
-    TensorGroup,
-)
+from mergekit.merge_methods.base import (BasePolicy, GroupMergeMethod, InputContract, MergeMethodSpec,
+                                         ParameterScope, ParameterSpec, TensorGroup)
 from mergekit.merge_methods.generalized_task_arithmetic import get_mask
 
 from fapm_merge.core import compute_dtype, fapm_merge, pruned_delta

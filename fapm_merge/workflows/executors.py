@@ -45,11 +45,11 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[-1] if text else ''}".rstrip(": ")
 
 
-class SerialExecutor:
-    """Run jobs one after another in this process (see the module docstring)."""
+class Executor:
+    """What ``tune``'s loop drives: :meth:`ordered` (see the module docstring)."""
 
     concurrent = False
-    """Jobs never run side by side."""
+    """Whether jobs run side by side (then each merges its own variant)."""
 
     def ordered(
         self,
@@ -59,17 +59,33 @@ class SerialExecutor:
         *,
         limit: int,
         before_submit: Optional[Callable[[int], None]] = None,
-    ) -> Iterator[Tuple[int, object]]:
-        """``function(job, *arguments)`` for every job in turn (one at a time is within
-        any ``limit``). Yields ``(index, result)``; ``before_submit(index)`` runs right
-        before job ``index``. An error, in a job or in ``before_submit``, propagates."""
+    ) -> Iterator[Tuple[int, Union[object, TaskFailure]]]:
+        """``function(job, *arguments)`` for every job, at most ``limit`` at once.
+
+        Yields ``(index, result)`` in the order of ``jobs`` (a :class:`TaskFailure`
+        for a job that raised, where the executor isolates jobs).
+        ``before_submit(index)`` runs in this process right before job ``index``
+        starts (a disk check); if it raises, nothing more starts and the error
+        propagates (after the jobs in flight are awaited and yielded).
+        """
+        return self._ordered(function, jobs, arguments, limit, before_submit)
+
+    def _ordered(self, function, jobs, arguments, limit, before_submit):
+        raise NotImplementedError
+
+
+class SerialExecutor(Executor):
+    """Run jobs one after another in this process (see the module docstring); an
+    error, in a job or in ``before_submit``, propagates."""
+
+    def _ordered(self, function, jobs, arguments, limit, before_submit):
         for index, job in enumerate(jobs):
             if before_submit is not None:
                 before_submit(index)
             yield index, function(job, *arguments)
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     """Run jobs as Ray tasks (see the module docstring).
 
     Args:
@@ -108,23 +124,8 @@ class RayExecutor:
                                 f"the Ray cluster has {available:g}; use --device cpu, fewer "
                                 "--ray-gpus or a cluster with more GPUs")
 
-    def ordered(
-        self,
-        function: Callable,
-        jobs: Sequence,
-        arguments: Tuple = (),
-        *,
-        limit: int,
-        before_submit: Optional[Callable[[int], None]] = None,
-    ) -> Iterator[Tuple[int, Union[object, TaskFailure]]]:
-        """``function(job, *arguments)`` for every job, at most ``limit`` at once.
-
-        Yields ``(index, result or TaskFailure)`` in the order of ``jobs``.
-        ``before_submit(index)`` runs on the driver right before job ``index`` is
-        submitted (a disk check); if it raises, nothing more is submitted, the
-        tasks in flight are awaited (their outcomes yielded), and the error is
-        raised.
-        """
+    def _ordered(self, function, jobs, arguments, limit, before_submit):
+        # a task that raises does not stop the others: its outcome is a TaskFailure
         ray = self._ray
         resources = {"num_gpus": self.gpus, "num_cpus": 1} if self.gpus else {"num_cpus": 1}
         # retries would run a failed merge again behind the caller's back: report, never retry
@@ -160,4 +161,4 @@ class RayExecutor:
             raise stop
 
 
-__all__ = ["ExecutorError", "RayExecutor", "SerialExecutor", "TaskFailure"]
+__all__ = ["Executor", "ExecutorError", "RayExecutor", "SerialExecutor", "TaskFailure"]

@@ -52,16 +52,5 @@ from fapm_merge.workflows.tune.plan import (
 )
 from fapm_merge.workflows.tune.runner import TuneResult, run_tune
 
-__all__ = [
-    "DEFAULT_ALPHAS",
-    "DEFAULT_BASELINES",
-    "DEFAULT_SPARSITIES",
-    "MAX_ON_DISK",
-    "TuneError",
-    "TunePlan",
-    "TuneResult",
-    "TuneSettings",
-    "model_card",
-    "plan_tune",
-    "run_tune",
-]
+__all__ = ["DEFAULT_ALPHAS", "DEFAULT_BASELINES", "DEFAULT_SPARSITIES", "MAX_ON_DISK", "TuneError",
+           "TunePlan", "TuneResult", "TuneSettings", "model_card", "plan_tune", "run_tune"]

@@ -17,12 +17,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from fapm_merge.evaluation.results import append_result, read_results
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.recipe import RECIPE_FILE
-from fapm_merge.workflows.executors import ExecutorError, RayExecutor, SerialExecutor, TaskFailure
+from fapm_merge.workflows.executors import Executor, ExecutorError, RayExecutor, SerialExecutor, TaskFailure
 from fapm_merge.workflows.tradeoff import Tradeoff, compute_tradeoff
 from fapm_merge.workflows.tune.card import model_card
 from fapm_merge.workflows.tune.checks import check_anchors, check_disk, check_eval_inputs
@@ -110,7 +110,7 @@ def run_job(job: Job, work: Path, settings: TuneSettings, copy_tokenizer: bool) 
     return record
 
 
-def _evaluate_models(executor: Union[SerialExecutor, RayExecutor], plan: TunePlan, work: Path,
+def _evaluate_models(executor: Executor, plan: TunePlan, work: Path,
                      settings: TuneSettings, copy_tokenizer: bool, recipe: dict, results: Path,
                      done: set, progress: Report) -> Tuple[int, int]:
     """Evaluate the anchors, check them, then the variants: every model not in ``done``,
