@@ -569,3 +569,17 @@ def test_lint_reports_a_broken_mergekit_install_as_it_is(llama_pair, monkeypatch
     monkeypatch.setitem(sys.modules, "mergekit.merge_methods.registry", None)
     with pytest.raises(ImportError, match="mergekit.merge_methods.registry"):
         lint_recipe(dict(fapm_recipe(base, ft), parameters={"spasity": 0.5}))
+
+
+@pytest.mark.parametrize("command", ["tune", "eval", "sweep"])
+def test_cuda_flag_points_to_device_cuda(command, tmp_path):
+    """Regression (issue 22): mergekit-yaml's --cuda typed here gave click's bare
+    "No such option: --cuda"."""
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text("merge_method: fapm\n")
+    arguments = {"tune": [str(recipe), str(tmp_path / "out")], "eval": [str(tmp_path)],
+                 "sweep": [str(recipe), str(tmp_path / "out")]}[command]
+    result = CliRunner().invoke(cli, [command, *arguments, "--cuda"])
+    assert result.exit_code == 2
+    assert "--cuda is mergekit-yaml's flag; here it is --device cuda" in result.output
+    assert not (tmp_path / "out").exists()

@@ -298,7 +298,7 @@ def demo_eval_data(
 
     kept, batches = [], 0
     while len(kept) < items and batches < 200:
-        report("task", min(len(kept), items), items, f"batch {batches + 1} of 64 candidates")
+        report("task", min(len(kept), items), items, "items the base and the fine-tune answer differently")
         batches += 1  # 64 candidate items per batch: one forward per model
         candidates = [(random_text(8, 16), [random_text(3, 6) for _ in range(4)]) for _ in range(64)]
         sequences = [tokenizer.encode(p) + tokenizer.encode(c) for p, cs in candidates for c in cs]
@@ -310,7 +310,7 @@ def demo_eval_data(
         for n, (prompt, choices) in enumerate(candidates):
             if picks[0][n] != picks[1][n] and len(kept) < items:
                 kept.append({"prompt": prompt, "choices": choices, "answer": picks[1][n]})
-    report("task", len(kept), items, f"{batches} batches of 64 candidates")
+    report("task", len(kept), items, "items the base and the fine-tune answer differently")
     task_path.write_text("".join(json.dumps(k) + "\n" for k in kept), encoding="utf-8")
     return {TEXT_METRIC: text_path, TASK_METRIC: task_path}
 
