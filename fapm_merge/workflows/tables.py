@@ -41,9 +41,10 @@ def wrap_name(name: str, width: int) -> str:
 
 
 def column_widths(cells: Sequence[Sequence[str]], headers: Sequence[str]) -> List[int]:
-    """Per number column: its longest value or the longest word of its header
-    (headers wrap between words)."""
-    return [max([len(row[i]) for row in cells] + [max(len(w) for w in header.split())])
+    """Per number column: its longest line of a value (a cell may hold several lines)
+    or the longest word of its header (headers wrap between words)."""
+    return [max([len(line) for row in cells for line in row[i].splitlines() or [""]]
+                + [max(len(w) for w in header.split())])
             for i, header in enumerate(headers)]
 
 

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 from fapm_merge.evaluation import stats
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
-from fapm_merge.workflows.tables import WIDTH
+from fapm_merge.workflows.tables import WIDTH, column_widths
 from fapm_merge.workflows.tradeoff.points import Point, Tradeoff
 
 
@@ -49,12 +49,6 @@ _NAME_MIN = 8
 """The fewest characters the model column gets; longer names fold onto more lines."""
 
 
-def _width(cells: List[str], header: str) -> int:
-    """Characters a column needs: its longest line, or its header's longest word."""
-    return max([len(line) for cell in cells for line in cell.splitlines()]
-               + [len(word) for word in header.split()])
-
-
 def tradeoff_table(result: Tradeoff, width: int = WIDTH):
     """A rich table of every point in ``width`` columns that never cuts a number.
 
@@ -87,7 +81,7 @@ def tradeoff_table(result: Tradeoff, width: int = WIDTH):
                  [_with_interval(p.cf_pct, p.cf_interval, 2, lines=lines) for p in points],
                  [_RULE_COLUMN[column](p, lines) for p in points],
                  ["◀ chosen" if p is result.selected else p.verdict for p in points]]
-        widths = [_width(column_cells, header) for column_cells, header in zip(cells, headers)]
+        widths = column_widths(list(zip(*cells)), headers)
         # SIMPLE_HEAD draws a one-space gap between columns, so no padding is added
         if _NAME_MIN + sum(widths) + len(widths) <= width:
             return _table(names, bold, headers, cells, widths, width, title=f"rule: {result.rule.kind}")
