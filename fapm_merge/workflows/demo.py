@@ -33,7 +33,7 @@ from fapm_merge.core.rules import DEFAULT_SPARSITY, FAPM
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.checkpoint import iter_tensors
-from fapm_merge.workflows.progress import Report, progress_reporter
+from fapm_merge.workflows.progress import Report, progress_reporter, silent
 
 _PICO = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4)
@@ -248,7 +248,7 @@ def demo_eval_data(
     text_tokens: int = DEMO_TEXT_TOKENS,
     items: int = DEMO_ITEMS,
     seed: int = 0,
-    report: Optional[Report] = None,
+    report: Report = silent,
 ) -> Dict[str, Path]:
     """Evaluation files for the ``fapm-merge demo`` pair, whose "fine-tune" is a
     simulated weight change rather than training on data (a documented proxy).
@@ -268,10 +268,9 @@ def demo_eval_data(
         text_tokens (`int`, defaults to 4096): length of the general text.
         items (`int`, defaults to 120): task items to keep.
         seed (`int`, defaults to 0): sampling seed.
-        report (`Report`, *optional*): progress callback (stages ``text``: bytes
+        report (`Report`, defaults to `silent`): progress callback (stages ``text``: bytes
             sampled per passage, ``task``: items kept), see :mod:`.progress`.
     """
-    report = report or (lambda *_: None)
     generator = torch.Generator().manual_seed(seed)
     from fapm_merge.evaluation.metrics import ByteTokenizer, load_model, sequence_logprobs
 

@@ -24,6 +24,10 @@ LOG_EVERY_SECONDS = 10.0
 reports every tensor); a new detail and the last step are always written."""
 
 
+def silent(stage: str, done: int, total: int, detail: str) -> None:
+    """The :data:`Report` of a caller that wants no progress (library use, tests)."""
+
+
 def duration(seconds: float) -> str:
     """``41 s``, ``2.5 min``, ``1.2 h``: a length of time as a person reads it."""
     if seconds < 90:
@@ -122,4 +126,5 @@ def progress_reporter(command: str, names: Optional[Dict[str, str]] = None, *,
         yield report
 
 
-__all__ = ["LOG_EVERY_SECONDS", "LogLines", "Report", "duration", "is_terminal", "progress_reporter"]
+__all__ = ["LOG_EVERY_SECONDS", "LogLines", "Report", "duration", "is_terminal", "progress_reporter",
+           "silent"]

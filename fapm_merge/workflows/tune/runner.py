@@ -27,15 +27,11 @@ from fapm_merge.workflows.tradeoff import Tradeoff, compute_tradeoff
 from fapm_merge.workflows.tune.card import model_card
 from fapm_merge.workflows.tune.checks import check_anchors, check_disk, check_eval_inputs
 from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings, plan_tune, variant_dir
-from fapm_merge.workflows.progress import Report
+from fapm_merge.workflows.progress import Report, silent
 from fapm_merge.workflows.tune.workdir import RESULTS_FILE, evaluated_models, fingerprint, open_work, work_folder
 
 if TYPE_CHECKING:  # sweep imports mergekit
     from fapm_merge.workflows.variants import Variant
-
-def _quiet(stage: str, done: int, total: int, detail: str) -> None:
-    pass
-
 
 @dataclass
 class TuneResult:
@@ -211,7 +207,7 @@ def run_tune(
     settings: TuneSettings,
     *,
     command: str = "fapm-merge tune ...",
-    progress: Report = _quiet,
+    progress: Report = silent,
 ) -> TuneResult:
     """Sweep, evaluate, decide, and write the chosen model to ``out_dir``.
 
