@@ -151,7 +151,8 @@ _eval_options = _options(  # shared by eval and tune
 )
 
 _RULE_SETTING_HELP = {
-    "min_retention": "least share of the fine-tune's accuracy a variant must keep.",
+    "min_retention": "least share of the fine-tune's accuracy a variant must be shown to keep.",
+    "min_repair": "least share of the fine-tune's CF a variant must take away.",
     "max_cf": "largest CF% on the text allowed; selects the best accuracy under it.",
     "task_weight": "maximise TASK_WEIGHT * task_norm + general_norm.",
 }
@@ -428,21 +429,27 @@ def lint(recipe: Path, cuda: bool, device, intermediate_dir):
 @click.option("--title", default="", help="Plot title.")
 @click.option("--task-metric", default=TASK_METRIC, show_default=True, help=f"Task axis: {TASK_METRIC!r} (eval --task accuracy) or an lm-eval per-sample metric, lm_eval:TASK/METRIC (e.g. lm_eval:arc_easy/acc).")
 @click.option("--text-metric", default=TEXT_METRIC, show_default=True, help=f"General axis: {TEXT_METRIC!r} (eval --text loss) or an lm-eval perplexity task, lm_eval:TASK (e.g. lm_eval:wikitext).")
-def tradeoff(results, rule: Rule, plot_path, json_path, base, finetuned, title, task_metric, text_metric):
+@click.option("--confirm", "confirm_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Results of the base, the fine-tune and the selected model on held-out --task/--text (same model paths): report the selection's numbers from there.")
+def tradeoff(results, rule: Rule, plot_path, json_path, base, finetuned, title, task_metric, text_metric,
+             confirm_path):
     """Place every evaluated model of RESULTS (from `fapm-merge eval`) on the
     forgetting / task plane, with paired 95% intervals, and select one by a stated rule.
 
     \b
-    repair (default): among variants whose accuracy is not significantly below
-      the fine-tune's (exact one-sided paired test, 5%), that keep at least
-      --min-retention of its accuracy and forget less than it, the one that
-      repairs the most forgetting. If none qualifies, nothing is selected.
+    repair (default): a variant qualifies when the data SHOW that it keeps
+      --min-retention of the fine-tune's accuracy (one-sided 95% lower bound of the
+      paired difference, Tango's interval) and forgets significantly less, by at
+      least --min-repair of the fine-tune's CF; the one that repairs the most wins
+      (indistinguishable ones: higher accuracy, then the milder edit). The
+      fine-tune's own forgetting must be significant. Else nothing is selected:
+      "undecided" (too few prompts; how many would do) or "no variant qualifies".
     max-cf: the best accuracy among points with CF <= --max-cf %.
     weighted: maximise --task-weight * task_norm + general_norm.
 
-    CF% = 100 (PPL - PPL_base) / PPL_base on eval's --text; repaired = share of the
-    fine-tune's extra loss undone. Warnings say where intervals are wider than the
-    differences the rule decides between. Exit status 3 when nothing is selected.
+    CF% = 100 (PPL - PPL_base) / PPL_base on eval's --text; CF cut = the fine-tune's
+    CF minus the model's. The numbers the selection rests on were measured on the data
+    that chose it: --confirm checks them on held-out data. Exit status 3 when nothing
+    is selected.
     """
     import json as json_module
 
@@ -452,6 +459,7 @@ def tradeoff(results, rule: Rule, plot_path, json_path, base, finetuned, title, 
     from fapm_merge.workflows.plots import plot_tradeoff
     from fapm_merge.workflows.tradeoff import (
         compute_tradeoff,
+        confirm,
         read_results,
         summary_lines,
         tradeoff_table,
@@ -463,6 +471,8 @@ def tradeoff(results, rule: Rule, plot_path, json_path, base, finetuned, title, 
         axes = resolve_axes(task_metric, text_metric)
         result = compute_tradeoff(read_results(results), base=base, finetuned=finetuned, rule=rule,
                                   task_metric=axes.task, text_metric=axes.text)
+        if confirm_path is not None and result.selected is not None:
+            result.confirmation = confirm(result, read_results(confirm_path))
     except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
     plot_path = plot_path or results.with_suffix(".png")

@@ -278,6 +278,16 @@ def _null_sd(margin: float, rate: float) -> float:
     return math.sqrt(max(2 * q - margin * (1 + margin), 0.0))
 
 
+def margin_for(min_retention: float, accuracy: float) -> float:
+    """The accuracy points a variant may lose to keep ``min_retention`` of the
+    reference's ``accuracy``: ``(1 - min_retention) * accuracy``, kept inside (0, 1) where
+    the score test is defined (a retention of 1 then asks for no loss beyond 1e-9)."""
+    return min(max((1 - min_retention) * accuracy, _MARGIN_LIMIT), 1 - _MARGIN_LIMIT)
+
+
+_MARGIN_LIMIT = 1e-9
+
+
 def _check_margin(margin: float) -> None:
     if not (math.isfinite(margin) and 0 < margin < 1):
         raise ValueError(f"a non-inferiority margin must be in (0, 1), got {margin}")
@@ -393,6 +403,7 @@ __all__ = [
     "accuracy_difference_score",
     "design_effect",
     "discordance",
+    "margin_for",
     "noninferior",
     "plan",
     "power_at",

@@ -7,23 +7,29 @@ per-prompt outcomes and per-window losses). For every model:
 
 * ``cf_pct = 100 * (PPL_model - PPL_base) / PPL_base`` on the text: the paper's
   forgetting measure (0 nothing forgotten, negative better than the base);
-* ``repaired = (L_ft - L_model) / (L_ft - L_base)``: the share of the fine-tune's
-  forgetting undone (1 all, 0 none, < 0 worse than not repairing; undefined when
-  the fine-tune did not forget);
+* ``CF cut = CF_ft - CF_model`` (CF points taken away, with a finite paired
+  interval) and ``repaired = CF cut / CF_ft``, the share of the fine-tune's
+  forgetting undone (1 all, 0 none, < 0 worse; undefined when it did not forget);
 * ``retention = accuracy / accuracy(fine-tuned)``;
-* 95% intervals of its accuracy difference to the fine-tune and of its loss
-  differences to the base (-> CF%) and to the fine-tune (-> repaired), all
-  *paired* (:mod:`fapm_merge.evaluation.stats`): every model saw the same prompts
-  and windows.
+* 95% intervals of its accuracy difference to the fine-tune (Tango's paired score
+  interval, :mod:`fapm_merge.evaluation.noninferiority`) and of its loss differences
+  to the base (-> CF%) and to the fine-tune (-> CF cut), all *paired*
+  (:mod:`fapm_merge.evaluation.stats`): every model saw the same prompts and windows.
+  Windows of several documents are resampled by document, prompts that carry a
+  ``group`` count through their design effect.
 
 Rules (:class:`Rule`; each one's behaviour is a class in :mod:`.rules`):
 
-* ``repair`` (default): among the evaluated variants whose accuracy is not
-  significantly below the fine-tune's (exact one-sided McNemar test, 5%) and whose
-  retention is at least ``min_retention`` (0.99, the paper's headline operating
-  point), and which forget less than the fine-tune, select the one that repairs
-  the most forgetting. If none qualifies, nothing is selected and the closest
-  candidates are named: never a silent fall-back.
+* ``repair`` (default, :class:`.rules.Repair`): a variant qualifies when the data
+  *show* that it keeps ``min_retention`` (0.99, the paper's headline operating point)
+  of the fine-tune's accuracy (non-inferiority: the one-sided 95% lower bound of the
+  paired difference, Tango's score interval, above ``-(1 - min_retention) * acc_ft``)
+  and that it forgets significantly less than the fine-tune, by at least
+  ``min_repair`` of its CF; the fine-tune's own forgetting must be significant. The
+  qualified variant with the largest CF cut wins (ties: higher accuracy, then the
+  milder edit). Otherwise nothing is selected, as *undecided* (too few prompts to
+  show the accuracy is kept, with how many would) or *no variant qualifies*, and the
+  closest candidates are named: never a silent fall-back.
 * ``max-cf``: the highest accuracy among the points with CF% <= ``max_cf``.
 * ``weighted``: maximise ``task_weight * task_norm + general_norm`` with
   ``task_norm = accuracy / accuracy(fine-tuned)`` and ``general_norm =
@@ -48,12 +54,15 @@ would resolve them. The method and strength of a point come from its recipe
 When a model was evaluated twice, its last line counts.
 
 Modules: :mod:`.points` (the data and :func:`compute_tradeoff`), :mod:`.rules` (the
-rules), :mod:`.report` (the tables and sentences).
+rules), :mod:`.confirm` (the held-out check of a selection), :mod:`.report` (the
+tables and sentences).
 """
 
+from fapm_merge.workflows.tradeoff.confirm import Confirmation, confirm
 from fapm_merge.workflows.tradeoff.points import Point, Tradeoff, compute_tradeoff, read_results
 from fapm_merge.workflows.tradeoff.report import summary_lines, tradeoff_markdown, tradeoff_table
 from fapm_merge.workflows.tradeoff.rules import (
+    MIN_REPAIR,
     MIN_RETENTION,
     RULES,
     SELECTIONS,
@@ -64,7 +73,10 @@ from fapm_merge.workflows.tradeoff.rules import (
 )
 
 __all__ = [
+    "MIN_REPAIR",
     "MIN_RETENTION",
+    "Confirmation",
+    "confirm",
     "RULES",
     "SELECTIONS",
     "TASK_WEIGHT",

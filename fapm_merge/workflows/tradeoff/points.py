@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from fapm_merge.core.rules import FAPM_LORA
+from fapm_merge.evaluation import noninferiority as ni
 from fapm_merge.evaluation import stats
 from fapm_merge.evaluation.lm_eval import explain_missing, is_lm_eval_metric
 from fapm_merge.evaluation.results import PER_ITEM
@@ -30,7 +31,8 @@ class Point:
     """One evaluated model on the trade-off plane.
 
     Intervals (``stats.Interval``) are None when the records carry no per-item
-    values (an older ``fapm-merge eval``).
+    values (an older ``fapm-merge eval``), and where a comparison is with the point
+    itself (the fine-tune against the fine-tune): no interval is of zero width.
     """
 
     name: str
@@ -45,12 +47,13 @@ class Point:
     score: float = math.nan
     retention: float = math.nan
     cf_pct: float = math.nan
-    repaired: Optional[float] = None
-    accuracy_vs_ft: Optional[stats.Interval] = None
-    accuracy_drop_p: Optional[float] = None
+    repaired: Optional[float] = None  # share of the fine-tune's CF taken away (CF units)
+    accuracy_vs_ft: Optional[stats.Interval] = None  # Tango's paired score interval
+    noninferiority: Optional[ni.NonInferiority] = None
     cf_interval: Optional[stats.Interval] = None
     loss_vs_ft: Optional[stats.Interval] = None
-    repaired_interval: Optional[stats.Interval] = None
+    cf_reduction: Optional[stats.Interval] = None  # CF_ft - CF_model, CF points
+    repair: Optional[stats.Repair] = field(default=None, repr=False)
     verdict: str = ""  # the rule's word on this point: selected, ok, or why not
     window_losses: Optional[List[float]] = field(default=None, repr=False)  # summed NLL per window
 
@@ -63,16 +66,25 @@ class Point:
     def to_json(self) -> dict:
         out = {}
         for key, value in self.__dict__.items():
-            if key == "window_losses":
-                continue  # in the items file already; thousands of numbers in a large run
-            out[key] = value.to_json() if isinstance(value, stats.Interval) else value
+            if key in ("window_losses", "repair"):
+                continue  # window losses: in the items file already; repair: its parts are here
+            out[key] = value.to_json() if hasattr(value, "to_json") else value
+        out["repair_significant"] = self.repair.significant if self.repair is not None else None
         out["label"] = self.label
         return out
 
 
 @dataclass
 class Tradeoff:
-    """All points, the anchors, the rule and what it selected (None: nothing qualified)."""
+    """All points, the anchors, the rule and what it selected (None: nothing qualified).
+
+    ``outcome`` is the repair rule's word (``selected``, ``undecided``, ``none qualifies``,
+    ``no forgetting``; the other rules: selected or none qualifies); ``point_pick`` what a
+    rule on point estimates alone would have chosen; ``margin`` the accuracy points a
+    variant may lose and ``resolvable_margin`` the smallest margin these prompts show
+    (80% power, a variant with no true loss, the sweep's median discordance);
+    ``confirmation`` the held-out check of the selection (:mod:`.confirm`).
+    """
 
     points: List[Point]
     base: Point
@@ -87,9 +99,23 @@ class Tradeoff:
     window_tokens: Optional[List[int]] = field(default=None, repr=False)
     task_metric: str = TASK_METRIC
     text_metric: str = TEXT_METRIC
+    outcome: str = ""
+    forgetting: Optional[stats.Forgetting] = None
+    margin: float = math.nan
+    resolvable_margin: float = math.nan
+    point_pick: Optional[Point] = None
+    window_groups: Optional[List[int]] = field(default=None, repr=False)
+    prompt_groups: Optional[List[str]] = field(default=None, repr=False)
+    confirmation: Optional[Any] = None  # a confirm.Confirmation (that module imports this one)
 
     def to_json(self) -> dict:
         return {
+            "outcome": self.outcome,
+            "margin": self.margin,
+            "resolvable_margin": self.resolvable_margin,
+            "forgetting": self.forgetting.to_json() if self.forgetting else None,
+            "point_pick": self.point_pick.name if self.point_pick else None,
+            "confirmation": self.confirmation.to_json() if self.confirmation else None,
             "rule": self.rule.text,
             "rule_settings": self.rule.__dict__,
             "selected": self.selected.to_json() if self.selected else None,
@@ -201,31 +227,50 @@ def _check_same_data(records: Dict[str, dict], task_metric: str = TASK_METRIC,
     return sizes
 
 
-def _add_intervals(points: List[Point], records: Dict[str, dict], base: Point, ft: Point,
-                   task_metric: str = TASK_METRIC, text_metric: str = TEXT_METRIC) -> List[int]:
-    """Paired intervals of every point against the anchors; returns the window token counts."""
-    items = {p.model: (_per_item(records[p.model], task_metric), _per_item(records[p.model], text_metric))
-             for p in points}
+def _add_intervals(result: Tradeoff, records: Dict[str, dict]) -> None:
+    """Paired intervals of every point against the anchors: accuracy by Tango's score
+    interval (resampling nothing: never of zero width), losses by the bootstrap over
+    windows, or over whole documents when the text had several; prompts that share a
+    ``group`` count through their design effect."""
+    base, ft = result.base, result.finetuned
+    items = {p.model: (_per_item(records[p.model], result.task_metric),
+                       _per_item(records[p.model], result.text_metric)) for p in result.points}
     ft_task, ft_text = items[ft.model]
     base_text = items[base.model][1]
     tokens = ft_text["window_tokens"]
+    documents = ft_text.get("window_document")
+    result.window_tokens = list(tokens)
+    result.window_groups = list(documents) if documents and len(set(documents)) > 1 else None
+    result.prompt_groups = list(ft_task["group"]) if ft_task.get("group") else None
+    groups = result.window_groups
+    result.forgetting = stats.forgetting(ft_text["window_loss"], base_text["window_loss"], tokens,
+                                         groups=groups)
     correct_ft = [int(c) for c in ft_task["correct"]]
-    for point in points:
+    discordances = []
+    for point in result.points:
         task, text = items[point.model]
-        correct = [int(c) for c in task["correct"]]
-        if point is not ft:
-            point.accuracy_vs_ft = stats.accuracy_difference(correct, correct_ft)
-            point.accuracy_drop_p = stats.accuracy_drop_pvalue(correct, correct_ft)
-        else:
-            point.accuracy_vs_ft = stats.Interval(0.0, 0.0, 0.0, len(correct))
-            point.accuracy_drop_p = 1.0
-        point.cf_interval = stats.loss_difference(
-            text["window_loss"], base_text["window_loss"], tokens).map(stats.cf_percent)
-        point.loss_vs_ft = stats.loss_difference(text["window_loss"], ft_text["window_loss"], tokens)
-        point.repaired_interval = stats.repaired_share(
-            text["window_loss"], ft_text["window_loss"], base_text["window_loss"], tokens)
         point.window_losses = list(text["window_loss"])
-    return list(tokens)
+        if point is not base:
+            point.cf_interval = (result.forgetting.cf if point is ft else stats.loss_difference(
+                text["window_loss"], base_text["window_loss"], tokens, groups=groups).map(stats.cf_percent))
+        if point is ft:
+            continue
+        correct = [int(c) for c in task["correct"]]
+        point.noninferiority = ni.noninferior(correct, correct_ft, result.margin,
+                                              groups=result.prompt_groups)
+        point.accuracy_vs_ft = point.noninferiority.difference
+        if point is not base:
+            discordances.append(point.noninferiority.discordance)
+            point.repair = stats.repair(text["window_loss"], ft_text["window_loss"],
+                                        base_text["window_loss"], tokens, groups=groups)
+            point.loss_vs_ft = point.repair.loss_vs_finetuned
+            point.cf_reduction = point.repair.cf_reduction
+    if discordances:  # what these prompts can show for a variant like the sweep's typical one
+        import numpy as np
+
+        effect = ni.design_effect(correct_ft, correct_ft, result.prompt_groups) if result.prompt_groups else 1.0
+        result.resolvable_margin = ni.resolvable_margin(
+            max(1, int(len(correct_ft) / effect)), float(np.median(discordances)))
 
 
 def compute_tradeoff(
@@ -306,13 +351,14 @@ def compute_tradeoff(
             "accuracy(fine-tuned) is undefined; check the task file (its answers, the prompt "
             "format) and the fine-tune"
         )
-    forgetting = ft_point.loss - base_point.loss
+    ft_cf = stats.cf_percent(ft_point.loss - base_point.loss)
     for point in points:
         point.task_norm = point.retention = point.accuracy / ft_point.accuracy
         point.general_norm = math.exp(base_point.loss - point.loss)
         point.score = rule.task_weight * point.task_norm + point.general_norm
         point.cf_pct = stats.cf_percent(point.loss - base_point.loss)
-        point.repaired = (ft_point.loss - point.loss) / forgetting if forgetting > 0 else None
+        # in CF units, as the CF points reported beside it (stats.Repair.share)
+        point.repaired = (ft_cf - point.cf_pct) / ft_cf if ft_cf > 0 else None
     sizes: Dict[str, int] = {}
     with_items = all(_per_item(usable[p.model], task_metric) and _per_item(usable[p.model], text_metric)
                      for p in points)
@@ -333,11 +379,11 @@ def compute_tradeoff(
                 "least 2 (and a few dozen for a useful one); evaluate a longer text or a "
                 "smaller --window"
             )
-        tokens = _add_intervals(points, usable, base_point, ft_point, task_metric, text_metric)
-    else:
-        tokens = None
     result = Tradeoff(points, base_point, ft_point, rule, None, "", skipped=skipped, items=sizes,
-                      window_tokens=tokens, task_metric=task_metric, text_metric=text_metric)
+                      task_metric=task_metric, text_metric=text_metric,
+                      margin=ni.margin_for(rule.min_retention, ft_point.accuracy))
+    if with_items:
+        _add_intervals(result, usable)
     rule.selection.select(result)
     return result
 

@@ -41,7 +41,8 @@ def _with_interval(value: Optional[float], interval: Optional[stats.Interval], d
 
 
 _RULE_COLUMN = {  # the column beside CF %, as the rule names it (SelectionRule.column)
-    "repaired": lambda p, lines: _with_interval(p.repaired, p.repaired_interval, 2, lines=lines),
+    "CF cut": lambda p, lines: _with_interval(p.cf_reduction.estimate if p.cf_reduction else None,
+                                              p.cf_reduction, 2, lines=lines),
     "score": lambda p, lines: _num(p.score, 3),
 }
 
@@ -131,15 +132,28 @@ def tradeoff_markdown(result: Tradeoff) -> str:
         return text + (f" [{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]" if interval else "")
 
     rows = ["| model | method | strength | accuracy | Δ accuracy vs fine-tune [95%] | CF % [95%] "
-            "| repaired [95%] | rule |", "|---|---|---|---:|---:|---:|---:|---|"]
+            "| CF cut, points [95%] | repaired | rule |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for p in ordered(result):
         strength = "" if p.strength is None else f"{p.strength_name} {p.strength:g}"
         name = f"**{p.name}**" if p is result.selected else p.name
         rows.append(f"| {name} | {p.method} | {strength} | {p.accuracy:.3f} | "
                     f"{cell(accuracy_change(result, p), p.accuracy_vs_ft, 3)} | "
                     f"{cell(p.cf_pct, p.cf_interval, 2)} | "
-                    f"{cell(p.repaired, p.repaired_interval, 2)} | {p.verdict} |")
+                    f"{cell(p.cf_reduction.estimate if p.cf_reduction else None, p.cf_reduction, 2)} | "
+                    f"{'-' if p.repaired is None else f'{p.repaired:.0%}'} | {p.verdict} |")
     return "\n".join(rows)
+
+
+def evidence(result: Tradeoff) -> str:
+    """What the intervals rest on: prompts (and their groups), windows (and documents)."""
+    prompts, windows = result.items.get("prompts", 0), result.items.get("windows", 0)
+    text = f"{prompts} prompts"
+    if result.prompt_groups:
+        text += f" from {len(set(result.prompt_groups))} groups"
+    text += f" and {windows} text windows"
+    if result.window_groups:
+        text += f" from {len(set(result.window_groups))} documents, resampled as wholes"
+    return text
 
 
 def summary_lines(result: Tradeoff) -> List[str]:
@@ -149,12 +163,13 @@ def summary_lines(result: Tradeoff) -> List[str]:
         lines.append(f"axes: task accuracy from {result.task_metric}, forgetting from "
                      f"{result.text_metric}.")
     if result.items:
-        lines.append(f"intervals: 95%, paired over {result.items.get('prompts', 0)} prompts and "
-                     f"{result.items.get('windows', 0)} text windows (every model saw the same).")
+        lines.append(f"intervals: 95%, paired over {evidence(result)} (every model saw the same).")
     lines.append(("selected: " if result.selected else "nothing selected: ") + result.reason + ".")
     lines += [f"warning: {w}." for w in result.warnings]
+    if result.confirmation is not None:
+        lines.append(f"held-out check: {result.confirmation.sentence()}.")
     lines += [f"skipped: {s}" for s in result.skipped]
     return lines
 
 
-__all__ = ["accuracy_change", "ordered", "summary_lines", "tradeoff_markdown", "tradeoff_table"]
+__all__ = ["accuracy_change", "evidence", "ordered", "summary_lines", "tradeoff_markdown", "tradeoff_table"]
