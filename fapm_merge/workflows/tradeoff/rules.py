@@ -399,13 +399,14 @@ class MaxCf(SelectionRule):
         for point in result.points:
             point.verdict = "ok" if point in allowed else "cf"
         if not allowed:
+            result.outcome = NONE_QUALIFIES
             result.closest = sorted(result.points, key=lambda p: p.cf_pct)[:3]
             result.reason = (f"no point has CF <= {bound:g}%; the lowest: "
                              + "; ".join(f"{p.name} {p.cf_pct:+.2f}%" for p in result.closest))
             return
         best = max(allowed, key=lambda p: p.accuracy)
         best.verdict = "selected"
-        result.selected = best
+        result.selected, result.outcome = best, SELECTED
         result.reason = (f"{best.name} has the highest accuracy ({best.accuracy:.3f}) among the "
                          f"{len(allowed)} points with CF <= {bound:g}% (its CF {best.cf_pct:+.2f}%)")
         if best.cf_interval is not None and best.cf_interval.high > bound:
@@ -436,7 +437,7 @@ class Weighted(SelectionRule):
         for point in result.points:
             point.verdict = ""
         best.verdict = "selected"
-        result.selected = best
+        result.selected, result.outcome = best, SELECTED
         result.reason = f"{best.name} has the highest score {best.score:.3f} ({result.rule.text})"
         if best.loss > result.finetuned.loss and best is not result.finetuned:
             result.warnings.append(
