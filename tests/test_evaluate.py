@@ -461,3 +461,20 @@ def test_task_groups_are_all_or_none(tmp_path):
         task.write_text('{"prompt": "a", "answer": "b", "group": %s}\n' % bad)
         with pytest.raises(EvalInputError, match=r"task.jsonl:1: 'group' must be a non-empty string or an int"):
             load_task(task)
+
+
+def test_cli_takes_a_folder_of_documents(pair256, tmp_path):
+    """`eval --text` accepts a folder (it refused directories before documents)."""
+    folder = tmp_path / "general"
+    folder.mkdir()
+    for n, document in enumerate(DOCUMENTS):
+        (folder / f"{n}.txt").write_text(document)
+    results = tmp_path / "results.jsonl"
+    outcome = CliRunner().invoke(main, ["eval", str(pair256[0]), "--text", str(folder), "--tokenizer",
+                                        "bytes", "--window", "16", "--out", str(results)])
+    assert outcome.exit_code == 0, outcome.output
+    record = json.loads(results.read_text())
+    assert record["metrics"]["text"]["documents"] == 3
+    assert record["metrics"]["text"]["sha256"] == data_digest(folder)
+    items = json.loads(results.with_name("results.items.jsonl").read_text())
+    assert sorted(set(items["text"]["window_document"])) == [0, 1, 2]
