@@ -51,7 +51,7 @@ def ours(model_dir: Path, items: List[dict], text: str, window: int, batch_size:
         return task_accuracy(model, tokenizer, items)["per_item"]["correct"]
 
     def run_text():
-        return mean_token_loss(model, tokenizer, text, window=window, batch_size=batch_size)
+        return mean_token_loss(model, tokenizer, [text], window=window, batch_size=batch_size)
 
     return run_task, run_text
 
@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=HERE / "results" / "eval.json")
     args = parser.parse_args()
 
-    from fapm_merge.evaluation.metrics import load_task, load_tokenizer
+    from fapm_merge.evaluation.inputs import load_task
+    from fapm_merge.evaluation.metrics import load_tokenizer
 
     items = [item for item in load_task(args.task) if "choices" in item][: args.items]
     args.model = byte_tokenizer_view(args.model, args.json.parent / "bench-eval-model")

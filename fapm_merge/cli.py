@@ -287,8 +287,8 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
 @_cuda_flag
 @_takes_eval_settings
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@_eval_option("text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Text file: mean token loss and perplexity (general ability).")
-@_eval_option("task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL of {prompt, answer} (greedy exact match) or {prompt, choices, answer} (log-likelihood).")
+@_eval_option("text", type=click.Path(exists=True, path_type=Path), help="General text: mean token loss and perplexity. A text file (one document), a .jsonl of {\"text\": ...} lines or a folder of .txt files (one document each; windows never cross documents).")
+@_eval_option("task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="JSONL of {prompt, answer} (greedy exact match) or {prompt, choices, answer} (log-likelihood), each optionally with a group (prompts are resampled by group).")
 @click.option("--out", "results", type=click.Path(dir_okay=False, path_type=Path), default=Path("results.jsonl"), show_default=True, help="Results file; one JSON line is appended per model.")
 @_eval_options
 @_eval_option("lm_eval_tasks", "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (needs the 'eval' extra); per-sample metrics are kept as lm_eval:TASK/METRIC.")
@@ -513,7 +513,7 @@ def _tune_settings(evaluation: EvalSettings, rule: Rule, sparsities, baselines, 
 @_takes(TuneSettings, "settings", _tune_settings, parts=("evaluation", "rule"))
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@_tune_option("text", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="General text: forgetting as CF% (perplexity against the base). Needed unless --text-metric is an lm-eval task.")
+@_tune_option("text", type=click.Path(exists=True, path_type=Path), help="General text (a file, a .jsonl of {\"text\": ...} documents or a folder of .txt files, as for eval): forgetting as CF% (perplexity against the base). Needed unless --text-metric is an lm-eval task.")
 @_tune_option("task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Task JSONL (as for eval): accuracy, and what the fine-tune must keep. Needed unless --task-metric is an lm-eval metric.")
 @_tune_option("task_metric", help=f"Task axis: {TASK_METRIC!r} (the --task file) or lm_eval:TASK/METRIC, a per-sample harness metric (e.g. lm_eval:arc_easy/acc).")
 @_tune_option("text_metric", help=f"General axis: {TEXT_METRIC!r} (the --text file) or lm_eval:TASK, a harness perplexity task (e.g. lm_eval:wikitext).")

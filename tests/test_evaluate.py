@@ -11,16 +11,20 @@ from click.testing import CliRunner
 
 from helpers import truncated_copy, variant
 from fapm_merge.cli import main
+from fapm_merge.evaluation.evaluate import evaluate_model
+from fapm_merge.evaluation.inputs import load_documents, load_task
 from fapm_merge.evaluation.metrics import (
     ByteTokenizer,
     EvalInputError,
     greedy_continuation,
     load_model,
-    load_task,
     mean_token_loss,
+    sequence_logprobs,
     task_accuracy,
     text_windows,
 )
+from fapm_merge.evaluation.results import data_digest, file_digest
+from fapm_merge.evaluation.settings import EvalSettings
 from fapm_merge.workflows.demo import TINY_CONFIGS, save_pair
 
 TEXT = "abcdefghij klmnopqrstuvwxyz, the end. " * 2  # 76 bytes
@@ -77,7 +81,7 @@ def test_text_loss_equals_hand_computation(model, tokenizer_class, window):
         for position in range(1, len(chunk)):
             total += hand_nll(logits[position - 1], chunk[position])
             count += 1
-    result = mean_token_loss(model, tokenizer, TEXT, window=window, batch_size=3)
+    result = mean_token_loss(model, tokenizer, [TEXT], window=window, batch_size=3)
     assert result["tokens"] == count
     assert result["windows"] == math.ceil(len(ids) / window) - (not bos and len(ids) % window == 1)
     assert result["loss"] == pytest.approx(total / count, rel=1e-6)
@@ -93,8 +97,8 @@ def test_windows_are_consecutive_and_cover_the_text():
 
 def test_max_tokens_cuts_the_text(model):
     tokenizer = ByteTokenizer()
-    cut = mean_token_loss(model, tokenizer, TEXT, window=10, max_tokens=20)
-    same = mean_token_loss(model, tokenizer, TEXT[:20], window=10)
+    cut = mean_token_loss(model, tokenizer, [TEXT], window=10, max_tokens=20)
+    same = mean_token_loss(model, tokenizer, [TEXT[:20]], window=10)
     assert cut == same and cut["tokens"] == 18
 
 
@@ -190,7 +194,7 @@ def test_cli_appends_one_line_per_model_with_recipe(pair256, tmp_path):
     assert lines[0] == {"earlier": True} and len(lines) == 3
     assert lines[1]["model"] == str(base) and lines[1]["recipe"] is None
     assert lines[2]["recipe"] == recipe
-    expected = mean_token_loss(load_model(merged), ByteTokenizer(), TEXT, window=25)
+    expected = mean_token_loss(load_model(merged), ByteTokenizer(), [TEXT], window=25)
     assert lines[2]["metrics"]["text"]["loss"] == pytest.approx(expected["loss"], rel=1e-9)
     assert lines[2]["metrics"]["task"]["examples"] == 1
 
@@ -276,11 +280,11 @@ def test_window_longer_than_the_model_and_boolean_answers_are_refused(model, tmp
     gpt2 = load_model(save_pair(dict(TINY_CONFIGS["gpt2"], vocab_size=256), tmp_path / "gpt2")[0])
     limit = gpt2.config.n_positions
     with pytest.raises(EvalInputError, match=f"--window {limit + 1} exceeds the {limit} positions"):
-        mean_token_loss(gpt2, ByteTokenizer(), TEXT * 200, window=limit + 1)
+        mean_token_loss(gpt2, ByteTokenizer(), [TEXT * 200], window=limit + 1)
     short = TEXT[: limit // 2]  # only real windows count: a short text fits any window
-    assert mean_token_loss(gpt2, ByteTokenizer(), short, window=limit + 1)["tokens"] == len(short) - 1
+    assert mean_token_loss(gpt2, ByteTokenizer(), [short], window=limit + 1)["tokens"] == len(short) - 1
     # rotary models run past max_position_embeddings: no limit for them
-    assert mean_token_loss(model, ByteTokenizer(), TEXT, window=model.config.max_position_embeddings + 1)
+    assert mean_token_loss(model, ByteTokenizer(), [TEXT], window=model.config.max_position_embeddings + 1)
     task = tmp_path / "task.jsonl"
     task.write_text('{"prompt": "a", "choices": ["x", "y"], "answer": true}\n')
     with pytest.raises(EvalInputError, match=r"choice index \(0 to 1\) or a choice's text, got True"):
@@ -311,7 +315,7 @@ def test_forward_passes_run_on_single_threaded_workers_and_give_the_same_values(
         for threads in (1, 2):
             torch.set_num_threads(threads)
             seen.clear()
-            results[threads] = (mean_token_loss(model, tokenizer, TEXT, window=7, batch_size=2),
+            results[threads] = (mean_token_loss(model, tokenizer, [TEXT], window=7, batch_size=2),
                                 task_accuracy(model, tokenizer, items))
             callers = {ident for ident, _ in seen}
             if threads == 1:  # one thread: no workers, everything here as before
@@ -323,3 +327,154 @@ def test_forward_passes_run_on_single_threaded_workers_and_give_the_same_values(
         torch.set_num_threads(before)
         hook.remove()
     assert json.dumps(results[1]) == json.dumps(results[2])
+
+
+# ----------------------------------------------------------------- text as documents
+
+DOCUMENTS = ["the first document, a line of words. " * 2, "second: short", "a third one\nof two lines\n"]
+
+
+def _evaluate_text(model_dir, text, **options):
+    settings = EvalSettings(text=text, tokenizer="bytes", **{"window": 16, "batch_size": 1, **options})
+    return evaluate_model(model_dir, settings)["metrics"]["text"]
+
+
+def test_one_text_file_is_one_document_with_the_old_windows_bit_for_bit(pair256, model, tmp_path):
+    """A plain file keeps today's windows of the whole file and the same losses, bit for bit."""
+    text = tmp_path / "general.txt"
+    text.write_text(TEXT)
+    result = _evaluate_text(pair256[0], text, batch_size=3, max_tokens=60)
+    ids = ByteTokenizer().encode(TEXT)[:60]  # the old windowing: the whole file, then cut
+    windows = text_windows(ids, 16, [])
+    batches = [windows[i : i + 3] for i in range(0, len(windows), 3)]
+    old = [-math.fsum(v) for batch in batches for v in sequence_logprobs(model, batch, [1] * len(batch))]
+    assert result["per_item"]["window_loss"] == old
+    assert result["per_item"]["window_tokens"] == [len(w) - 1 for w in windows]
+    assert result["per_item"]["window_document"] == [0] * len(windows)
+    assert result["documents"] == 1 and result["sha256"] == file_digest(text)
+
+
+def test_documents_are_windowed_alone_in_jsonl_and_folder_forms(pair256, model, tmp_path):
+    lines = tmp_path / "general.jsonl"
+    lines.write_text("".join(json.dumps({"text": d, "source": n}) + "\n\n" for n, d in enumerate(DOCUMENTS)))
+    folder = tmp_path / "general"
+    folder.mkdir()
+    for name, document in zip(["b.txt", "c.txt", "d.txt"], DOCUMENTS):
+        (folder / name).write_text(document)
+    (folder / "notes.md").write_text("not a document")  # only .txt files count
+    alone = [mean_token_loss(model, ByteTokenizer(), [d], window=16, batch_size=1)["per_item"]
+             for d in DOCUMENTS]
+    for path in (lines, folder):
+        result = _evaluate_text(pair256[0], path)
+        per_item = result["per_item"]
+        assert per_item["window_loss"] == [v for a in alone for v in a["window_loss"]]
+        assert per_item["window_tokens"] == [v for a in alone for v in a["window_tokens"]]
+        assert per_item["window_document"] == [n for n, a in enumerate(alone) for _ in a["window_loss"]]
+        assert result["documents"] == 3 and result["windows"] == len(per_item["window_loss"])
+        assert result["tokens"] == sum(len(d.encode()) - math.ceil(len(d.encode()) / 16) for d in DOCUMENTS)
+    assert _evaluate_text(pair256[0], folder)["sha256"] == data_digest(folder)
+
+
+def test_max_tokens_runs_over_the_documents_in_order_and_cuts_the_last(pair256, model, tmp_path):
+    lines = tmp_path / "general.jsonl"
+    lines.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
+    first = len(DOCUMENTS[0].encode())  # 76 bytes
+    result = _evaluate_text(pair256[0], lines, max_tokens=first + 5)
+    cut = mean_token_loss(model, ByteTokenizer(), [DOCUMENTS[0], DOCUMENTS[1][:5]], window=16, batch_size=1)
+    assert result["per_item"] == cut["per_item"] and result["documents"] == 2
+    assert result["per_item"]["window_document"][-1] == 1 and result["tokens"] == (first - 5) + 4
+
+
+def test_folder_digest_follows_names_and_bytes(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one")
+    (folder / "b.txt").write_text("two")
+    digest = data_digest(folder)
+    (folder / "readme.md").write_text("ignored")
+    assert data_digest(folder) == digest
+    (folder / "b.txt").rename(folder / "c.txt")
+    renamed = data_digest(folder)
+    (folder / "c.txt").write_text("two!")
+    assert len({digest, renamed, data_digest(folder)}) == 3
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not an object", r"general.jsonl:2: each line of a .jsonl text needs a string 'text'"),
+    ("no text", r"general.jsonl:2: each line of a .jsonl text needs a string 'text'"),
+    ("empty text", r"general.jsonl:2: 'text' is empty"),
+    ("no documents", r"general.jsonl holds no documents"),
+    ("folder without txt", r"docs is a folder without .txt files"),
+    ("latin-1 file in folder", r"docs.b.txt is not UTF-8 text"),
+    ("latin-1 plain file", r"general.txt is not UTF-8 text"),
+])
+def test_bad_text_inputs_are_named(case, message, tmp_path):
+    lines, folder, plain = tmp_path / "general.jsonl", tmp_path / "docs", tmp_path / "general.txt"
+    folder.mkdir()
+    first = json.dumps({"text": "fine"}) + "\n"
+    path = {"not an object": lines, "no text": lines, "empty text": lines, "no documents": lines,
+            "folder without txt": folder, "latin-1 file in folder": folder,
+            "latin-1 plain file": plain}[case]
+    if case == "not an object":
+        lines.write_text(first + '["a list"]\n')
+    elif case == "no text":
+        lines.write_text(first + '{"body": "x"}\n')
+    elif case == "empty text":
+        lines.write_text(first + '{"text": "  \\n"}\n')
+    elif case == "no documents":
+        lines.write_text("\n\n")
+    elif case == "folder without txt":
+        (folder / "a.md").write_text("x")
+    elif case == "latin-1 file in folder":
+        (folder / "a.txt").write_text("fine")
+        (folder / "b.txt").write_bytes("caf\xe9".encode("latin-1"))
+    else:
+        plain.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(EvalInputError, match=message):
+        load_documents(path)
+
+
+# ----------------------------------------------------------------- task groups
+
+
+def test_task_groups_reach_the_per_item_values(pair256, tmp_path):
+    task = tmp_path / "task.jsonl"
+    groups = ["m1", 7, "m1", 7, "m2"]
+    task.write_text("".join(json.dumps({"prompt": f"p{n}", "choices": [" a", " b"], "answer": 0,
+                                        "group": g}) + "\n" for n, g in enumerate(groups)))
+    assert [item["group"] for item in load_task(task)] == ["m1", "7", "m1", "7", "m2"]
+    metric = evaluate_model(pair256[0], EvalSettings(task=task, tokenizer="bytes"))["metrics"]["task"]
+    assert metric["per_item"]["group"] == ["m1", "7", "m1", "7", "m2"] and metric["groups"] == 3
+    task.write_text("".join(json.dumps({"prompt": f"p{n}", "answer": "x"}) + "\n" for n in range(2)))
+    metric = evaluate_model(pair256[0], EvalSettings(task=task, tokenizer="bytes"))["metrics"]["task"]
+    assert "groups" not in metric and set(metric["per_item"]) == {"correct"}  # records unchanged
+
+
+def test_task_groups_are_all_or_none(tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"prompt": "a", "answer": "b"}\n\n{"prompt": "a", "answer": "b", "group": 3}\n'
+                    '{"prompt": "c", "answer": "d"}\n')
+    with pytest.raises(EvalInputError, match=r"task.jsonl:1: this line has no 'group' but line 3 has one; "
+                                             "when any line names a group every line must"):
+        load_task(task)
+    for bad in ("true", "[1]", '""', "null"):
+        task.write_text('{"prompt": "a", "answer": "b", "group": %s}\n' % bad)
+        with pytest.raises(EvalInputError, match=r"task.jsonl:1: 'group' must be a non-empty string or an int"):
+            load_task(task)
+
+
+def test_cli_takes_a_folder_of_documents(pair256, tmp_path):
+    """`eval --text` accepts a folder (it refused directories before documents)."""
+    folder = tmp_path / "general"
+    folder.mkdir()
+    for n, document in enumerate(DOCUMENTS):
+        (folder / f"{n}.txt").write_text(document)
+    results = tmp_path / "results.jsonl"
+    outcome = CliRunner().invoke(main, ["eval", str(pair256[0]), "--text", str(folder), "--tokenizer",
+                                        "bytes", "--window", "16", "--out", str(results)])
+    assert outcome.exit_code == 0, outcome.output
+    record = json.loads(results.read_text())
+    assert record["metrics"]["text"]["documents"] == 3
+    assert record["metrics"]["text"]["sha256"] == data_digest(folder)
+    items = json.loads(results.with_name("results.items.jsonl").read_text())
+    assert sorted(set(items["text"]["window_document"])) == [0, 1, 2]

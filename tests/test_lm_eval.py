@@ -36,10 +36,10 @@ from fapm_merge.evaluation.metrics import (  # noqa: E402
     EvalInputError,
     save_byte_tokenizer,
     load_model,
-    load_task,
     load_tokenizer,
     sequence_logprobs,
 )
+from fapm_merge.evaluation.inputs import load_task  # noqa: E402
 from fapm_merge.evaluation.results import read_results  # noqa: E402
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC  # noqa: E402
 from fapm_merge.workflows.demo import DEMO_CONFIG, demo_eval_data, save_pair  # noqa: E402

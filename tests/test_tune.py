@@ -149,8 +149,8 @@ def test_a_work_folder_of_another_tune_is_refused(first_run, demo, tmp_path):
                                                     sparsities=[0.5]))
 
 
-@pytest.mark.parametrize("case", ["empty task", "short text", "fine-tune scores 0", "hub id",
-                                  "misspelt folder"])
+@pytest.mark.parametrize("case", ["empty task", "short text", "short documents", "fine-tune scores 0",
+                                  "hub id", "misspelt folder"])
 def test_bad_input_is_a_clear_error_and_nothing_is_written(case, demo, tmp_path):
     root, recipe, files = demo
     text, task = files["text"], files["task"]
@@ -162,6 +162,10 @@ def test_bad_input_is_a_clear_error_and_nothing_is_written(case, demo, tmp_path)
         text = tmp_path / "short.txt"
         text.write_text("a short line\n")
         match = r"gives 13 tokens, 0 full window\(s\) of 256"
+    elif case == "short documents":  # 600 bytes in all, but windows never cross documents
+        text = tmp_path / "short.jsonl"
+        text.write_text(("{\"text\": \"%s\"}\n" % ("x" * 200)) * 3)
+        match = r"gives 600 tokens, 0 full window\(s\) of 256"
     elif case == "fine-tune scores 0":  # every answer is a choice the fine-tune never picks
         task = tmp_path / "task.jsonl"
         items = [json.loads(line) for line in files["task"].read_text().splitlines()]

@@ -11,16 +11,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from fapm_merge.evaluation.inputs import load_documents, load_task
 from fapm_merge.evaluation.metrics import (
     ByteTokenizer,
     EvalInputError,
     load_model,
-    load_task,
     load_tokenizer,
     mean_token_loss,
     task_accuracy,
 )
-from fapm_merge.evaluation.results import file_digest
+from fapm_merge.evaluation.results import data_digest, file_digest
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC, EvalSettings
 from fapm_merge.io.recipe import RecipeError, read_model_recipe
 
@@ -64,6 +64,9 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
     }
     bos_applied = None  # not applicable: no text or task was scored
     if settings.text is not None or settings.task is not None:
+        # the data first: a bad line is found before a model is loaded
+        documents = load_documents(settings.text) if settings.text is not None else None
+        items = load_task(settings.task) if settings.task is not None else None
         model = load_model(model_dir, device=settings.device, dtype=settings.dtype)
         tokenizer = load_tokenizer(settings.tokenizer, model_dir)
         # --bos asks for BOS "when the tokenizer has one": record what happened,
@@ -75,20 +78,13 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
                 f"--tokenizer bytes needs a vocabulary of at least 256 tokens; this model has {vocab}"
             )
         if settings.text is not None:
-            try:
-                text = Path(settings.text).read_text(encoding="utf-8")
-            except UnicodeDecodeError as error:
-                raise EvalInputError(
-                    f"--text {settings.text} is not UTF-8 text ({error.reason} at byte "
-                    f"{error.start}); convert it to UTF-8"
-                ) from None
             record["metrics"][TEXT_METRIC] = {
                 "file": str(Path(settings.text).absolute()),
-                "sha256": file_digest(settings.text),
+                "sha256": data_digest(settings.text),
                 **mean_token_loss(
                     model,
                     tokenizer,
-                    text,
+                    documents,
                     window=settings.window,
                     batch_size=settings.batch_size,
                     max_tokens=settings.max_tokens,
@@ -99,7 +95,7 @@ def evaluate_model(model_dir: Path, settings: EvalSettings) -> Dict[str, Any]:
             record["metrics"][TASK_METRIC] = {
                 "file": str(Path(settings.task).absolute()),
                 "sha256": file_digest(settings.task),
-                **task_accuracy(model, tokenizer, load_task(settings.task), use_bos=settings.use_bos),
+                **task_accuracy(model, tokenizer, items, use_bos=settings.use_bos),
             }
         del model
     if settings.lm_eval_tasks:

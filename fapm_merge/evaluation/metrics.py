@@ -2,15 +2,19 @@
 
 Definitions (docs/choosing-sparsity.md repeats them):
 
-* **Mean token loss / perplexity** on a text file. The whole file is tokenized once
-  (no special tokens), optionally cut to ``max_tokens``, and split into consecutive
-  non-overlapping windows of ``window`` tokens (the last may be shorter). With a
-  BOS token (default when the tokenizer has one) each window is fed as
-  ``[BOS] + window`` and every token of the file is predicted exactly once;
-  without one, the first token of each window is context only. The loss is the
+* **Mean token loss / perplexity** on a text: a plain file (one document), a
+  ``.jsonl`` file of ``{"text": ...}`` lines or a folder of ``.txt`` files (one
+  document each; :mod:`fapm_merge.evaluation.inputs`). Each document is tokenized
+  on its own (no special tokens), the documents together optionally cut to
+  ``max_tokens`` (the last one taken is cut), and each is split into consecutive
+  non-overlapping windows of ``window`` tokens (its last may be shorter; no window
+  crosses documents). With a BOS token (default when the tokenizer has one) each
+  window is fed as ``[BOS] + window`` and every token of the text is predicted
+  exactly once; without one, the first token of each window is context only. The loss is the
   token-weighted mean negative log-likelihood (natural log) over all predicted
   tokens; perplexity is ``exp(loss)``.
-* **Task accuracy** on a JSONL file, one object per line:
+* **Task accuracy** on a JSONL file, one object per line (an optional ``"group"``,
+  a string or an int, names the source a prompt comes from; all lines or none):
   ``{"prompt": ..., "answer": "..."}`` is scored by exact match: greedy decoding
   of as many tokens as the answer has, decoded, compared with the answer after
   stripping surrounding whitespace. ``{"prompt": ..., "choices": [...],
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -34,7 +38,6 @@ from fapm_merge.core.threads import map_chunks, worker_count
 from fapm_merge.evaluation.errors import EvalInputError
 from fapm_merge.evaluation.results import PER_ITEM
 from fapm_merge.evaluation.settings import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW, EVAL_DTYPES
-from fapm_merge.io.jsonl import iter_jsonl
 
 T = TypeVar("T")
 
@@ -263,41 +266,85 @@ def text_windows(ids: Sequence[int], window: int, bos: List[int]) -> List[List[i
     return [bos + c for c in chunks if len(bos) + len(c) >= 2]
 
 
+def tokenized_documents(tokenizer, documents: Sequence[str], max_tokens: Optional[int] = None
+                        ) -> List[List[int]]:
+    """Each document tokenized on its own (no special tokens), at most ``max_tokens``
+    tokens in all: the documents in order, the last one taken cut (those after it left out).
+
+    Args:
+        tokenizer: ``ByteTokenizer`` or ``HFTokenizer``.
+        documents (`Sequence[str]`): the texts of :func:`fapm_merge.evaluation.inputs.load_documents`.
+        max_tokens (`int`, *optional*): the cap on the tokens of all documents together.
+    """
+    if isinstance(documents, str):  # a str is a sequence of one-character documents
+        raise TypeError("documents must be a list of texts, not one str: pass [text]")
+    taken: List[List[int]] = []
+    left = max_tokens
+    for document in documents:
+        if left is not None and left <= 0:
+            break
+        ids = tokenizer.encode(document)
+        if left is not None:
+            ids = ids[:left]
+            left -= len(ids)
+        taken.append(ids)
+    return taken
+
+
+def document_windows(documents_ids: Sequence[Sequence[int]], window: int, bos: List[int]
+                     ) -> Tuple[List[List[int]], List[int]]:
+    """The windows of every document (:func:`text_windows`, never crossing a document)
+    and the index of the document each window comes from."""
+    windows: List[List[int]] = []
+    owners: List[int] = []
+    for index, ids in enumerate(documents_ids):
+        these = text_windows(ids, window, bos)
+        windows.extend(these)
+        owners.extend([index] * len(these))
+    return windows, owners
+
+
 def mean_token_loss(
     model,
     tokenizer,
-    text: str,
+    documents: Sequence[str],
     *,
     window: int = DEFAULT_WINDOW,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_tokens: Optional[int] = None,
     use_bos: bool = True,
 ) -> Dict[str, Any]:
-    """Token-weighted mean NLL and perplexity of ``text`` (see the module docstring).
+    """Token-weighted mean NLL and perplexity of ``documents`` (see the module docstring).
+
+    ``documents`` counts the documents that gave at least one window; ``per_item``
+    holds, per window, its summed NLL, its predicted tokens and the index (in
+    ``documents``) of the document it comes from (``window_document``).
 
     Args:
         model: a transformers causal LM.
         tokenizer: ``ByteTokenizer`` or ``HFTokenizer``.
-        text (`str`): the evaluation text.
+        documents (`Sequence[str]`): the evaluation text's documents
+            (:func:`fapm_merge.evaluation.inputs.load_documents`); one for a plain file.
         window (`int`, defaults to 256): tokens per window (without BOS).
         batch_size (`int`, defaults to 8): windows per forward pass.
-        max_tokens (`int`, *optional*): use only the first ``max_tokens`` tokens.
+        max_tokens (`int`, *optional*): use only the first ``max_tokens`` tokens of
+            all documents together (:func:`tokenized_documents`).
         use_bos (`bool`, defaults to True): prepend BOS to every window if the
             tokenizer has one.
     """
-    ids = tokenizer.encode(text)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    documents_ids = tokenized_documents(tokenizer, documents, max_tokens)
     bos = _bos(tokenizer, use_bos)
     limit = _max_positions(model)
-    if limit is not None and min(window, len(ids)) + len(bos) > limit:
+    longest = max((len(ids) for ids in documents_ids), default=0)
+    if limit is not None and min(window, longest) + len(bos) > limit:
         raise EvalInputError(
             f"--window {window}{' + BOS' if bos else ''} exceeds the {limit} positions this model "
             f"was built for; use --window {limit - len(bos)} or less"
         )
-    windows = text_windows(ids, window, bos)
+    windows, window_document = document_windows(documents_ids, window, bos)
     if not windows:
-        raise EvalInputError("the text file has fewer than 2 tokens: nothing to predict")
+        raise EvalInputError("the text file has fewer than 2 tokens"
+                             f"{' in every document' if len(documents_ids) > 1 else ''}: nothing to predict")
     total, count = 0.0, 0
     window_losses: List[float] = []
     window_tokens: List[int] = []
@@ -317,48 +364,14 @@ def mean_token_loss(
         "perplexity": math.exp(loss),
         "tokens": count,
         "windows": len(windows),
+        "documents": len(set(window_document)),
         "window": window,
         "bos": bool(bos),
-        # per window: summed NLL and predicted tokens, what paired intervals need
-        PER_ITEM: {"window_loss": window_losses, "window_tokens": window_tokens},
+        # per window: summed NLL, predicted tokens and document, what paired
+        # (document-clustered) intervals need
+        PER_ITEM: {"window_loss": window_losses, "window_tokens": window_tokens,
+                   "window_document": window_document},
     }
-
-
-def load_task(path: Path) -> List[dict]:
-    """Read and check a task JSONL file (see the module docstring for the format)."""
-    items = []
-    path = Path(path)
-    if not path.exists():
-        raise EvalInputError(f"task file {path} not found")
-    for number, item in iter_jsonl(path, EvalInputError):
-        where = f"{path}:{number}"
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "answer" not in item:
-            raise EvalInputError(f"{where}: each line needs a string 'prompt' and an 'answer'")
-        if "choices" in item:
-            choices = item["choices"]
-            if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
-                raise EvalInputError(f"{where}: 'choices' must be a list of at least two strings")
-            if len(set(choices)) != len(choices):  # equal scores: the pick would be arbitrary
-                raise EvalInputError(f"{where}: 'choices' lists the same text twice")
-            answer = item["answer"]
-            if isinstance(answer, str):
-                if answer not in choices:
-                    raise EvalInputError(f"{where}: answer {answer!r} is not one of the choices")
-                answer = choices.index(answer)
-            # bool is an int in Python: `"answer": true` must not mean choice 1
-            if isinstance(answer, bool) or not (isinstance(answer, int) and 0 <= answer < len(choices)):
-                raise EvalInputError(
-                    f"{where}: answer must be a choice index (0 to {len(choices) - 1}) or a "
-                    f"choice's text, got {answer!r}"
-                )
-            items.append({"prompt": item["prompt"], "choices": choices, "answer": answer})
-        elif isinstance(item["answer"], str) and item["answer"].strip():
-            items.append({"prompt": item["prompt"], "answer": item["answer"]})
-        else:
-            raise EvalInputError(f"{where}: 'answer' must be a non-empty string (or add 'choices')")
-    if not items:
-        raise EvalInputError(f"task file {path} has no examples")
-    return items
 
 
 def _cache_argument(model, output) -> Dict[str, Any]:
@@ -391,7 +404,13 @@ def greedy_continuation(model, prompt_ids: List[int], steps: int) -> List[int]:
 
 
 def task_accuracy(model, tokenizer, items: List[dict], *, use_bos: bool = True) -> Dict[str, Any]:
-    """Accuracy on the examples of :func:`load_task` (exact match or log-likelihood)."""
+    """Accuracy on the examples of :func:`fapm_merge.evaluation.inputs.load_task` (exact
+    match or log-likelihood).
+
+    When the items carry groups, ``groups`` counts the distinct ones and ``per_item``
+    gains ``group``, each prompt's group (a string) in file order; without groups
+    neither key is there.
+    """
     bos = _bos(tokenizer, use_bos)
     correct = {"generate": 0, "choices": 0}
     seen = {"generate": 0, "choices": 0}
@@ -422,13 +441,19 @@ def task_accuracy(model, tokenizer, items: List[dict], *, use_bos: bool = True) 
         correct[kind] += int(ok)
         outcomes.append("1" if ok else "0")
     total = sum(seen.values())
+    # per prompt, in file order: "1" correct, "0" wrong (paired comparisons need it)
+    per_item: Dict[str, Any] = {"correct": "".join(outcomes)}
+    grouping: Dict[str, Any] = {}
+    if any("group" in item for item in items):  # load_task: all or none
+        per_item["group"] = [str(item["group"]) for item in items]
+        grouping["groups"] = len(set(per_item["group"]))
     return {
         "accuracy": sum(correct.values()) / total,
         "examples": total,
         "correct": sum(correct.values()),
         "by_kind": {k: {"examples": seen[k], "correct": correct[k]} for k in seen if seen[k]},
-        # per prompt, in file order: "1" correct, "0" wrong (paired comparisons need it)
-        PER_ITEM: {"correct": "".join(outcomes)},
+        **grouping,
+        PER_ITEM: per_item,
     }
 
 
@@ -440,10 +465,11 @@ __all__ = [
     "save_byte_tokenizer",
     "greedy_continuation",
     "load_model",
-    "load_task",
     "load_tokenizer",
     "mean_token_loss",
     "sequence_logprobs",
     "task_accuracy",
+    "document_windows",
     "text_windows",
+    "tokenized_documents",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from fapm_merge.core.errors import FapmMergeError
+from fapm_merge.evaluation.inputs import document_files
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.io.jsonl import iter_jsonl
 
@@ -56,6 +57,21 @@ def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes: two records were measured on the same data only
     when their digests agree (paired comparisons check it)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def data_digest(path: Path) -> str:
+    """SHA-256 of an evaluation input: a file's bytes (:func:`file_digest`), or for a
+    text folder its documents' sorted file names and bytes (any change to the set of
+    ``.txt`` files, a name or a byte changes it)."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for file in document_files(path):
+        # a name (no NUL in file names) then the fixed-length digest of its bytes: unambiguous
+        digest.update(file.name.encode("utf-8") + b"\0")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def items_path(results: Path) -> Path:
@@ -196,4 +212,4 @@ def progress_line(number: int, total: int, record: Dict[str, Any], width: int = 
 
 
 __all__ = ["ITEMS_SUFFIX", "PER_ITEM", "ResultsError", "SWEEP_MANIFEST", "append_result",
-           "expand_models", "file_digest", "items_path", "progress_line", "read_results"]
+           "data_digest", "expand_models", "file_digest", "items_path", "progress_line", "read_results"]

@@ -17,30 +17,29 @@ from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings
 def check_eval_inputs(plan: TunePlan, settings: TuneSettings) -> None:
     """The task has items and the text gives at least two windows (intervals are
     over windows), before any merge: for the built-in axes (the harness checks its own)."""
-    from fapm_merge.evaluation.metrics import EvalInputError, load_task, load_tokenizer, text_windows
+    from fapm_merge.evaluation.errors import EvalInputError
+    from fapm_merge.evaluation.inputs import load_documents, load_task
+    from fapm_merge.evaluation.metrics import document_windows, load_tokenizer, tokenized_documents
 
     try:
         items = load_task(settings.task) if settings.task is not None else None
-        text = Path(settings.text).read_text(encoding="utf-8") if settings.text is not None else None
-        tokenizer = load_tokenizer(settings.eval.tokenizer, plan.base) if text is not None else None
-    except UnicodeDecodeError as error:
-        raise TuneError(f"--text {settings.text} is not UTF-8 text ({error.reason}); "
-                        "convert it to UTF-8") from None
+        documents = load_documents(settings.text) if settings.text is not None else None
+        tokenizer = load_tokenizer(settings.eval.tokenizer, plan.base) if documents is not None else None
     except EvalInputError as error:
         raise TuneError(str(error)) from None
     if items is not None and len(items) < 2:
         raise TuneError(f"--task {settings.task} has {len(items)} item: a paired accuracy "
                         "comparison needs many (a few hundred resolve a few points of accuracy)")
-    if text is None:
+    if documents is None:
         return
-    ids = tokenizer.encode(text)
-    if settings.eval.max_tokens is not None:
-        ids = ids[: settings.eval.max_tokens]
-    windows = text_windows(ids, settings.eval.window, [])
+    # the windows eval will score (per document, --max-tokens over all), counted without BOS
+    documents_ids = tokenized_documents(tokenizer, documents, settings.eval.max_tokens)
+    windows, _ = document_windows(documents_ids, settings.eval.window, [])
     full = sum(1 for w in windows if len(w) == settings.eval.window)
     if full < 2:
+        tokens = sum(len(ids) for ids in documents_ids)
         raise TuneError(
-            f"--text {settings.text} gives {len(ids)} tokens, {full} full window(s) of "
+            f"--text {settings.text} gives {tokens} tokens, {full} full window(s) of "
             f"{settings.eval.window}: the forgetting intervals are computed over windows and "
             "need at least 2 (a few dozen for useful ones); give a longer text or a smaller --window")
 

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from fapm_merge.evaluation.results import file_digest, read_results
+from fapm_merge.evaluation.results import data_digest, file_digest, read_results
 from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings
 
 PLAN_FILE = "tune.json"
@@ -35,7 +35,7 @@ def fingerprint(recipe: dict, plan: TunePlan, settings: TuneSettings) -> dict:
         "recipe": recipe,
         "variants": [{"name": v.name, "recipe": v.recipe, "seed": v.seed} for v in plan.variants],
         "evaluation": evaluation,
-        "text_sha256": file_digest(settings.text) if settings.text else None,
+        "text_sha256": data_digest(settings.text) if settings.text else None,
         "task_sha256": file_digest(settings.task) if settings.task else None,
         "merge_device": settings.device,
         # what is held out decides what the selection sees
