@@ -251,7 +251,7 @@ def run_tune(
     settings, held_out = split_data(work, settings)
     check_eval_inputs(plan, settings)
     if settings.eval.task is not None:  # before anything is evaluated: accuracy at most 1
-        from fapm_merge.evaluation.metrics import load_task
+        from fapm_merge.evaluation.inputs import load_task
 
         check_resolvable(len(load_task(settings.eval.task)), 1.0, settings, measured=False)
     results = work / RESULTS_FILE
