@@ -38,14 +38,22 @@ def demo(tmp_path_factory):
     return root, recipe, files
 
 
+DECIDABLE = Rule(min_retention=0.8)
+"""A repair rule the demo's 40 proxy prompts can resolve (margin 0.2 of an accuracy
+of 1; 40 prompts resolve about 0.10): the default 0.99 stops every tune here up front."""
+
+
 def settings(files, **extra):
-    return TuneSettings(text=files["text"], task=files["task"],
-                        eval=EvalSettings(tokenizer="bytes", window=256), **{**SWEEP, **extra})
+    """The tests' tune: a rule the demo data can decide and, unless a test is about the
+    held-out check, no held-out part (it adds three evaluations to every tune)."""
+    return TuneSettings(**{"text": files["text"], "task": files["task"],
+                           "eval": EvalSettings(tokenizer="bytes", window=256),
+                           **SWEEP, "rule": DECIDABLE, "confirm_share": 0, **extra})
 
 
 @pytest.fixture(scope="session")
 def first_run(demo, tmp_path_factory):
-    """One default tune on the demo pair, watching how many variants sit on disk."""
+    """One tune on the demo pair, watching how many variants sit on disk."""
     root, recipe, files = demo
     out = tmp_path_factory.mktemp("tune-run") / "chosen"
     on_disk = []
@@ -181,8 +189,7 @@ def test_bad_input_is_a_clear_error_and_nothing_is_written(case, demo, tmp_path)
         match = r"base_model: .*bsae: no such folder"
     out = tmp_path / "out"
     with pytest.raises(TuneError, match=match):
-        run_tune(recipe, out, TuneSettings(text=text, task=task,
-                                           eval=EvalSettings(tokenizer="bytes", window=256), **SWEEP))
+        run_tune(recipe, out, settings(files, text=text, task=task))
     assert not out.exists()
 
 
@@ -222,7 +229,8 @@ def test_tune_on_a_real_lora_adapter(lora_case, tmp_path):
     out = tmp_path / "chosen"
     first = run_tune(recipe, out, TuneSettings(
         text=files["text"], task=files["task"], eval=EvalSettings(tokenizer="bytes", window=128),
-        sparsities=[0.1, 0.5], baselines=["magnitude", "wiseft"], alphas=[0.5], keep_variants=True))
+        sparsities=[0.1, 0.5], baselines=["magnitude", "wiseft"], alphas=[0.5], keep_variants=True,
+        rule=DECIDABLE, confirm_share=0))
     work = out.with_name("chosen.tune")
     names = sorted(Path(r["model"]).name for r in read_results(work / "results.jsonl"))
     assert names == sorted(["base", "finetuned", "fapm_lora-s0.1", "fapm_lora-s0.5",
@@ -239,7 +247,7 @@ def test_tune_on_a_real_lora_adapter(lora_case, tmp_path):
     result = run_tune(recipe, chosen, TuneSettings(
         text=files["text"], task=files["task"], eval=EvalSettings(tokenizer="bytes", window=128),
         sparsities=[0.1, 0.5], baselines=["magnitude", "wiseft"], alphas=[0.5],
-        rule=Rule("max-cf", max_cf=bound), work_dir=work))
+        rule=Rule("max-cf", max_cf=bound), confirm_share=0, work_dir=work))
     assert result.evaluated == 0 and result.tradeoff.selected.name == name
     again = tmp_path / "again"
     run_mergekit_yaml(yaml.safe_load((chosen / "mergekit_config.yml").read_text()), again)
@@ -255,8 +263,9 @@ def test_tune_command_line_reports_stages_and_exit_status(demo, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [
         "tune", str(recipe_path), str(out), "--text", str(files["text"]), "--task", str(files["task"]),
-        "--tokenizer", "bytes", "--sparsity", "0.9", "--baselines", "", "--min-retention", "1.0"])
-    # retention 1.0 cannot be met by a pruned variant on this proxy task: nothing chosen
+        "--tokenizer", "bytes", "--sparsity", "0.9", "--baselines", "", "--min-retention", "0.8",
+        "--confirm-share", "0"])
+    # FAPM at 0.9 keeps under half of this proxy task (the docs' table): nothing chosen
     assert result.exit_code == 3, result.output
     assert "nothing written to" in result.output and "no variant qualifies" in result.output
     # Regression (issue 22): the "nothing selected" explanation was printed twice
@@ -278,7 +287,8 @@ def test_a_failure_inside_a_merge_names_its_cause_and_the_rerun_resumes(demo, tm
     recipe_path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
     args = ["tune", str(recipe_path), str(out), "--text", str(files["text"]), "--task", str(files["task"]),
-            "--tokenizer", "bytes", "--sparsity", "0.9", "--baselines", ""]
+            "--tokenizer", "bytes", "--sparsity", "0.9", "--baselines", "", "--min-retention", "0.8",
+            "--confirm-share", "0"]
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "shard"))
@@ -315,3 +325,176 @@ def test_ctrl_c_says_the_same_command_resumes(demo, tmp_path, monkeypatch):
     assert "interrupted: run the same command to resume" in result.output
     assert str(out.with_name("out.tune")) in result.output
     assert "Aborted!" not in result.output
+
+
+# --------------------------------------------------- select, then confirm (issue 21)
+
+
+def test_prompts_that_cannot_resolve_the_margin_stop_the_tune_before_any_merge(demo, tmp_path):
+    """The default retention (0.99) asks for a margin of 0.01 accuracy points; the 28
+    selection prompts left after the 30% held out resolve about 0.13: tune stops before
+    evaluating anything, naming both remedies with their numbers."""
+    _, recipe, files = demo
+    out = tmp_path / "out"
+    with pytest.raises(TuneError) as error:
+        run_tune(recipe, out, settings(files, rule=Rule(), confirm_share=0.3))
+    assert str(error.value) == (
+        "the 28 selection prompts cannot show that a variant keeps 0.99 of the fine-tune's accuracy: "
+        "that is a margin of 0.010, and these prompts resolve about 0.132 (80% power for a variant "
+        "with no true loss that answers 2% of the prompts differently). Every variant would come out "
+        "'undecided'. Either give about 1397 selection prompts, or ask for what these can show: "
+        "--min-retention 0.868 (docs/choosing-sparsity.md)")
+    work = out.with_name("out.tune")
+    assert not out.exists() and not (work / "variants").exists()
+    assert not (work / "results.jsonl").exists()  # not even the base and the fine-tune
+    # what the message offers is enough: the same prompts with --min-retention 0.868 pass the
+    # check (stopped at the first evaluation here, so nothing is evaluated either)
+    from fapm_merge.evaluation.noninferiority import PLANNING_DISCORDANCE, resolvable_margin
+
+    assert resolvable_margin(28, PLANNING_DISCORDANCE) <= 1 - 0.868
+
+
+def test_a_fine_tune_accuracy_that_leaves_the_margin_unresolvable_stops_before_the_variants(demo, tmp_path):
+    """The check again once the fine-tune's accuracy is measured: at 0.25 a retention of
+    0.8 is a margin of 0.05, under the 0.10 that 40 prompts resolve. The anchors are
+    evaluated, no variant is merged."""
+    _, recipe, files = demo
+    task = tmp_path / "task.jsonl"
+    items = [json.loads(line) for line in files["task"].read_text().splitlines()]
+    for index, item in enumerate(items):  # the fine-tune's choice stays the answer on every 4th
+        if index % 4:
+            item["answer"] = (item["answer"] + 1) % len(item["choices"])
+    task.write_text("".join(json.dumps(item) + "\n" for item in items))
+    out = tmp_path / "out"
+    seen = []
+    with pytest.raises(TuneError) as error:
+        run_tune(recipe, out, settings(files, task=task),
+                 progress=lambda stage, done, total, detail: seen.append(stage))
+    assert str(error.value) == (
+        "the 40 selection prompts cannot show that a variant keeps 0.8 of the fine-tune's accuracy "
+        "(0.250): that is a margin of 0.050, and these prompts resolve about 0.101 (80% power for a "
+        "variant with no true loss that answers 2% of the prompts differently). Every variant would "
+        "come out 'undecided'. Either give about 107 selection prompts, or ask for what these can "
+        "show: --min-retention 0.595 (docs/choosing-sparsity.md)")
+    work = out.with_name("out.tune")
+    assert [Path(r["model"]).name for r in read_results(work / "results.jsonl")] == ["base", "finetuned"]
+    assert "variants" not in seen and not (work / "variants").exists() and not out.exists()
+
+
+CONFIRMING = dict(sparsities=[0.9], baselines=["wiseft"], alphas=[0.9], rule=Rule(min_retention=0.8))
+"""A grid and a rule under which the repair rule picks a variant on the docs' demo data
+(docs/choosing-sparsity.md, "On the demo pair": WiSE-FT at 0.9)."""
+
+
+@pytest.fixture(scope="session")
+def confirmed(demo, tmp_path_factory):
+    """The docs' demo data (120 prompts, 4,096 bytes), a seeded 30% held out, a rule that
+    selects: the tune, its progress, and the files."""
+    root, recipe, _ = demo
+    files = demo_eval_data(Path(recipe["base_model"]), Path(recipe["models"][0]["model"]),
+                           root / "eval-docs")
+    out = tmp_path_factory.mktemp("tune-confirm") / "chosen"
+    seen = []
+    result = run_tune(recipe, out, settings(files, **CONFIRMING, confirm_share=0.3),
+                      progress=lambda stage, done, total, detail: seen.append((stage, detail)))
+    return out, result, files, seen
+
+
+def _lines(path: Path):
+    return path.read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_the_selection_sees_only_its_part_of_the_split(confirmed):
+    out, result, files, _ = confirmed
+    data = out.with_name("chosen.tune") / "data"
+    assert sorted(p.name for p in data.iterdir()) == ["confirm-task.jsonl", "confirm-text.txt",
+                                                      "select-task.jsonl", "select-text.txt"]
+    select, held = _lines(data / "select-task.jsonl"), _lines(data / "confirm-task.jsonl")
+    assert (len(select), len(held)) == (84, 36) and not set(select) & set(held)
+    assert sorted(select + held) == sorted(_lines(files["task"]))
+    # one text, cut once: the selection part is its beginning, the held-out part the rest
+    text = files["text"].read_text()
+    assert (data / "select-text.txt").read_text() + (data / "confirm-text.txt").read_text() == text
+    for record in read_results(out.with_name("chosen.tune") / "results.jsonl"):
+        assert record["metrics"]["task"]["file"] == str(data / "select-task.jsonl")
+        assert record["metrics"]["task"]["examples"] == 84
+        assert record["metrics"]["text"]["file"] == str(data / "select-text.txt")
+
+
+@pytest.mark.slow
+def test_the_pick_is_checked_on_the_held_out_part_and_still_equals_mergekit_yaml(confirmed, tmp_path):
+    out, result, files, seen = confirmed
+    work = out.with_name("chosen.tune")
+    assert result.tradeoff.selected.name == "wiseft-a0.9" and result.out_dir == out.absolute()
+    held = read_results(work / "confirm.jsonl")
+    assert [r["model"] for r in held] == [str(result.tradeoff.base.model),
+                                          str(result.tradeoff.finetuned.model), str(out.absolute())]
+    for record in held:
+        assert record["metrics"]["task"]["file"] == str(work / "data" / "confirm-task.jsonl")
+        assert record["metrics"]["task"]["examples"] == 36
+    document = json.loads((work / "tradeoff.json").read_text())
+    confirmation = document["confirmation"]
+    assert confirmation == result.tradeoff.confirmation.to_json()
+    assert confirmation["selected"] == "wiseft-a0.9" and confirmation["prompts"] == 36
+    assert confirmation["status"] in ("confirmed", "not shown")  # written: not contradicted
+    assert confirmation["accuracy"] == {"base": held[0]["metrics"]["task"]["accuracy"],
+                                        "finetuned": held[1]["metrics"]["task"]["accuracy"],
+                                        "selected": held[2]["metrics"]["task"]["accuracy"]}
+    assert json.loads((out / "tradeoff.json").read_text()) == document
+    assert [stage for stage, _ in seen if stage == "confirm"] and seen[-1][0] == "rebuild"
+    # the model the held-out data checked is what mergekit-yaml makes of its recipe
+    again = tmp_path / "again"
+    run_mergekit_yaml(yaml.safe_load((out / "mergekit_config.yml").read_text()), again)
+    mine, theirs = load_state(out), load_state(again)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+@pytest.mark.slow
+def test_a_tune_run_again_reuses_the_held_out_evaluations_of_base_and_fine_tune(confirmed, demo, tmp_path):
+    out, first, files, _ = confirmed
+    _, recipe, _ = demo
+    work = out.with_name("chosen.tune")
+    before = _lines(work / "confirm.jsonl")
+    seen = []
+    again = tmp_path / "again"
+    result = run_tune(recipe, again, settings(files, **CONFIRMING, confirm_share=0.3, work_dir=work),
+                      progress=lambda stage, done, total, detail: seen.append((stage, detail)))
+    assert result.evaluated == 0 and result.tradeoff.selected.name == first.tradeoff.selected.name
+    after = _lines(work / "confirm.jsonl")
+    assert after[:3] == before and len(after) == 4  # only the new copy was evaluated
+    assert json.loads(after[3])["model"] == str(again.absolute())
+    assert [detail for stage, detail in seen if stage == "confirm" and detail.startswith("evaluating")] \
+        == ["evaluating wiseft-a0.9 on the held-out data"]
+    # the same bits, so the same held-out numbers
+    assert result.tradeoff.confirmation.to_json() == first.tradeoff.confirmation.to_json()
+
+
+@pytest.mark.slow
+def test_held_out_files_given_are_not_split_and_give_the_held_out_numbers(confirmed, demo, tmp_path):
+    """--confirm-task/--confirm-text: nothing is split, the selection uses the whole
+    --task/--text, and the held-out numbers come from the files given. Given the first
+    run's two parts, the tune is that run again, number for number."""
+    from fapm_merge.evaluation.results import data_digest, file_digest
+
+    out, first, _, _ = confirmed
+    _, recipe, _ = demo
+    given = tmp_path / "given"
+    shutil.copytree(out.with_name("chosen.tune") / "data", given)
+    chosen = tmp_path / "chosen"
+    result = run_tune(recipe, chosen, settings(
+        {"task": given / "select-task.jsonl", "text": given / "select-text.txt"}, **CONFIRMING,
+        confirm_task=given / "confirm-task.jsonl", confirm_text=given / "confirm-text.txt"))
+    work = chosen.with_name("chosen.tune")
+    assert not (work / "data").exists()
+    assert {r["metrics"]["task"]["file"] for r in read_results(work / "results.jsonl")} == \
+        {str(given / "select-task.jsonl")}
+    confirmation = result.tradeoff.confirmation.to_json()
+    assert confirmation["files"] == {
+        "task": {"file": str(given / "confirm-task.jsonl"), "sha256": file_digest(given / "confirm-task.jsonl")},
+        "text": {"file": str(given / "confirm-text.txt"), "sha256": data_digest(given / "confirm-text.txt")}}
+    earlier = first.tradeoff.confirmation.to_json()
+    assert {k: v for k, v in confirmation.items() if k != "files"} == \
+        {k: v for k, v in earlier.items() if k != "files"}
+    assert [p.to_json()["accuracy"] for p in result.tradeoff.points] == \
+        [p.to_json()["accuracy"] for p in first.tradeoff.points]
