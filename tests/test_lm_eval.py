@@ -448,3 +448,31 @@ def test_tune_without_task_file_needs_a_harness_metric(byte_pair, tmp_path):
     with pytest.raises(TuneError, match="local-completions asks one server for one model"):
         run_tune(recipe, tmp_path / "o", settings)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.tune").exists()
+
+
+@pytest.mark.slow
+def test_tune_on_a_harness_metric_stops_before_the_variants_when_its_prompts_cannot_decide(
+        byte_pair, tmp_path):
+    """Regression (issue 21): the check that the prompts resolve the retention margin
+    skipped harness metrics, so a tune on lm_eval:TASK/METRIC with the default 0.99
+    merged and evaluated every variant only to answer "undecided" (hours per variant at
+    scale). The prompts are counted from the fine-tune's record, before any variant."""
+    from fapm_merge.workflows.tune import TuneError, TuneSettings, run_tune
+
+    recipe = {"merge_method": "fapm", "base_model": str(byte_pair["base"]), "dtype": "float32",
+              "models": [{"model": str(byte_pair["finetuned"]), "parameters": {"sparsity": 0.9}}]}
+    out = tmp_path / "out"
+    seen = []
+    with pytest.raises(TuneError) as error:
+        run_tune(recipe, out, TuneSettings(
+            task_metric="lm_eval:my_task/acc", text_metric="lm_eval:my_text",
+            eval=EvalSettings(use_bos=False, lm_eval_include=byte_pair["tasks"],
+                              lm_eval_model_args="add_bos_token=False"),
+            sparsities=[0.9], baselines=[]), progress=lambda stage, *_: seen.append(stage))
+    records = read_results(tmp_path / "out.tune" / "results.jsonl")
+    assert [Path(r["model"]).name for r in records] == ["base", "finetuned"]
+    accuracy = records[1]["metrics"]["lm_eval:my_task/acc"]["accuracy"]
+    assert str(error.value).startswith(
+        f"the 24 selection prompts cannot show that a variant keeps 0.99 of the fine-tune's accuracy "
+        f"({accuracy:.3f}): that is a margin of {0.01 * accuracy:.3f}, and these prompts resolve about 0.147")
+    assert "variants" not in seen and not (tmp_path / "out.tune" / "variants").exists() and not out.exists()

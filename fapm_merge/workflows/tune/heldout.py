@@ -75,7 +75,8 @@ def check_resolvable(prompts: int, accuracy: float, settings: TuneSettings, *, m
     """Stop when ``prompts`` selection prompts cannot show the retention margin even for a
     variant with no true loss that differs from the fine-tune on a share
     :data:`~fapm_merge.evaluation.noninferiority.PLANNING_DISCORDANCE` of the prompts
-    (80% power; the repair rule only).
+    (80% power; the repair rule only). A harness task's prompts are counted only once
+    the fine-tune is evaluated (``measured``): its records say how many there were.
 
     Args:
         prompts (`int`): selection prompts.
@@ -85,7 +86,7 @@ def check_resolvable(prompts: int, accuracy: float, settings: TuneSettings, *, m
         measured (`bool`): whether ``accuracy`` was measured (the message says so).
     """
     rule = settings.rule
-    if rule.kind != "repair" or settings.task_metric != TASK_METRIC:
+    if rule.kind != "repair" or not (measured or settings.task_metric == TASK_METRIC):
         return
     margin = ni.margin_for(rule.min_retention, accuracy)
     resolvable = ni.resolvable_margin(prompts, ni.PLANNING_DISCORDANCE)
