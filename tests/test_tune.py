@@ -536,3 +536,23 @@ def test_a_pick_the_held_out_data_contradict_is_not_written_and_exits_3(confirme
     assert confirmation["repair"]["cf_reduction"]["estimate"] < 0  # the pick forgets more there
     assert [r["model"] for r in read_results(work / "confirm.jsonl")] == \
         [str(base), str(finetuned), str(out.absolute())]
+
+
+def test_a_held_out_part_too_short_to_measure_stops_the_tune_before_any_evaluation(demo, tmp_path):
+    """Regression (issue 21): after the split, tune checked the whole --task and --text
+    again instead of the parts it evaluates, so a held-out text part with no full window
+    surfaced only after every variant was evaluated, in the held-out check."""
+    _, recipe, files = demo
+    text = tmp_path / "general.txt"  # 12 lines of 65 bytes: 3 windows of 256, the last 4 lines 1
+    text.write_text("".join(files["text"].read_text().splitlines(keepends=True)[:12]))
+    out = tmp_path / "out"
+    with pytest.raises(TuneError) as error:
+        run_tune(recipe, out, settings(files, text=text, confirm_share=0.3))
+    held_out = out.with_name("out.tune") / "data" / "confirm-text.txt"
+    tokens = len(held_out.read_bytes())
+    assert str(error.value) == (
+        f"--confirm-text {held_out} gives {tokens} tokens, 1 full window(s) of 256: the forgetting "
+        "intervals are computed over windows and need at least 2 (a few dozen for useful ones); give a "
+        "longer text or a smaller --window; or hold out more with --confirm-share, or give "
+        "--confirm-task/--confirm-text")
+    assert not (out.with_name("out.tune") / "results.jsonl").exists() and not out.exists()

@@ -10,38 +10,49 @@ from pathlib import Path
 
 from fapm_merge.evaluation.lm_eval import explain_missing
 from fapm_merge.evaluation.results import read_results
-from fapm_merge.evaluation.settings import TASK_METRIC
+from fapm_merge.evaluation.settings import TASK_METRIC, EvalSettings
 from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings
 
 
-def check_eval_inputs(plan: TunePlan, settings: TuneSettings) -> None:
+def check_eval_inputs(plan: TunePlan, evaluation: EvalSettings, *, held_out: bool = False) -> None:
     """The task has items and the text gives at least two windows (intervals are
-    over windows), before any merge: for the built-in axes (the harness checks its own)."""
+    over windows), before any merge: for the built-in axes (the harness checks its own).
+
+    Args:
+        plan (`TunePlan`): the tune (its base gives the tokenizer).
+        evaluation (`EvalSettings`): what is evaluated: the whole ``--task``/``--text``,
+            their selection parts, or (``held_out``) the held-out parts.
+        held_out (`bool`, defaults to False): name the ``--confirm-*`` options in the errors.
+    """
     from fapm_merge.evaluation.errors import EvalInputError
     from fapm_merge.evaluation.inputs import load_documents, load_task
     from fapm_merge.evaluation.metrics import document_windows, load_tokenizer, tokenized_documents
 
+    task_option, text_option = ("--confirm-task", "--confirm-text") if held_out else ("--task", "--text")
+    remedy = ("; or hold out more with --confirm-share, or give --confirm-task/--confirm-text"
+              if held_out else "")
     try:
-        items = load_task(settings.task) if settings.task is not None else None
-        documents = load_documents(settings.text) if settings.text is not None else None
-        tokenizer = load_tokenizer(settings.eval.tokenizer, plan.base) if documents is not None else None
+        items = load_task(evaluation.task) if evaluation.task is not None else None
+        documents = load_documents(evaluation.text) if evaluation.text is not None else None
+        tokenizer = load_tokenizer(evaluation.tokenizer, plan.base) if documents is not None else None
     except EvalInputError as error:
         raise TuneError(str(error)) from None
     if items is not None and len(items) < 2:
-        raise TuneError(f"--task {settings.task} has {len(items)} item: a paired accuracy "
-                        "comparison needs many (a few hundred resolve a few points of accuracy)")
+        raise TuneError(f"{task_option} {evaluation.task} has {len(items)} item: a paired accuracy "
+                        "comparison needs many (a few hundred resolve a few points of accuracy)" + remedy)
     if documents is None:
         return
     # the windows eval will score (per document, --max-tokens over all), counted without BOS
-    documents_ids = tokenized_documents(tokenizer, documents, settings.eval.max_tokens)
-    windows, _ = document_windows(documents_ids, settings.eval.window, [])
-    full = sum(1 for w in windows if len(w) == settings.eval.window)
+    documents_ids = tokenized_documents(tokenizer, documents, evaluation.max_tokens)
+    windows, _ = document_windows(documents_ids, evaluation.window, [])
+    full = sum(1 for w in windows if len(w) == evaluation.window)
     if full < 2:
         tokens = sum(len(ids) for ids in documents_ids)
         raise TuneError(
-            f"--text {settings.text} gives {tokens} tokens, {full} full window(s) of "
-            f"{settings.eval.window}: the forgetting intervals are computed over windows and "
-            "need at least 2 (a few dozen for useful ones); give a longer text or a smaller --window")
+            f"{text_option} {evaluation.text} gives {tokens} tokens, {full} full window(s) of "
+            f"{evaluation.window}: the forgetting intervals are computed over windows and "
+            "need at least 2 (a few dozen for useful ones); give a longer text or a smaller --window"
+            + remedy)
 
 
 def _variant_bytes(plan: TunePlan, recipe: dict) -> int:

@@ -234,7 +234,7 @@ def run_tune(
         raise TuneError(f"--max-on-disk must be at least 1, got {settings.max_on_disk}")
     settings = settings.resolved()  # first: it says which of --text and --task are needed
     plan = plan_tune(recipe, settings, work)
-    check_eval_inputs(plan, settings)
+    check_eval_inputs(plan, settings.eval)
     copy_tokenizer = settings.copy_tokenizer
     if copy_tokenizer is None:  # a base without tokenizer files would log a traceback
         copy_tokenizer = any((plan.base / name).exists()
@@ -249,7 +249,9 @@ def run_tune(
     open_work(work, fingerprint(recipe, plan, settings), settings.restart)
     # the held-out part first: the selection never sees it
     settings, held_out = split_data(work, settings)
-    check_eval_inputs(plan, settings)
+    check_eval_inputs(plan, settings.eval)  # the parts, as they will be evaluated
+    if held_out is not None:
+        check_eval_inputs(plan, held_out, held_out=True)
     if settings.eval.task is not None:  # before anything is evaluated: accuracy at most 1
         from fapm_merge.evaluation.inputs import load_task
 
