@@ -521,6 +521,9 @@ def _tune_settings(evaluation: EvalSettings, rule: Rule, sparsities, baselines, 
 @_eval_option("lm_eval_model_args", help="Passed to the harness's model_args, e.g. dtype=bfloat16,tensor_parallel_size=8 (docs/scale.md).")
 @_eval_option("lm_eval_include", type=click.Path(exists=True, file_okay=False, path_type=Path), callback=_absolute, help="Folder of your own lm-eval task YAML files.")
 @_eval_option("lm_eval_limit", type=click.IntRange(1), help="Documents per lm-eval task (quick runs).")
+@_tune_option("confirm_task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Held-out task JSONL: the base, the fine-tune and the chosen model are scored on it after the decision (default: --confirm-share of --task, split off).")
+@_tune_option("confirm_text", type=click.Path(exists=True, path_type=Path), help="Held-out text (file, .jsonl of documents or folder of .txt) for the same check (default: --confirm-share of --text's documents, split off).")
+@_tune_option("confirm_share", type=float, help="Share of --task's prompts (whole groups) and --text's documents held out for the check; 0: no check unless both --confirm files are given.")
 @_tune_option("ray", is_flag=False, flag_value="local", help="Run the variants as Ray tasks (extra 'distributed'): --ray alone starts Ray here; --ray ADDRESS joins a cluster (auto, HOST:6379).")
 @_tune_option("ray_gpus", type=click.IntRange(1), help="GPUs per Ray task with --device cuda (vLLM's tensor_parallel_size).")
 @_tune_option("sparsities", "--sparsity", help=f"FAPM values, comma-separated (default: {_listed(DEFAULT_SPARSITIES[FAPM])} for {FAPM}; {_listed(DEFAULT_SPARSITIES[FAPM_LORA])} for {FAPM_LORA}).")
@@ -569,7 +572,8 @@ def tune(recipe, out_dir, settings: TuneSettings):
     except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
     names = {"anchors": "evaluate base and fine-tune", "variants": "merge + evaluate variants",
-             "decision": "decide", "rebuild": "rebuild the chosen model"}
+             "decision": "decide", "confirm": "check the choice on held-out data",
+             "rebuild": "rebuild the chosen model"}
     with progress_reporter("tune", names, console=console) as progress:
         try:
             result = run_tune(parsed, out_dir, settings, progress=progress,

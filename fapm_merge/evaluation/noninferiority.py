@@ -42,6 +42,12 @@ POWER = 0.8
 QUALIFIES, UNDECIDED, FAILS = "qualifies", "undecided", "fails"
 """The verdicts of :func:`noninferior`."""
 
+PLANNING_DISCORDANCE = 0.02
+"""Share of prompts a repaired variant is assumed to answer differently from the
+fine-tune when nothing is measured yet (tune's check before the variants): the low end
+of what pruned variants that keep the task show (docs/choosing-sparsity.md), so the
+check only stops a tune that could not decide even then."""
+
 RULE_OF_THREE = 3.0
 """Seeing no discordant prompt among n leaves rates up to about 3/n plausible (the
 one-sided 95% bound of a rate none of n showed): the least discordance a plan assumes."""
@@ -395,6 +401,7 @@ def plan(prompts: int, margin: float, discordance: float, *, power: float = POWE
 
 __all__ = [
     "FAILS",
+    "PLANNING_DISCORDANCE",
     "POWER",
     "QUALIFIES",
     "UNDECIDED",

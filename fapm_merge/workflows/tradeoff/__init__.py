@@ -58,7 +58,7 @@ rules), :mod:`.confirm` (the held-out check of a selection), :mod:`.report` (the
 tables and sentences).
 """
 
-from fapm_merge.workflows.tradeoff.confirm import Confirmation, confirm
+from fapm_merge.workflows.tradeoff.confirm import CONFIRMED, CONTRADICTED, NOT_SHOWN, Confirmation, confirm
 from fapm_merge.workflows.tradeoff.points import Point, Tradeoff, compute_tradeoff, read_results
 from fapm_merge.workflows.tradeoff.report import summary_lines, tradeoff_markdown, tradeoff_table
 from fapm_merge.workflows.tradeoff.rules import (
@@ -73,6 +73,9 @@ from fapm_merge.workflows.tradeoff.rules import (
 )
 
 __all__ = [
+    "CONFIRMED",
+    "CONTRADICTED",
+    "NOT_SHOWN",
     "MIN_REPAIR",
     "MIN_RETENTION",
     "Confirmation",

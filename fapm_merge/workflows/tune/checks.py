@@ -68,8 +68,9 @@ def check_disk(work: Path, plan: TunePlan, count: int, recipe: dict) -> None:
             "bigger disk")
 
 
-def check_anchors(results: Path, plan: TunePlan, settings: TuneSettings) -> None:
-    """Stop before the variants when the decision could never be made."""
+def check_anchors(results: Path, plan: TunePlan, settings: TuneSettings) -> dict:
+    """Stop before the variants when the decision could never be made; the fine-tune's
+    task metric (``accuracy``, ``examples``) for the checks that follow."""
     records = {r["model"]: r for r in read_results(results, TuneError)}
     ft = records[str(plan.finetuned)]["metrics"]
     for name, kind, option in ((settings.task_metric, "accuracy", "--task-metric"),
@@ -83,6 +84,7 @@ def check_anchors(results: Path, plan: TunePlan, settings: TuneSettings) -> None
             f"the fine-tuned model scores 0 on {what} ({task['examples']} items): there is "
             "no task accuracy to keep, so no variant can be chosen. Check the task file (answers, "
             "prompt format, --bos/--no-bos as in training) before sweeping")
+    return task
 
 
 __all__ = ["check_anchors", "check_disk", "check_eval_inputs"]

@@ -10,6 +10,7 @@ from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.core.rules import DEFAULT_LORA_SPARSITY, DEFAULT_SPARSITY, FAPM, FAPM_LORA
 from fapm_merge.evaluation.errors import EvalInputError
 from fapm_merge.evaluation.lm_eval import DEFAULT_PERPLEXITY_METRIC, PERPLEXITY_METRICS, parse_metric, resolve_axes
+from fapm_merge.evaluation.split import CONFIRM_SHARE
 from fapm_merge.evaluation.settings import (
     LM_EVAL_LOADING_BACKENDS,
     LM_EVAL_SERVER_BACKEND,
@@ -83,6 +84,12 @@ class TuneSettings:
             ``HOST:6379``); None runs them in this process.
         ray_gpus (`int`, defaults to 1): GPUs per Ray task when ``device`` is not
             ``cpu`` (a model vLLM splits over N GPUs needs N).
+        confirm_task, confirm_text (`Path`, *optional*): held-out task and text on which
+            the base, the fine-tune and the chosen variant are evaluated again after the
+            decision (the card's headline numbers); each one not given is split off its
+            selection file (:mod:`fapm_merge.evaluation.split`).
+        confirm_share (`float`, defaults to 0.3): share of the prompts and documents held
+            out when a file is split; 0: no held-out check (unless both files are given).
     """
 
     text: Optional[Path] = None
@@ -104,6 +111,9 @@ class TuneSettings:
     text_metric: str = TEXT_METRIC
     ray: Optional[str] = None
     ray_gpus: int = 1
+    confirm_task: Optional[Path] = None
+    confirm_text: Optional[Path] = None
+    confirm_share: float = CONFIRM_SHARE
 
     def resolved(self) -> "TuneSettings":
         """These settings as a run applies them, as a new object (raises TuneError).

@@ -23,9 +23,10 @@ from fapm_merge.evaluation.results import append_result, read_results
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.recipe import RECIPE_FILE
 from fapm_merge.workflows.executors import Executor, ExecutorError, RayExecutor, SerialExecutor, TaskFailure
-from fapm_merge.workflows.tradeoff import Tradeoff, compute_tradeoff
+from fapm_merge.workflows.tradeoff import CONTRADICTED, Tradeoff, compute_tradeoff, confirm
 from fapm_merge.workflows.tune.card import model_card
 from fapm_merge.workflows.tune.checks import check_anchors, check_disk, check_eval_inputs
+from fapm_merge.workflows.tune.heldout import CONFIRM_FILE, check_resolvable, split_data
 from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings, plan_tune, variant_dir
 from fapm_merge.workflows.progress import Report, silent
 from fapm_merge.workflows.tune.workdir import RESULTS_FILE, evaluated_models, fingerprint, open_work, work_folder
@@ -158,7 +159,8 @@ def _evaluate_models(executor: Executor, plan: TunePlan, work: Path,
     jobs = [job for job in anchors if str(job.folder) not in done]
     reused = len(anchors) - len(jobs)
     run("anchors", jobs, len(anchors))
-    check_anchors(results, plan, settings)
+    finetuned = check_anchors(results, plan, settings)
+    check_resolvable(finetuned.get("examples", 0), finetuned["accuracy"], settings, measured=True)
 
     # 2. the variants; in this process a chunk of max_on_disk is merged in one sweep
     # pass (the checkpoints read once per chunk), Ray tasks side by side merge one each
@@ -245,12 +247,17 @@ def run_tune(
         except ExecutorError as error:
             raise TuneError(str(error)) from None
     open_work(work, fingerprint(recipe, plan, settings), settings.restart)
+    # the held-out part first: the selection never sees it
+    settings, held_out = split_data(work, settings)
+    check_eval_inputs(plan, settings)
+    if settings.eval.task is not None:  # before anything is evaluated: accuracy at most 1
+        from fapm_merge.evaluation.metrics import load_task
+
+        check_resolvable(len(load_task(settings.eval.task)), 1.0, settings, measured=False)
     results = work / RESULTS_FILE
     done = evaluated_models(results)
     evaluated, reused = _evaluate_models(executor, plan, work, settings, copy_tokenizer, recipe,
                                          results, done, progress)
-    if plan.finetuned_variant is not None and not settings.keep_variants and plan.finetuned.exists():
-        shutil.rmtree(plan.finetuned)
 
     # 3. the decision
     wanted = {str(plan.base), str(plan.finetuned)} | {str(variant_dir(work, v)) for v in plan.variants}
@@ -267,6 +274,11 @@ def run_tune(
     # 4. the chosen model, rebuilt from its recipe
     by_folder = {str(variant_dir(work, v)): v for v in plan.variants}
     chosen = by_folder.get(result.selected.model) if result.selected else None
+    held_out_records = []
+    if chosen is not None and held_out is not None:
+        held_out_records = _held_out_anchors(plan, work, settings, held_out, copy_tokenizer, progress)
+    if plan.finetuned_variant is not None and not settings.keep_variants and plan.finetuned.exists():
+        shutil.rmtree(plan.finetuned)
     if chosen is None:
         if result.selected is not None:  # max-cf / weighted may pick an anchor
             message = (f"the rule selects {result.selected.name}, one of the two models you already "
@@ -278,14 +290,55 @@ def run_tune(
                           time.perf_counter() - started, plot, message)
 
     def extras(folder: Path) -> None:
+        if held_out is not None:  # the rebuilt copy itself, on the held-out data
+            progress("confirm", 2, 3, f"evaluating {chosen.name} on the held-out data")
+            from fapm_merge.evaluation.evaluate import evaluate_model
+
+            record = {**evaluate_model(folder, held_out), "model": str(out_dir), "name": out_dir.name}
+            append_result(work / CONFIRM_FILE, record)
+            result.confirmation = confirm(result, held_out_records + [record],
+                                          selected_model=str(out_dir))
+            (work / "tradeoff.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+            progress("confirm", 3, 3, result.confirmation.status)
+            if result.confirmation.status == CONTRADICTED:
+                raise _Contradicted()
         shutil.copyfile(plot, folder / "tradeoff.png")
         (folder / "tradeoff.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         (folder / "README.md").write_text(
             model_card(result, chosen, plan, command, out_dir.name), encoding="utf-8")
 
-    _rebuild(chosen, out_dir, settings, copy_tokenizer, extras)
+    try:
+        _rebuild(chosen, out_dir, settings, copy_tokenizer, extras)
+    except _Contradicted:
+        return TuneResult(result, None, work, evaluated, reused, time.perf_counter() - started, plot,
+                          f"nothing written to {out_dir}: the held-out data contradict the choice of "
+                          f"{chosen.name} (the held-out check above); keep the fine-tuned model")
     progress("rebuild", 1, 1, out_dir.name)
     return TuneResult(result, out_dir, work, evaluated, reused, time.perf_counter() - started,
                       plot, f"wrote {chosen.name} ({result.selected.label}) to {out_dir}")
+
+
+class _Contradicted(Exception):
+    """The held-out data contradict the choice: nothing is written to OUT."""
+
+
+def _held_out_anchors(plan: TunePlan, work: Path, settings: TuneSettings, held_out, copy_tokenizer: bool,
+                      progress: Report) -> List[dict]:
+    """The base's and the fine-tune's records on the held-out data (reused on a rerun);
+    a LoRA fine-tune's merged stand-in is merged again if it was removed."""
+    from fapm_merge.evaluation.evaluate import evaluate_model
+
+    file = work / CONFIRM_FILE
+    earlier = {r["model"]: r for r in read_results(file, with_items=True)} if file.exists() else {}
+    records = []
+    for folder in (plan.base, plan.finetuned):
+        if str(folder) not in earlier:
+            progress("confirm", len(records), 3, f"evaluating {folder.name} on the held-out data")
+            if not folder.exists() and plan.finetuned_variant is not None:
+                _merge_batch([plan.finetuned_variant], work, settings, copy_tokenizer, "batch-confirm")
+            append_result(file, evaluate_model(folder, held_out))
+            earlier = {r["model"]: r for r in read_results(file, with_items=True)}
+        records.append(earlier[str(folder)])
+    return records
 
 __all__ = ["Job", "TuneResult", "run_job", "run_tune"]

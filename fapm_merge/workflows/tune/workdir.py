@@ -38,6 +38,10 @@ def fingerprint(recipe: dict, plan: TunePlan, settings: TuneSettings) -> dict:
         "text_sha256": file_digest(settings.text) if settings.text else None,
         "task_sha256": file_digest(settings.task) if settings.task else None,
         "merge_device": settings.device,
+        # what is held out decides what the selection sees
+        "held_out": {"task_sha256": file_digest(settings.confirm_task) if settings.confirm_task else None,
+                     "text_sha256": file_digest(settings.confirm_text) if settings.confirm_text else None,
+                     "share": settings.confirm_share},
     }
 
 
