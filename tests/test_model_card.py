@@ -193,9 +193,9 @@ def decided(chosen, others=(), *, finetuned=FT, finetuned_recipe=None, held_out=
     return result
 
 
-def card_of(result, chosen, method="fapm", base=BASE, finetuned=FT):
+def card_of(result, chosen, method="fapm", base=BASE, finetuned=FT, **options):
     plan = TunePlan(method, Path(base), Path(finetuned), None, [chosen])
-    text = model_card(result, chosen, plan, "fapm-merge tune recipe.yml chosen ...", "chosen")
+    text = model_card(result, chosen, plan, "fapm-merge tune recipe.yml chosen ...", "chosen", **options)
     return text, ModelCard(text)  # parses: front matter, model-index and all
 
 
@@ -274,6 +274,11 @@ def test_tune_card_names_the_data_files_with_their_digests():
     for role, files in (("selection", SELECTION), ("held-out check", HELD_OUT)):
         for what, (path, digest) in files.items():
             assert f"| {what} ({role}) | `{path}` | `{digest}` |" in text
+    assert "split off" not in text
+    text, _ = card_of(decided(FAPM_09, held_out=1.003), FAPM_09,
+                      split_from={"task": Path("/data/all-task.jsonl"), "text": Path("/data/all-text.txt")})
+    assert ("split off (seeded, whole documents and prompt groups) the task file `/data/all-task.jsonl` "
+            "and the text file `/data/all-text.txt`") in text
 
 
 def test_tune_card_publishes_model_index_exactly_when_held_out_numbers_exist():

@@ -185,7 +185,8 @@ def _eval_results(result: Tradeoff) -> list:
     ]
 
 
-def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str, name: str) -> str:
+def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str, name: str, *,
+               split_from: Optional[Dict[str, Path]] = None) -> str:
     """The chosen model's README.md: what it is, why it was chosen, the evidence.
 
     Args:
@@ -196,6 +197,10 @@ def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str,
         plan (`TunePlan`): the tune's plan (the base model folder).
         command (`str`): the command line that made the decision.
         name (`str`): the model's name (the output folder's).
+        split_from (`Dict[str, Path]`, *optional*): ``{"task": ..., "text": ...}``, the
+            user's files when tune split the selection and held-out parts off them (the
+            records name the parts, in the work folder); None when the files measured are
+            the user's own.
 
     Returns:
         the card's text, parsed back by ``huggingface_hub.ModelCard`` (front matter and all).
@@ -249,7 +254,13 @@ def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str,
     if confirmation is not None:
         rows += _file_rows(confirmation.files, "held-out check")
     if rows:
-        lines += ["## Data", "", "| used for | file | sha256 |", "|---|---|---|"] + rows + [""]
+        lines += ["## Data", ""]
+        if split_from:
+            lines += ["The selection and held-out parts were split off (seeded, whole documents and "
+                      "prompt groups) " + " and ".join(f"the {role} file `{path}`"
+                                                       for role, path in split_from.items())
+                      + "; the digests are of the parts measured.", ""]
+        lines += ["| used for | file | sha256 |", "|---|---|---|"] + rows + [""]
     if (result.task_metric, result.text_metric) == (TASK_METRIC, TEXT_METRIC):
         measured = "Task accuracy on the task file and forgetting (CF %) on the general text"
     else:
