@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.evaluation import stats
-
-if TYPE_CHECKING:  # points imports this module
-    from fapm_merge.workflows.tradeoff.points import Point, Tradeoff
 
 TASK_WEIGHT = 2.0
 """Default weight of ``task_norm`` in the ``weighted`` rule."""
