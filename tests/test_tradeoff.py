@@ -389,10 +389,10 @@ def test_the_table_never_cuts_a_number_at_any_width(width):
     assert max(len(line) for line in text.splitlines()) <= width
     shown = text.split()
     for p in result.points:
-        for interval in (p.cf_interval, p.accuracy_vs_ft, p.cf_reduction):
+        for interval, digits in ((p.cf_interval, 2), (p.accuracy_vs_ft, 3), (p.cf_reduction, 2)):
             if interval is None:  # the anchors against themselves: shown "-"
                 continue
-            low, high = f"{interval.low:+.2f}", f"{interval.high:+.2f}"
+            low, high = f"{interval.low:+.{digits}f}", f"{interval.high:+.{digits}f}"
             assert f"[{low},{high}]" in shown or (f"[{low}," in shown and f"{high}]" in shown), (p.name, low, high)
         assert f"{p.cf_pct:+.2f}" in shown
     assert "◀" in text and "acc" in shown and "forg" in shown  # every column is there: the verdicts too
