@@ -218,7 +218,9 @@ class Repair(SelectionRule):
         """What the decision does not show: a point-estimate favourite left out, an
         indistinguishable runner-up, intervals resting on few independent units."""
         favourite = result.point_pick
-        if favourite is not None and favourite is not pick:
+        # a favourite that qualified is the leader and lost only the tie-break, which the
+        # runner-up warning below reports: no evidence was missing
+        if favourite is not None and favourite is not pick and favourite.verdict != "ok":
             result.warnings.append(
                 f"on point estimates {favourite.name} would be chosen (repairs {favourite.repaired:.0%}, "
                 f"accuracy {_interval_text(favourite.accuracy_vs_ft, 3)} against the fine-tune), but "
