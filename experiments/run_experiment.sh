@@ -100,24 +100,32 @@ confirm() {
 # tradeoff_arm ARM PLOT TITLE: select on ARM's selection results (exit 3: the rule selects
 # nothing, which the report states), confirm the pick, then the decision with the
 # confirmed numbers (same JSON and plot).
+# The margin is fixed here, before any result, from the number of selection prompts alone:
+# 400 prompts resolve about 2.1 accuracy points (80% power, a variant with no true loss
+# that answers 2% of them differently; noninferiority.resolvable_margin), so retention
+# 0.97 (about 2.6 points at the fine-tunes' accuracy) is a claim they can decide; the
+# default 0.99 (0.9 points) needs about 2,000 and is run too, to report what it says.
+MIN_RETENTION=${MIN_RETENTION:-0.97}
 tradeoff_arm() {
   local arm=$1 plot=$2 title=$3 rc=0
+  "$FAPM" tradeoff "$R/$arm-arm.jsonl" --plot "$R/$arm-default.png" --json "$R/tradeoff-$arm-default.json" \
+    --title "$title (default rule)" > "$R/tradeoff-$arm-default.txt" || [ $? -eq 3 ]
   "$FAPM" tradeoff "$R/$arm-arm.jsonl" --plot "$plot" --json "$R/tradeoff-$arm.json" --title "$title" \
-    || rc=$?
+    --min-retention "$MIN_RETENTION" || rc=$?
   [ $rc -eq 3 ] && return 0
   [ $rc -eq 0 ] || return $rc
   confirm "$arm"
   "$PY" experiments/confirmation.py subset "$R/tradeoff-$arm.json" "$R/confirm.jsonl" "$R/$arm-confirm.jsonl"
   "$FAPM" tradeoff "$R/$arm-arm.jsonl" --confirm "$R/$arm-confirm.jsonl" --plot "$plot" \
-    --json "$R/tradeoff-$arm.json" --title "$title"
+    --json "$R/tradeoff-$arm.json" --title "$title" --min-retention "$MIN_RETENTION"
 }
 tradeoff() {
   split_arms
   tradeoff_arm full docs/images/experiment-tradeoff-cli.png \
-    "SmolLM2-135M, Rotten Tomatoes full SFT: fapm-merge tradeoff, rule repair"
+    "SmolLM2-135M, Rotten Tomatoes full SFT: fapm-merge tradeoff, rule repair at $MIN_RETENTION"
   # tradeoff finds the LoRA arm's anchors itself: the fine-tune is fapm_lora at sparsity 0
   tradeoff_arm lora docs/images/experiment-tradeoff-lora-cli.png \
-    "SmolLM2-135M, Rotten Tomatoes LoRA SFT: fapm-merge tradeoff, rule repair"
+    "SmolLM2-135M, Rotten Tomatoes LoRA SFT: fapm-merge tradeoff, rule repair at $MIN_RETENTION"
 }
 done_mark() { [ -f "$R/$1.done" ]; }
 mark() { echo "$(( $(date +%s) - T0 ))" > "$R/$1.done"; }
