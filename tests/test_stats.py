@@ -1,7 +1,8 @@
-"""Paired intervals and the accuracy test, against plain references on small cases.
+"""Paired intervals over windows (and documents), against plain references on small cases.
 
 The references enumerate the whole bootstrap distribution (every one of the n**n
-equally likely resamples) and sum binomial terms by hand; nothing of scipy.
+equally likely resamples); nothing of scipy. The accuracy's interval (Tango's) is
+tested in test_noninferiority.py.
 """
 
 import itertools
@@ -10,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from fapm_merge.evaluation import noninferiority as ni
 from fapm_merge.evaluation import stats
 
 
@@ -49,17 +51,6 @@ def reference_cf_reduction(model, finetuned, base, tokens):
                   - math.exp((sum(model) - sum(base)) / sum(tokens)))
 
 
-def test_accuracy_interval_matches_the_exact_paired_bootstrap():
-    model = [1, 0, 1, 1, 0, 1]
-    reference = [1, 1, 1, 0, 1, 1]
-    low, high = exact_bootstrap_quantiles(lambda a, b: mean(a) - mean(b), [model, reference])
-    got = stats.accuracy_difference(model, reference, resamples=40000)
-    assert got.estimate == pytest.approx(mean(model) - mean(reference))
-    # the statistic lives on a grid of 1/6: Monte Carlo lands on the exact grid value
-    assert got.low == pytest.approx(low, abs=1e-9)
-    assert got.high == pytest.approx(high, abs=1e-9)
-
-
 def test_loss_interval_matches_the_exact_paired_bootstrap_of_the_ratio():
     losses_model = [50.0, 61.0, 40.5, 70.0, 55.0]
     losses_reference = [48.0, 60.0, 41.0, 66.0, 54.0]
@@ -83,39 +74,18 @@ def test_pairing_is_what_makes_the_interval_narrow():
     reference = (rng.random(200) < 0.7).astype(int)
     model = reference.copy()
     model[np.flatnonzero(reference == 1)[:2]] = 0
-    paired = stats.accuracy_difference(model, reference)
+    paired = ni.accuracy_difference_score(model, reference)  # Tango's paired score interval
     assert paired.estimate == pytest.approx(-0.01)
-    assert paired.high <= 1e-12 and paired.low >= -0.025 - 1e-12
+    assert paired.low < -0.01 < 0 < paired.high  # never of zero width, even on 2 discordant prompts
     unpaired_half_width = 1.96 * math.sqrt(0.7 * 0.3 / 200) * math.sqrt(2)
-    assert paired.half_width < unpaired_half_width / 4
+    assert paired.half_width < unpaired_half_width / 3
 
 
-def reference_mcnemar_greater(worse, better):
-    n = worse + better
-    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2 ** n
-
-
-@pytest.mark.parametrize("worse,better", [(0, 0), (3, 0), (5, 1), (7, 9), (12, 3), (30, 18)])
-def test_accuracy_drop_test_is_the_exact_one_sided_mcnemar_test(worse, better):
-    reference = [1] * worse + [0] * better + [1] * 5 + [0] * 4  # concordant prompts say nothing
-    model = [0] * worse + [1] * better + [1] * 5 + [0] * 4
-    expected = 1.0 if worse + better == 0 else reference_mcnemar_greater(worse, better)
-    assert stats.accuracy_drop_pvalue(model, reference) == pytest.approx(expected, rel=1e-12)
-
-
-def test_repaired_share_and_cf_follow_their_definitions():
-    base, finetuned, model, tokens = BASE_LOSSES, FINETUNED_LOSSES, MODEL_LOSSES, TOKENS
-    l_base, l_ft, l_model = per_token_losses(base, finetuned, model)
-    share = stats.repaired_share(model, finetuned, base, tokens)
-    assert share.estimate == pytest.approx((l_ft - l_model) / (l_ft - l_base))
-    assert share.low <= share.estimate <= share.high
-    assert stats.repaired_share(model, base, base, tokens) is None  # the fine-tune did not forget
+def test_cf_follows_its_definition():
     assert stats.cf_percent(math.log(1.05)) == pytest.approx(5.0)
 
 
-def test_identical_models_give_a_zero_width_interval_and_size_estimates_scale_as_one_over_n():
-    same = [1, 0, 1, 1]
-    assert stats.accuracy_difference(same, same) == stats.Interval(0.0, 0.0, 0.0, 4)
+def test_size_estimates_scale_as_one_over_n():
     interval = stats.Interval(-0.01, -0.03, 0.01, 100)  # half width 0.02 around -0.01
     assert stats.items_needed(interval, -0.01) == 400  # 100 * (0.02 / 0.01) ** 2
     assert stats.items_needed(interval, 0.0) is None
@@ -123,7 +93,7 @@ def test_identical_models_give_a_zero_width_interval_and_size_estimates_scale_as
 
 def test_mismatched_items_are_refused():
     with pytest.raises(ValueError, match="same prompts for both models: 3 vs 2"):
-        stats.accuracy_difference([1, 0, 1], [1, 0])
+        ni.accuracy_difference_score([1, 0, 1], [1, 0])
     with pytest.raises(ValueError, match="same windows"):
         stats.loss_difference([1.0, 2.0], [1.0, 2.0], [3])
 
@@ -142,12 +112,6 @@ def test_grouped_items_resample_whole_groups():
         (single.estimate, single.low, single.high), rel=1e-12)
     assert (grouped.n, grouped.clusters, single.clusters) == (120, 40, None)
     assert stats.loss_difference(*copies).half_width < single.half_width * 0.7  # overconfident
-    # the same for prompts
-    a, b = (rng.random(50) < 0.7).astype(int), (rng.random(50) < 0.7).astype(int)
-    plain = stats.accuracy_difference(a, b)
-    grouped = stats.accuracy_difference(np.repeat(a, 2), np.repeat(b, 2), groups=np.repeat(np.arange(50), 2))
-    assert (grouped.low, grouped.high) == pytest.approx((plain.low, plain.high), abs=1e-12)
-    assert grouped.to_json()["clusters"] == 50 and "clusters" not in plain.to_json()
     with pytest.raises(ValueError, match="one group id per item"):
         stats.loss_difference(model, reference, tokens, groups=[0, 1])
 
@@ -189,9 +153,9 @@ def test_repair_is_a_finite_cf_reduction_with_significance_checks():
     assert forgetting.cf.estimate == pytest.approx(cf_ft) and forgetting.significant
 
 
-def test_repair_of_doubtful_forgetting_has_a_finite_interval_where_the_share_has_none():
+def test_repair_of_doubtful_forgetting_has_a_finite_interval():
     # forgetting that is not there (the fine-tune is above the base on some windows and
-    # below on others): the share's interval runs to infinity, the CF reduction's not
+    # below on others): a ratio to it would run to infinity, the CF reduction does not
     rng = np.random.default_rng(11)
     base = rng.normal(100, 3, 24)
     finetuned = base + np.tile([3.0, -2.5], 12) + rng.normal(0, 0.1, 24)
@@ -199,8 +163,6 @@ def test_repair_of_doubtful_forgetting_has_a_finite_interval_where_the_share_has
     tokens = np.full(24, 40.0)
     forgetting = stats.forgetting(finetuned, base, tokens)
     assert forgetting.cf.estimate > 0 and not forgetting.significant
-    share = stats.repaired_share(model, finetuned, base, tokens)
-    assert not (math.isfinite(share.low) and math.isfinite(share.high))
     result = stats.repair(model, finetuned, base, tokens)
     assert math.isfinite(result.cf_reduction.low) and math.isfinite(result.cf_reduction.high)
     assert result.cf_reduction.low > 0 and result.significant  # it does lower the loss

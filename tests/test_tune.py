@@ -269,11 +269,13 @@ def test_tune_command_line_reports_stages_and_exit_status(demo, tmp_path):
     assert result.exit_code == 3, result.output
     for stage in ("evaluate base and fine-tune", "merge + evaluate variants", "decide"):
         assert f"| tune | {stage} |" in result.output
-    assert "nothing written to" in result.output
-    assert "nothing selected: no measurable forgetting on this text: the fine-tune's CF is" in \
-        " ".join(result.output.split())
+    decision = json.loads((out.with_name("out.tune") / "tradeoff.json").read_text())
+    assert decision["selected"] is None and decision["outcome"] == "no forgetting"
+    printed = " ".join(result.output.split())
+    assert "nothing written to" in printed
+    assert "nothing selected: no measurable forgetting on this text: the fine-tune's CF is" in printed
     # Regression (issue 22): the "nothing selected" explanation was printed twice
-    assert result.output.count("no measurable forgetting") == 1
+    assert printed.count("no measurable forgetting") == 1
     assert not out.exists()
     shutil.rmtree(out.with_name("out.tune"))
 

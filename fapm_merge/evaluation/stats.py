@@ -7,13 +7,8 @@ models' separate intervals would suggest. Everything here works on the per-item
 values ``fapm-merge eval`` keeps (per prompt: correct or not; per window: summed
 negative log-likelihood and token count).
 
-* :func:`accuracy_difference`: ``acc(model) - acc(reference)`` with a 95% paired
-  bootstrap interval (prompts resampled, the same draw for both models).
-* :func:`accuracy_drop_pvalue`: the exact one-sided McNemar test that the model
-  answers worse than the reference (binomial test on the discordant prompts).
 * :func:`loss_difference`: ``L(model) - L(reference)`` (mean token loss) with a
   95% paired bootstrap interval over windows.
-* :func:`repaired_share`: ``(L_ft - L_model) / (L_ft - L_base)`` with an interval.
 * :func:`cf_reduction`, :func:`repair`, :func:`forgetting`: the repair as a finite
   paired reduction of CF in CF points, whether it is significant, and whether the
   fine-tune's forgetting is.
@@ -24,10 +19,10 @@ are not independent: with ``groups`` the bootstrap resamples whole groups
 fewer than :data:`MIN_UNITS` independent units. The accuracy's non-inferiority test
 (a paired score interval, never of zero width) is in :mod:`.noninferiority`.
 
-The statistics come from ``scipy.stats`` (``bootstrap`` with ``paired=True`` and
-the percentile method, seeded, so a rerun gives the same interval; ``binomtest``).
-The percentile method is used rather than BCa because per-prompt outcomes are 0/1
-and often identical between two models, where BCa's acceleration is undefined.
+The bootstrap is ``scipy.stats.bootstrap`` with ``paired=True`` and the percentile
+method, seeded, so a rerun gives the same interval. The percentile method is used
+rather than BCa because two models often give identical values on many windows,
+where BCa's acceleration is undefined.
 """
 
 from __future__ import annotations
@@ -130,57 +125,6 @@ def _as_array(values: Sequence[float]):
     return np.asarray(values, dtype=np.float64)
 
 
-def accuracy_difference(
-    model_correct: Sequence[int],
-    reference_correct: Sequence[int],
-    *, groups: Optional[Sequence] = None, seed: int = SEED, resamples: int = RESAMPLES,
-) -> Interval:
-    """``acc(model) - acc(reference)`` on the same prompts, with a paired interval.
-
-    Args:
-        model_correct, reference_correct (`Sequence[int]`): 1/0 per prompt, same order.
-        groups (`Sequence`, *optional*): a group id per prompt (a source document, a
-            movie); whole groups are resampled then (see :func:`cluster_sums`).
-        seed (`int`, defaults to 0): bootstrap seed.
-        resamples (`int`, defaults to 9999): bootstrap resamples.
-    """
-    a, b = _as_array(model_correct), _as_array(reference_correct)
-    check_paired(a, b, "prompts")
-    estimate = float(a.mean() - b.mean())
-    if groups is None:
-        if (a == b).all():  # no prompt differs: every resample gives 0
-            return Interval(estimate, estimate, estimate, len(a))
-        low, high = _bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis=axis) - y.mean(axis=axis),
-                               seed=seed, resamples=resamples)
-        return Interval(estimate, low, high, len(a))
-    (x, y, k), clusters = cluster_sums(groups, a, b, _as_array([1.0] * len(a)))
-    if clusters < 2 or (a == b).all():
-        return _degenerate(estimate, len(a), clusters)
-    # correct answers and prompts summed per group: the accuracy of a resample is a
-    # ratio of sums, as the mean loss is
-    low, high = _bootstrap((x, y, k), lambda x, y, k, axis=-1: _mean_loss(x, k, axis) - _mean_loss(y, k, axis),
-                           seed=seed, resamples=resamples)
-    return Interval(estimate, low, high, len(a), clusters)
-
-
-def accuracy_drop_pvalue(model_correct: Sequence[int], reference_correct: Sequence[int]) -> float:
-    """One-sided exact McNemar test: p-value of "the model answers worse".
-
-    Only the discordant prompts carry information: ``worse`` (reference right, model
-    wrong) and ``better``. Under "equally good" each discordant prompt is a fair
-    coin, so the p-value is ``P(Binomial(worse + better, 1/2) >= worse)``.
-    """
-    from scipy import stats
-
-    a, b = _as_array(model_correct), _as_array(reference_correct)
-    check_paired(a, b, "prompts")
-    worse = int(((b == 1) & (a == 0)).sum())
-    better = int(((b == 0) & (a == 1)).sum())
-    if worse + better == 0:
-        return 1.0
-    return float(stats.binomtest(worse, worse + better, 0.5, alternative="greater").pvalue)
-
-
 def _mean_loss(losses, tokens, axis=-1):
     return losses.sum(axis=axis) / tokens.sum(axis=axis)
 
@@ -209,42 +153,6 @@ def loss_difference(
         same=(a == b).all(), groups=groups, seed=seed, resamples=resamples)
 
 
-def repaired_share(
-    model_losses: Sequence[float],
-    finetuned_losses: Sequence[float],
-    base_losses: Sequence[float],
-    tokens: Sequence[int],
-    *, groups: Optional[Sequence] = None, seed: int = SEED, resamples: int = RESAMPLES,
-) -> Optional[Interval]:
-    """``(L_ft - L_model) / (L_ft - L_base)``: the share of the fine-tune's forgetting
-    a model undoes (1 all, 0 none, < 0 worse than not repairing), with a paired
-    interval over windows (whole documents with ``groups``). None when the fine-tune
-    did not forget (``L_ft <= L_base``): the share is undefined then. Its interval
-    reaches +-inf when resamples without forgetting occur: :func:`repair` reports the
-    repair as a finite difference of CF instead.
-    """
-    m, f, b, t = (_as_array(v) for v in (model_losses, finetuned_losses, base_losses, tokens))
-    for other in (f, b, t):
-        check_paired(m, other, "windows")
-    forgetting = _mean_loss(f, t) - _mean_loss(b, t)
-    if not forgetting > 0:
-        return None
-    estimate = float((_mean_loss(f, t) - _mean_loss(m, t)) / forgetting)
-
-    def share(x, y, z, n, axis=-1):
-        undone = _mean_loss(y, n, axis) - _mean_loss(x, n, axis)
-        total = _mean_loss(y, n, axis) - _mean_loss(z, n, axis)
-        import numpy as np
-
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # a resample in which the fine-tune did not forget says nothing: +-inf
-            return np.where(total > 0, undone / np.where(total > 0, total, 1.0),
-                            np.where(undone >= 0, np.inf, -np.inf))
-
-    return _loss_bootstrap(estimate, (m, f, b, t), share, same=(m == f).all(), groups=groups,
-                           seed=seed, resamples=resamples)
-
-
 def cf_reduction(
     model_losses: Sequence[float],
     finetuned_losses: Sequence[float],
@@ -256,7 +164,7 @@ def cf_reduction(
     fine-tune's forgetting a model takes away, with a paired interval over windows
     (whole documents with ``groups``). A difference, not a ratio: its interval is
     finite whenever there are two windows, also when the forgetting itself is in
-    doubt (the ratio of :func:`repaired_share` then reaches +-inf).
+    doubt (a ratio to the forgetting then reaches +-inf).
 
     Args:
         model_losses, finetuned_losses, base_losses (`Sequence[float]`): summed NLL per window.
@@ -444,8 +352,6 @@ __all__ = [
     "Forgetting",
     "Interval",
     "Repair",
-    "accuracy_difference",
-    "accuracy_drop_pvalue",
     "cf_percent",
     "cf_reduction",
     "check_paired",
@@ -455,5 +361,4 @@ __all__ = [
     "items_needed",
     "loss_difference",
     "repair",
-    "repaired_share",
 ]

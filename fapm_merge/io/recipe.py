@@ -123,7 +123,10 @@ def read_model_recipe(model_dir: Path) -> Optional[Dict[str, Any]]:
     return load_recipe(path)
 
 
-def _parameters_of_first_model(recipe: Dict[str, Any]) -> Dict[str, Any]:
+def merge_parameters(recipe: Dict[str, Any]) -> Dict[str, Any]:
+    """The parameters that apply to the recipe's first fine-tune: the recipe's
+    ``parameters`` overridden by that model's own (a ``fapm_lora`` recipe's, with its
+    ``adapter``, are all in ``parameters``)."""
     params = dict(recipe.get("parameters") or {})
     models = non_base_models(recipe)
     if models:
@@ -151,7 +154,7 @@ def describe_recipe(recipe: Optional[Dict[str, Any]]) -> Tuple[str, Optional[flo
     if not recipe:
         return "model", None, None
     method = recipe.get("merge_method")
-    params = _parameters_of_first_model(recipe)
+    params = merge_parameters(recipe)
     if method in (FAPM, FAPM_LORA):
         lora = method == FAPM_LORA
         sparsity = resolve_sparsity(_scalar_float(params.get("sparsity"), None),
@@ -186,6 +189,7 @@ __all__ = [
     "describe_recipe",
     "load_recipe",
     "load_recipe_documents",
+    "merge_parameters",
     "model_name",
     "named_models",
     "non_base_models",

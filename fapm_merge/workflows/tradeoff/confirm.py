@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 from fapm_merge.evaluation import noninferiority as ni
 from fapm_merge.evaluation import stats
 from fapm_merge.evaluation.results import PER_ITEM
-from fapm_merge.workflows.tradeoff.points import Tradeoff
+from fapm_merge.workflows.tradeoff.points import Tradeoff, data_files
 from fapm_merge.workflows.tradeoff.rules import TradeoffError
 
 CONFIRMED, NOT_SHOWN, CONTRADICTED = "confirmed", "not shown", "contradicted"
@@ -156,8 +156,7 @@ def confirm(result: Tradeoff, records: List[dict], *, selected_model: Optional[s
         windows=len(tokens),
         documents=len(set(documents)) if window_groups else None,
         groups=len(set(prompt_groups)) if prompt_groups else None,
-        files={"task": {"file": task["finetuned"].get("file"), "sha256": task["finetuned"].get("sha256")},
-               "text": {"file": text["finetuned"].get("file"), "sha256": text["finetuned"].get("sha256")}},
+        files=data_files(task["finetuned"], text["finetuned"]),
     )
 
 

@@ -107,6 +107,7 @@ class Tradeoff:
     window_groups: Optional[List[int]] = field(default=None, repr=False)
     prompt_groups: Optional[List[str]] = field(default=None, repr=False)
     confirmation: Optional[Any] = None  # a confirm.Confirmation (that module imports this one)
+    files: Dict[str, dict] = field(default_factory=dict)  # task, text: data_files of the fine-tune's record
 
     def to_json(self) -> dict:
         return {
@@ -116,6 +117,7 @@ class Tradeoff:
             "forgetting": self.forgetting.to_json() if self.forgetting else None,
             "point_pick": self.point_pick.name if self.point_pick else None,
             "confirmation": self.confirmation.to_json() if self.confirmation else None,
+            "files": self.files,
             "rule": self.rule.text,
             "rule_settings": self.rule.__dict__,
             "selected": self.selected.to_json() if self.selected else None,
@@ -200,6 +202,19 @@ def _point(record: dict, base_path: str, ft_path: str, task_metric: str = TASK_M
         accuracy=accuracy,
         loss=loss,
     )
+
+
+def data_files(task: dict, text: dict) -> Dict[str, dict]:
+    """What a record's two axes were measured on: ``{"task": {...}, "text": {...}}``, each
+    with the ``file`` (None for an lm-eval task, named by its ``task``) and its ``sha256``
+    (for lm-eval, over the harness's document hashes).
+
+    Args:
+        task, text (`dict`): a record's metrics of the task and of the general axis.
+    """
+    return {role: {"file": values.get("file"), "task": values.get("task"),
+                   "sha256": values.get("sha256")}
+            for role, values in (("task", task), ("text", text))}
 
 
 def _check_same_data(records: Dict[str, dict], task_metric: str = TASK_METRIC,
@@ -381,7 +396,9 @@ def compute_tradeoff(
             )
     result = Tradeoff(points, base_point, ft_point, rule, None, "", skipped=skipped, items=sizes,
                       task_metric=task_metric, text_metric=text_metric,
-                      margin=ni.margin_for(rule.min_retention, ft_point.accuracy))
+                      margin=ni.margin_for(rule.min_retention, ft_point.accuracy),
+                      files=data_files(*(usable[ft_point.model]["metrics"][metric]
+                                         for metric in (task_metric, text_metric))))
     if with_items:
         _add_intervals(result, usable)
     rule.selection.select(result)

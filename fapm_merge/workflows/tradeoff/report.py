@@ -77,7 +77,9 @@ def tradeoff_table(result: Tradeoff, width: int = WIDTH):
     bold = [p is result.selected for p in points]
     for lines in (2, 3):
         cells = [[_num(p.accuracy, 3) for p in points],
-                 [_with_interval(accuracy_change(result, p), p.accuracy_vs_ft, 2, lines=lines)
+                 # 3 digits, as the accuracy column and the card: at 2 the interval of two
+                 # models that agree on 1000 prompts (+-0.004) read [-0.00,+0.00]
+                 [_with_interval(accuracy_change(result, p), p.accuracy_vs_ft, 3, lines=lines)
                   for p in points],
                  [_with_interval(p.cf_pct, p.cf_interval, 2, lines=lines) for p in points],
                  [_RULE_COLUMN[column](p, lines) for p in points],

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.evaluation import stats
-
-if TYPE_CHECKING:  # points imports this module
-    from fapm_merge.workflows.tradeoff.points import Point, Tradeoff
 
 TASK_WEIGHT = 2.0
 """Default weight of ``task_norm`` in the ``weighted`` rule."""
@@ -179,6 +176,11 @@ class Repair(SelectionRule):
                 f"{rule.min_retention:g} x fine-tune accuracy")
 
     def select(self, result: "Tradeoff") -> None:
+        self._decide(result)
+        # whatever the outcome: the evidence is weakest exactly when it is undecided
+        result.warnings += _few_units(result)
+
+    def _decide(self, result: "Tradeoff") -> None:
         ft, forgetting = result.finetuned, result.forgetting
         if not forgetting.significant:
             cf = forgetting.cf
@@ -221,7 +223,9 @@ class Repair(SelectionRule):
         """What the decision does not show: a point-estimate favourite left out, an
         indistinguishable runner-up, intervals resting on few independent units."""
         favourite = result.point_pick
-        if favourite is not None and favourite is not pick:
+        # a favourite that qualified is the leader and lost only the tie-break, which the
+        # runner-up warning below reports: no evidence was missing
+        if favourite is not None and favourite is not pick and favourite.verdict != "ok":
             result.warnings.append(
                 f"on point estimates {favourite.name} would be chosen (repairs {favourite.repaired:.0%}, "
                 f"accuracy {_interval_text(favourite.accuracy_vs_ft, 3)} against the fine-tune), but "
@@ -235,7 +239,6 @@ class Repair(SelectionRule):
                     f"{pick.name} and the runner-up {runner.name} cannot be told apart on this text: "
                     f"loss difference {_interval_text(between, 4)}"
                     + _more_items(between, between.estimate, "windows", "resolve it"))
-        result.warnings += _few_units(result)
 
 
 def _interval_text(interval: Optional[stats.Interval], digits: int) -> str:
@@ -313,12 +316,12 @@ def _explain_none(result: "Tradeoff") -> None:
         check = best.noninferiority
         result.reason = (
             f"undecided: {len(undecided)} variant(s) repair the forgetting significantly, but the "
-            f"{check.difference.n} prompts cannot show that they keep {rule.min_retention:.0%} of the "
+            f"{check.difference.n} prompts cannot show that they keep {rule.min_retention:g} of the "
             f"fine-tune's accuracy {ft.accuracy:.3f} (margin {result.margin:.3f}). The closest, "
             f"{best.name}: accuracy {_interval_text(check.difference, 3)} against the fine-tune, "
-            f"one-sided lower bound {check.lower_bound:+.3f}, repairs {best.repaired:.0%}. About "
-            f"{check.prompts_needed} prompts would show a variant like it within the margin (80% "
-            f"power); with these prompts a margin of about {result.resolvable_margin:.3f} "
+            f"one-sided lower bound {check.lower_bound:+.3f}, repairs {best.repaired:.0%}. "
+            + _prompts_clause(check) +
+            f"; with these prompts a margin of about {result.resolvable_margin:.3f} "
             f"(--min-retention {1 - result.resolvable_margin / ft.accuracy:.3f}) is resolvable. "
             "Keep the fine-tune until then")
         return
@@ -332,10 +335,23 @@ def _explain_none(result: "Tradeoff") -> None:
     named = "; ".join(f"{p.name}: accuracy {_interval_text(p.accuracy_vs_ft, 3)}, CF {p.cf_pct:+.2f}% "
                       f"({p.verdict})" for p in result.closest)
     result.reason = (
-        f"no variant qualifies: none is shown to keep {rule.min_retention:.0%} of the fine-tune's "
+        f"no variant qualifies: none is shown to keep {rule.min_retention:g} of the fine-tune's "
         f"accuracy ({ft.accuracy:.3f}) while repairing at least {rule.min_repair:.0%} of its "
         f"forgetting significantly. Closest: {named}. Keep the fine-tuned model, or sweep other "
         "strengths")
+
+
+def _prompts_clause(check) -> str:
+    """How many prompts would decide: planned for a variant with no true loss that differs
+    from the fine-tune on as many prompts as this one (Nam's sample size)."""
+    n = check.difference.n
+    if check.prompts_needed <= n:
+        return (f"These {n} prompts would show a variant with no true loss that differs from the "
+                f"fine-tune as often ({check.discordance:.1%} of the prompts) within the margin; "
+                f"what keeps this one undecided is its own estimated loss {check.difference.estimate:+.3f}")
+    return (f"About {check.prompts_needed} prompts would show a variant with no true loss that "
+            f"differs from the fine-tune as often ({check.discordance:.1%} of the prompts) within "
+            "the margin (80% power)")
 
 
 def _few_units(result: "Tradeoff") -> List[str]:

@@ -249,6 +249,9 @@ def run_tune(
     open_work(work, fingerprint(recipe, plan, settings), settings.restart)
     # the held-out part first: the selection never sees it
     settings, held_out = split_data(work, settings)
+    split_from = {role: getattr(settings, role) for role in ("task", "text")  # for the card
+                  if held_out is not None and settings.confirm_share > 0
+                  and getattr(settings, f"confirm_{role}") is None} or None
     check_eval_inputs(plan, settings.eval)  # the parts, as they will be evaluated
     if held_out is not None:
         check_eval_inputs(plan, held_out, held_out=True)
@@ -307,7 +310,8 @@ def run_tune(
         shutil.copyfile(plot, folder / "tradeoff.png")
         (folder / "tradeoff.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         (folder / "README.md").write_text(
-            model_card(result, chosen, plan, command, out_dir.name), encoding="utf-8")
+            model_card(result, chosen, plan, command, out_dir.name, split_from=split_from),
+            encoding="utf-8")
 
     try:
         _rebuild(chosen, out_dir, settings, copy_tokenizer, extras)
