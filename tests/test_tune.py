@@ -496,9 +496,9 @@ def test_held_out_files_given_are_not_split_and_give_the_held_out_numbers(confir
     assert {r["metrics"]["task"]["file"] for r in read_results(work / "results.jsonl")} == \
         {str(given / "select-task.jsonl")}
     confirmation = result.tradeoff.confirmation.to_json()
-    assert confirmation["files"] == {
-        "task": {"file": str(given / "confirm-task.jsonl"), "sha256": file_digest(given / "confirm-task.jsonl")},
-        "text": {"file": str(given / "confirm-text.txt"), "sha256": data_digest(given / "confirm-text.txt")}}
+    assert {role: (v["file"], v["sha256"]) for role, v in confirmation["files"].items()} == {
+        "task": (str(given / "confirm-task.jsonl"), file_digest(given / "confirm-task.jsonl")),
+        "text": (str(given / "confirm-text.txt"), data_digest(given / "confirm-text.txt"))}
     earlier = first.tradeoff.confirmation.to_json()
     assert {k: v for k, v in confirmation.items() if k != "files"} == \
         {k: v for k, v in earlier.items() if k != "files"}
