@@ -530,7 +530,7 @@ def _tune_settings(evaluation: EvalSettings, rule: Rule, sparsities, betas, base
 @_tune_option("ray", is_flag=False, flag_value="local", help="Run the variants as Ray tasks (extra 'distributed'): --ray alone starts Ray here; --ray ADDRESS joins a cluster (auto, HOST:6379).")
 @_tune_option("ray_gpus", type=click.IntRange(1), help="GPUs per Ray task with --device cuda (vLLM's tensor_parallel_size).")
 @_tune_option("sparsities", "--sparsity", help=f"FAPM values, comma-separated (default: {_listed(DEFAULT_SPARSITIES[FAPM])} for {FAPM}; {_listed(DEFAULT_SPARSITIES[FAPM_LORA])} for {FAPM_LORA}).")
-@_tune_option("betas", "--beta", help=f"FAPM balance factors (>= 0), each at every sparsity (default {_listed(DEFAULT_BETAS)}: 0 is magnitude pruning, 1 the paper's score).")
+@_tune_option("betas", "--beta", help=f"FAPM balance factors (>= 0), each at every sparsity (default {_listed(DEFAULT_BETAS)}; zero is magnitude pruning, one the paper's score).")
 @_tune_option("baselines", help="Comma-separated: magnitude, wiseft, lines (LiNeS), depth (FAPM with a per-layer sparsity), dare (fapm only); empty for none.")
 @_tune_option("alphas", "--alpha", help=f"WiSE-FT strengths (default {_listed(DEFAULT_ALPHAS[FAPM])}; {FAPM_LORA} {_listed(DEFAULT_ALPHAS[FAPM_LORA])}).")
 @_tune_option("seed", help="DARE seed (mergekit-yaml --random-seed).")
