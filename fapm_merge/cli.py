@@ -19,7 +19,7 @@ from fapm_merge.evaluation.settings import (
     EvalSettings,
 )
 from fapm_merge.workflows.tradeoff import RULES, SELECTIONS, Rule
-from fapm_merge.workflows.tune import DEFAULT_ALPHAS, DEFAULT_SPARSITIES, TuneSettings
+from fapm_merge.workflows.tune import DEFAULT_ALPHAS, DEFAULT_BETAS, DEFAULT_SPARSITIES, FAMILY_BETAS, TuneSettings
 
 
 EXIT_NOTHING_SELECTED = 3
@@ -225,14 +225,15 @@ def demo(out_dir: Path, sparsity: float, overwrite: bool):
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--sparsity", "sparsity", default=None, help="Comma-separated shares reset to the base, e.g. 0.5,0.7,0.9,0.95.")
 @click.option("--density", "density", default=None, help="Comma-separated kept shares instead (density = 1 - sparsity).")
-@click.option("--baselines", default="", help="Comma-separated: magnitude (FAPM beta 0), dare (dare_linear), wiseft (task_arithmetic, W_pre + alpha*dW).")
+@click.option("--beta", "betas", default=None, help="FAPM balance factors (>= 0), comma-separated, each at every value: 0 is magnitude pruning (magnitude-s0.9), 1 the paper's score (fapm-s0.9), others fapm-b0.5-s0.9 (default: the recipe's beta).")
+@click.option("--baselines", default="", help="Comma-separated: magnitude (FAPM beta 0), dare (dare_linear), wiseft (task_arithmetic, W_pre + alpha*dW), lines (LiNeS: task_arithmetic with weight [alpha, 1] over the layers), depth (FAPM with sparsity falling over the layers).")
 @click.option("--alpha", "alphas", default=None, help="WiSE-FT strengths (default: the densities of the sweep).")
 @click.option("--seed", default=0, show_default=True, help="DARE seed (same stream as mergekit-yaml --random-seed SEED).")
 @click.option("--device", default="cpu", show_default=True, callback=_check_device, help="Math device, e.g. cuda.")
 @_cuda_flag
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True, help="Copy the base model's tokenizer into every output.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT_DIR.")
-def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, copy_tokenizer, overwrite):
+def sweep(recipe, out_dir, sparsity, density, betas, baselines, alphas, seed, device, copy_tokenizer, overwrite):
     """Write one merged model per value into OUT_DIR, reading every input tensor once.
 
     RECIPE is a mergekit recipe with merge_method: fapm (or fapm_lora, whose
@@ -258,6 +259,7 @@ def sweep(recipe, out_dir, sparsity, density, baselines, alphas, seed, device, c
             parsed,
             sparsities=parse_values(sparsity, "--sparsity") if sparsity else None,
             densities=parse_values(density, "--density") if density else None,
+            betas=parse_values(betas, "--beta", high=None) if betas else None,
             baselines=[b.strip() for b in baselines.split(",") if b.strip()],
             alphas=parse_values(alphas, "--alpha") if alphas else None,
             seed=seed,
@@ -495,12 +497,13 @@ def tradeoff(results, rule: Rule, plot_path, json_path, base, finetuned, title, 
 _tune_option = functools.partial(_field_option, TuneSettings)
 
 
-def _tune_settings(evaluation: EvalSettings, rule: Rule, sparsities, baselines, alphas, **settings):
+def _tune_settings(evaluation: EvalSettings, rule: Rule, sparsities, betas, baselines, alphas, **settings):
     """The `TuneSettings` tune's options describe (SweepError for a malformed list)."""
     from fapm_merge.workflows.variants import parse_values
 
     return TuneSettings(
         sparsities=parse_values(sparsities, "--sparsity") if sparsities else None,
+        betas=parse_values(betas, "--beta", high=None) if betas else None,
         baselines=[b.strip() for b in baselines.split(",") if b.strip()],
         alphas=parse_values(alphas, "--alpha") if alphas else None,
         rule=rule, eval=evaluation, device=evaluation.device, **settings)
@@ -527,7 +530,8 @@ def _tune_settings(evaluation: EvalSettings, rule: Rule, sparsities, baselines, 
 @_tune_option("ray", is_flag=False, flag_value="local", help="Run the variants as Ray tasks (extra 'distributed'): --ray alone starts Ray here; --ray ADDRESS joins a cluster (auto, HOST:6379).")
 @_tune_option("ray_gpus", type=click.IntRange(1), help="GPUs per Ray task with --device cuda (vLLM's tensor_parallel_size).")
 @_tune_option("sparsities", "--sparsity", help=f"FAPM values, comma-separated (default: {_listed(DEFAULT_SPARSITIES[FAPM])} for {FAPM}; {_listed(DEFAULT_SPARSITIES[FAPM_LORA])} for {FAPM_LORA}).")
-@_tune_option("baselines", help="Comma-separated: magnitude, wiseft, dare (fapm only); empty for none.")
+@_tune_option("betas", "--beta", help=f"FAPM balance factors (>= 0), each at every sparsity (default {_listed(DEFAULT_BETAS)}; zero is magnitude pruning, one the paper's score; the whole family: {_listed(FAMILY_BETAS)}).")
+@_tune_option("baselines", help="Comma-separated: magnitude, wiseft, lines (LiNeS), depth (FAPM with a per-layer sparsity), dare (fapm only); empty for none.")
 @_tune_option("alphas", "--alpha", help=f"WiSE-FT strengths (default {_listed(DEFAULT_ALPHAS[FAPM])}; {FAPM_LORA} {_listed(DEFAULT_ALPHAS[FAPM_LORA])}).")
 @_tune_option("seed", help="DARE seed (mergekit-yaml --random-seed).")
 @_rule_options

@@ -395,7 +395,7 @@ def test_tune_selects_from_harness_scores(byte_pair, tmp_path):
         "tune", str(recipe), str(out), "--task", str(byte_pair["task"]), "--no-bos",
         "--task-metric", "lm_eval:my_task/acc", "--text-metric", "lm_eval:my_text",
         "--lm-eval-include", str(byte_pair["tasks"]), "--lm-eval-model-args", "add_bos_token=False",
-        "--sparsity", "0.3,0.9", "--baselines", "", "--rule", "max-cf", "--max-cf", "1e9"])
+        "--sparsity", "0.3,0.9", "--beta", "1", "--baselines", "", "--rule", "max-cf", "--max-cf", "1e9"])
     # no bound: the most accurate model is the fine-tune itself, so nothing is written (3)
     assert outcome.exit_code == 3, outcome.output
     assert "the rule selects finetuned, one of the two models you already have" in outcome.output
@@ -429,7 +429,7 @@ def test_tune_selects_from_harness_scores(byte_pair, tmp_path):
         task=byte_pair["task"], task_metric="lm_eval:my_task/acc", text_metric="lm_eval:my_text",
         eval=EvalSettings(use_bos=False, lm_eval_include=byte_pair["tasks"],
                           lm_eval_model_args="add_bos_token=False"),
-        sparsities=[0.3, 0.9], baselines=[], rule=Rule("max-cf", max_cf=bound), work_dir=work))
+        sparsities=[0.3, 0.9], betas=[1.0], baselines=[], rule=Rule("max-cf", max_cf=bound), work_dir=work))
     assert result.evaluated == 0 and result.tradeoff.selected.method == "fapm"
     assert "Accuracy is `lm_eval:my_task/acc`" in (tmp_path / "chosen" / "README.md").read_text()
 

@@ -23,7 +23,7 @@ from fapm_merge.workflows.demo import DEMO_CONFIG, build_model, demo_eval_data, 
 from fapm_merge.workflows.tradeoff import Rule
 from fapm_merge.workflows.tune import TuneError, TuneSettings, run_tune
 
-SWEEP = dict(sparsities=[0.3, 0.9], baselines=["magnitude"])
+SWEEP = dict(sparsities=[0.3, 0.9], betas=[1.0], baselines=["magnitude"])  # the old grid: tune's default is the family
 
 
 @pytest.fixture(scope="session")
@@ -229,7 +229,7 @@ def test_tune_on_a_real_lora_adapter(lora_case, tmp_path):
     out = tmp_path / "chosen"
     first = run_tune(recipe, out, TuneSettings(
         text=files["text"], task=files["task"], eval=EvalSettings(tokenizer="bytes", window=128),
-        sparsities=[0.1, 0.5], baselines=["magnitude", "wiseft"], alphas=[0.5], keep_variants=True,
+        sparsities=[0.1, 0.5], betas=[1.0], baselines=["magnitude", "wiseft"], alphas=[0.5], keep_variants=True,
         rule=DECIDABLE, confirm_share=0))
     work = out.with_name("chosen.tune")
     names = sorted(Path(r["model"]).name for r in read_results(work / "results.jsonl"))
@@ -246,7 +246,7 @@ def test_tune_on_a_real_lora_adapter(lora_case, tmp_path):
     chosen = tmp_path / "lora-chosen"
     result = run_tune(recipe, chosen, TuneSettings(
         text=files["text"], task=files["task"], eval=EvalSettings(tokenizer="bytes", window=128),
-        sparsities=[0.1, 0.5], baselines=["magnitude", "wiseft"], alphas=[0.5],
+        sparsities=[0.1, 0.5], betas=[1.0], baselines=["magnitude", "wiseft"], alphas=[0.5],
         rule=Rule("max-cf", max_cf=bound), confirm_share=0, work_dir=work))
     assert result.evaluated == 0 and result.tradeoff.selected.name == name
     again = tmp_path / "again"
@@ -263,7 +263,7 @@ def test_tune_command_line_reports_stages_and_exit_status(demo, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [
         "tune", str(recipe_path), str(out), "--text", str(files["text"]), "--task", str(files["task"]),
-        "--tokenizer", "bytes", "--sparsity", "0.9", "--baselines", "", "--min-retention", "0.8",
+        "--tokenizer", "bytes", "--sparsity", "0.9", "--beta", "1", "--baselines", "", "--min-retention", "0.8",
         "--confirm-share", "0"])
     # on these 2,048 bytes the fine-tune's forgetting is within noise: nothing to repair
     assert result.exit_code == 3, result.output
@@ -293,7 +293,7 @@ def test_a_failure_inside_a_merge_names_its_cause_and_the_rerun_resumes(demo, tm
     recipe_path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
     args = ["tune", str(recipe_path), str(out), "--text", str(files["text"]), "--task", str(files["task"]),
-            "--tokenizer", "bytes", "--sparsity", "0.9", "--baselines", "", "--min-retention", "0.8",
+            "--tokenizer", "bytes", "--sparsity", "0.9", "--beta", "1", "--baselines", "", "--min-retention", "0.8",
             "--confirm-share", "0"]
 
     def disk_full(*args, **kwargs):

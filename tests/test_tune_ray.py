@@ -54,7 +54,7 @@ def pair(tmp_path_factory):
 def settings(files, **extra):
     return TuneSettings(text=files["text"], task=files["task"],
                         eval=EvalSettings(tokenizer="bytes", window=128),
-                        sparsities=[0.3, 0.9], baselines=["magnitude"],
+                        sparsities=[0.3, 0.9], betas=[1.0], baselines=["magnitude"],
                         rule=extra.pop("rule", Rule("max-cf", max_cf=1e9)), max_on_disk=2,
                         confirm_share=0, **extra)  # the held-out check runs in this process
 

@@ -138,18 +138,54 @@ def _scalar_float(value: Any, default: Optional[float]) -> Optional[float]:
     return default if value is None else float(value)
 
 
+def _is_gradient(value: Any) -> bool:
+    """A mergekit gradient: a list of numbers, interpolated over layer position."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+def value_label(value: float) -> str:
+    """How a number appears in variant and method names: the shortest decimal that
+    reads back as the value (``0.5``, ``2.0``), as the user would write it."""
+    return repr(float(value))
+
+
+def method_family(method: str) -> str:
+    """The method a :func:`describe_recipe` label belongs to: ``fapm-b0.5`` and
+    ``fapm-depth`` are ``fapm``, ``lines_lora`` stays ``lines_lora``. Labels add their
+    detail after the first ``-``; what names a method in words (the card) looks it up
+    by its family."""
+    return method.split("-", 1)[0]
+
+
+def _lines_label(weights: List[float], family: str) -> Tuple[str, float, str]:
+    """A two-value gradient ``[alpha, alpha + beta_L]`` is LiNeS (arXiv 2410.17146):
+    ``lines`` in the paper's single-task form, where the last layer gets the whole
+    update (``alpha + beta_L = 1``), else ``lines-top<alpha + beta_L>``."""
+    alpha, top = float(weights[0]), float(weights[1])
+    return (family if top == 1.0 else f"{family}-top{value_label(top)}"), alpha, "alpha"
+
+
 def describe_recipe(recipe: Optional[Dict[str, Any]]) -> Tuple[str, Optional[float], Optional[str]]:
     """``(method, strength, strength name)`` that a merged model's recipe expresses.
 
-    * ``fapm`` -> ``fapm`` (``beta: 0`` -> ``magnitude``), strength = sparsity;
-    * ``fapm_lora`` -> ``fapm_lora`` (``beta: 0`` -> ``magnitude_lora``), strength =
-      sparsity; with ``sparsity: 0`` and a ``lambda`` other than 1 it is WiSE-FT on
-      the LoRA update, ``wiseft_lora`` with ``alpha = lambda``;
+    * ``fapm`` -> ``fapm`` (``beta: 0`` -> ``magnitude``; another beta than the
+      default 1 -> ``fapm-b<beta>``, e.g. ``fapm-b0.5``), strength = sparsity;
+    * ``fapm_lora`` -> ``fapm_lora`` (``magnitude_lora``, ``fapm_lora-b<beta>``),
+      strength = sparsity; with ``sparsity: 0`` and a ``lambda`` other than 1 it is
+      WiSE-FT on the LoRA update, ``wiseft_lora`` with ``alpha = lambda``, and with a
+      ``lambda`` gradient ``[alpha, 1]`` LiNeS on it, ``lines_lora`` with that alpha;
+    * either with a sparsity (or density) gradient over layers -> the same label with
+      ``-depth`` (``fapm-depth``, ``magnitude-depth``, ``fapm-b0.5-depth``): one
+      schedule, no single strength (None);
     * ``dare_linear`` -> ``dare``, sparsity = 1 - density;
-    * ``task_arithmetic`` with one fine-tune -> ``wiseft``, ``alpha = weight``.
+    * ``task_arithmetic`` with one fine-tune -> ``wiseft``, ``alpha = weight``; with a
+      ``weight`` gradient ``[alpha, 1]`` -> ``lines`` (LiNeS), strength alpha (a
+      two-value gradient ending elsewhere: ``lines-top<last>``).
 
-    Sparsity defaults, and density as the other spelling, follow
-    :mod:`fapm_merge.core.rules`. Anything else is ``(merge_method, None, None)``.
+    The method is a label: :func:`method_family` gives the method it refines. Sparsity
+    defaults, and density as the other spelling, follow :mod:`fapm_merge.core.rules`.
+    Anything else (another gradient, a method not listed) is ``(merge_method, None, None)``.
     """
     if not recipe:
         return "model", None, None
@@ -157,18 +193,32 @@ def describe_recipe(recipe: Optional[Dict[str, Any]]) -> Tuple[str, Optional[flo
     params = merge_parameters(recipe)
     if method in (FAPM, FAPM_LORA):
         lora = method == FAPM_LORA
-        sparsity = resolve_sparsity(_scalar_float(params.get("sparsity"), None),
-                                    _scalar_float(params.get("density"), None), lora=lora)
-        lambda_ = _scalar_float(params.get("lambda"), 1.0)
+        suffix = "_lora" if lora else ""
+        sparsity, density, lambda_ = params.get("sparsity"), params.get("density"), params.get("lambda")
+        if lora and _is_gradient(lambda_) and len(lambda_) == 2 and sparsity == 0.0:
+            return _lines_label(lambda_, "lines_lora")
+        beta = params.get("beta")
+        if any(isinstance(v, list) for v in (beta, lambda_)):
+            return str(method), None, None
+        beta = _scalar_float(beta, DEFAULT_BETA)
+        label = ("magnitude" if beta == 0.0 else FAPM) + suffix
+        if beta not in (0.0, DEFAULT_BETA):
+            label += f"-b{value_label(beta)}"
+        if _is_gradient(sparsity) or _is_gradient(density):
+            return f"{label}-depth", None, None
+        sparsity = resolve_sparsity(_scalar_float(sparsity, None), _scalar_float(density, None), lora=lora)
+        lambda_ = _scalar_float(lambda_, 1.0)
         if lora and sparsity == 0.0 and lambda_ != 1.0:
             return "wiseft_lora", lambda_, "alpha"
-        magnitude = _scalar_float(params.get("beta"), DEFAULT_BETA) == 0.0
-        name = ("magnitude" if magnitude else FAPM) + ("_lora" if lora else "")
-        return name, sparsity, "sparsity"
-    if method == "dare_linear" and params.get("density") is not None:
+        return label, sparsity, "sparsity"
+    if method == "dare_linear" and isinstance(params.get("density"), (int, float)):
         return "dare", complement(params["density"]), "sparsity"
     if method == "task_arithmetic" and len(non_base_models(recipe)) == 1:
-        return "wiseft", _scalar_float(params.get("weight"), 1.0), "alpha"
+        weight = params.get("weight")
+        if _is_gradient(weight) and len(weight) == 2:
+            return _lines_label(weight, "lines")
+        if not isinstance(weight, list):
+            return "wiseft", _scalar_float(weight, 1.0), "alpha"
     return str(method), None, None
 
 
@@ -190,9 +240,11 @@ __all__ = [
     "load_recipe",
     "load_recipe_documents",
     "merge_parameters",
+    "method_family",
     "model_name",
     "named_models",
     "non_base_models",
     "read_model_recipe",
     "recipe_inputs",
+    "value_label",
 ]

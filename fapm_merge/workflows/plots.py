@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from fapm_merge.core.rules import FAPM
+from fapm_merge.io.recipe import method_family
 
 METHOD_STYLE = {
     FAPM: dict(color="#d62728", marker="o"),
     "magnitude": dict(color="#1f77b4", marker="s"),
     "dare": dict(color="#2ca02c", marker="^"),
     "wiseft": dict(color="#9467bd", marker="D"),
+    "lines": dict(color="#ff7f0e", marker="v"),
 }
 
 
@@ -172,7 +174,7 @@ def _draw_plane(ax, result, xlim, ylim, *, zoom: bool) -> list:
 
     for method, points in sorted(curves.items()):
         points.sort(key=lambda p: p.strength)
-        style = METHOD_STYLE.get(method.removesuffix("_lora"), dict(color="0.4", marker="x"))
+        style = METHOD_STYLE.get(method_family(method).removesuffix("_lora"), dict(color="0.4", marker="x"))
         name = points[0].strength_name
         ax.plot([p.cf_pct for p in points], [p.accuracy for p in points], linestyle="-",
                 linewidth=1.4, markersize=6,

@@ -17,15 +17,49 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from fapm_merge.core.errors import FapmMergeError
-from fapm_merge.core.rules import FAPM, FAPM_LORA, complement
+from fapm_merge.core.rules import DEFAULT_BETA, FAPM, FAPM_LORA, complement
 from fapm_merge.io.lint import structure_problems
 from fapm_merge.io.model_paths import model_path_problems
-from fapm_merge.io.recipe import RecipeError, load_recipe as read_recipe_file, model_name, non_base_models
+from fapm_merge.io.recipe import (RecipeError, describe_recipe, load_recipe as read_recipe_file, model_name,
+                                  non_base_models, value_label)
 
-BASELINES = ("magnitude", "dare", "wiseft")
+BASELINES = ("magnitude", "dare", "wiseft", "lines", "depth")
 """Baselines a sweep can add: magnitude pruning of dW (FAPM with beta 0), DARE
-(mergekit ``dare_linear``: random drop, 1/density rescale) and WiSE-FT
-(mergekit ``task_arithmetic`` with weight alpha: ``W_pre + alpha * dW``)."""
+(mergekit ``dare_linear``: random drop, 1/density rescale), WiSE-FT (mergekit
+``task_arithmetic`` with weight alpha: ``W_pre + alpha * dW``), LiNeS (the same with
+a per-layer weight, :data:`LINES_ALPHAS`) and FAPM with a LiNeS-style per-layer
+sparsity (:data:`DEPTH_SCHEDULES`)."""
+
+LINES_ALPHAS = (0.0, 0.25, 0.5, 0.75)
+"""LiNeS strengths (Wang et al., ICLR 2025, https://arxiv.org/abs/2410.17146).
+
+LiNeS scales layer ``l`` of ``L`` of the update by ``lambda(l) = alpha + beta_L *
+(l - 1) / (L - 1)``. For one fine-tune the paper (and its code, ``single_task``) sets
+``beta_L = 1 - alpha``, so the deepest layer keeps the whole update and only alpha is
+swept (from 1 down to 0 in steps of 0.1). As a mergekit recipe that is
+``task_arithmetic`` with the gradient ``weight: [alpha, 1.0]``: mergekit gives layer
+index ``i`` the weight ``alpha + (1 - alpha) * i / (L - 1)``, LiNeS's schedule
+exactly, and the embeddings, the final norm and ``lm_head`` (not layers) the first
+value, alpha, which is what LiNeS's code gives every parameter outside the residual
+blocks (docs/recipes.md). Four points cover the paper's range with four of its eleven
+evaluations: alpha 0 leaves the shallowest layer and the embeddings at the base, 0.75
+is close to the fine-tune; alpha 1 is the fine-tune itself and is left out."""
+
+DEPTH_SCHEDULES = {
+    FAPM: ((0.9, 0.0), (0.95, 0.5)),
+    FAPM_LORA: ((0.3, 0.0), (0.5, 0.1)),
+}
+"""FAPM with a LiNeS-style depth schedule: ``(shallow, deep)`` sparsities, written as
+the mergekit gradient ``sparsity: [shallow, deep]`` (linear over layer position; the
+embeddings, final norm and ``lm_head`` take the shallow value, as in LiNeS).
+
+Where LiNeS scales the shallow layers' update down, these prune it away, keeping the
+deep layers' update (where the task sits) nearly whole. Full fine-tunes: ``(0.9, 0.0)``
+is LiNeS's single-task shape with FAPM's paper default in the shallowest layer (kept
+share 0.1 rising to the whole update); ``(0.95, 0.5)`` the heaviest default grid
+point in the shallowest layer, half the update kept in the deepest. LoRA updates (the
+paper prunes ~10% of them): ``(0.3, 0.0)`` and ``(0.5, 0.1)``, the top of the LoRA
+grid in the shallowest layer. Both run at the recipe's own beta."""
 
 
 class SweepError(FapmMergeError, ValueError):
@@ -38,9 +72,12 @@ class Variant:
 
     Attributes:
         name (`str`): folder name inside OUT_DIR, e.g. ``fapm-s0.9``.
-        method (`str`): ``fapm``, ``magnitude``, ``dare``, ``wiseft``, or for a
-            ``fapm_lora`` recipe ``fapm_lora``, ``magnitude_lora``, ``wiseft_lora``.
-        strength (`dict`): the swept value, e.g. ``{"sparsity": 0.9}`` or ``{"alpha": 0.3}``.
+        method (`str`): what :func:`~fapm_merge.io.recipe.describe_recipe` calls its
+            recipe: ``fapm``, ``fapm-b0.5``, ``fapm-depth``, ``magnitude``, ``dare``,
+            ``wiseft``, ``lines``, or for a ``fapm_lora`` recipe ``fapm_lora``,
+            ``magnitude_lora``, ``wiseft_lora``, ``lines_lora``, ...
+        strength (`dict`): the swept values, e.g. ``{"sparsity": 0.9}``, ``{"sparsity":
+            0.9, "beta": 0.5}``, ``{"alpha": 0.3}`` or ``{"sparsity": [0.9, 0.0]}``.
         recipe (`dict`): the complete mergekit recipe this output equals.
         seed (`int`, *optional*): random seed (DARE only).
     """
@@ -72,8 +109,9 @@ class PlannedVariant:
     saves: List[Any]
 
 
-def parse_values(text: str, option: str) -> List[float]:
-    """``"0.5,0.7,0.9"`` -> ``[0.5, 0.7, 0.9]``; each in [0, 1], no duplicates."""
+def parse_values(text: str, option: str, *, high: Optional[float] = 1.0) -> List[float]:
+    """``"0.5,0.7,0.9"`` -> ``[0.5, 0.7, 0.9]``; each in [0, high] (``high=None``: any
+    value >= 0, as FAPM's beta), no duplicates."""
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -81,15 +119,12 @@ def parse_values(text: str, option: str) -> List[float]:
     if not values:
         raise SweepError(f"{option} needs at least one value")
     for value in values:
-        if not 0.0 <= value <= 1.0:
-            raise SweepError(f"{option} values must be in [0, 1], got {value}")
+        if not 0.0 <= value <= (float("inf") if high is None else high):
+            bounds = ">= 0" if high is None else f"in [0, {high:g}]"
+            raise SweepError(f"{option} values must be {bounds}, got {value}")
     if len(set(values)) != len(values):
         raise SweepError(f"{option} lists a value twice: {text!r}")
     return values
-
-
-def _fmt(value: float) -> str:
-    return repr(float(value))
 
 
 SWEEPABLE = (FAPM, FAPM_LORA)
@@ -173,30 +208,66 @@ def finetuned_variant(recipe: dict) -> Variant:
     return Variant("finetuned", "finetuned", {}, _with_parameters(recipe, sparsity=0.0))
 
 
+def _with_beta(recipe: dict, beta: float) -> dict:
+    """The recipe with FAPM's balance factor ``beta`` (a shared parameter: top level);
+    the default (1) is left unwritten, so beta 1 is the recipe as the sweep always wrote it."""
+    recipe = copy.deepcopy(recipe)
+    top = dict(recipe.get("parameters") or {})
+    top.pop("beta", None)
+    if float(beta) != DEFAULT_BETA:
+        top["beta"] = float(beta)
+    if top:
+        recipe["parameters"] = top
+    else:
+        recipe.pop("parameters", None)
+    return recipe
+
+
+def _described(name_detail: str, recipe: dict, strength: Dict[str, Any], seed: Optional[int] = None) -> Variant:
+    """A variant named and labelled by what its recipe expresses
+    (:func:`~fapm_merge.io.recipe.describe_recipe`): ``<method>-<name_detail>``."""
+    method = describe_recipe(recipe)[0]
+    return Variant(f"{method}-{name_detail}", method, strength, recipe, seed=seed)
+
+
 def build_variants(
     recipe: dict,
     *,
     sparsities: Optional[Sequence[float]] = None,
     densities: Optional[Sequence[float]] = None,
+    betas: Optional[Sequence[float]] = None,
     baselines: Sequence[str] = (),
     alphas: Optional[Sequence[float]] = None,
+    lines_alphas: Sequence[float] = LINES_ALPHAS,
+    depth_schedules: Optional[Sequence[Sequence[float]]] = None,
     seed: int = 0,
 ) -> List[Variant]:
     """The variants of a sweep over ``recipe`` (a one-base ``fapm`` or ``fapm_lora`` recipe).
 
+    FAPM runs at every (beta, strength): beta 0 is magnitude pruning (``magnitude-s0.9``),
+    beta 1 the paper's score (``fapm-s0.9``), any other ``fapm-b0.5-s0.9``; a recipe
+    asked for twice (``--beta 0`` and the magnitude baseline) is made once.
+
     For ``fapm_lora`` the baselines go through the same native adapter path on the
     same update ``dW = scale * B @ A``: magnitude is ``beta: 0``, WiSE-FT is
-    ``sparsity: 0, lambda: alpha`` (``W_pre + alpha * dW``); DARE has no
-    ``fapm_lora`` form.
+    ``sparsity: 0, lambda: alpha`` (``W_pre + alpha * dW``), LiNeS ``sparsity: 0,
+    lambda: [alpha, 1.0]`` (``lambda`` is a per-tensor parameter, so mergekit's
+    gradient applies); DARE has no ``fapm_lora`` form.
 
     Args:
         recipe (`dict`): the mergekit recipe; its own sparsity/density is replaced.
         sparsities (`Sequence[float]`, *optional*): values to sweep (share reset).
         densities (`Sequence[float]`, *optional*): or the kept shares; not both.
+        betas (`Sequence[float]`, *optional*): FAPM balance factors (>= 0) to sweep at
+            every strength; default: the recipe's own beta only, named as ``fapm``.
         baselines (`Sequence[str]`, defaults to ()): any of ``BASELINES``; magnitude
             and DARE use the same strengths as FAPM (DARE's density = 1 - sparsity).
         alphas (`Sequence[float]`, *optional*): WiSE-FT strengths; default: the
             densities, so each WiSE-FT point moves as far as the kept share.
+        lines_alphas (`Sequence[float]`, defaults to `LINES_ALPHAS`): LiNeS's alpha, the
+            scale of the shallowest layer (the deepest keeps the whole update).
+        depth_schedules (`Sequence[Sequence[float]]`, *optional*): ``(shallow, deep)``
+            sparsities of the depth baseline; default `DEPTH_SCHEDULES` of the method.
         seed (`int`, defaults to 0): DARE seed (``mergekit-yaml --random-seed``).
     """
     _check_recipe(recipe)
@@ -209,30 +280,44 @@ def build_variants(
     if lora and "dare" in baselines:
         raise SweepError(f"the dare baseline has no {FAPM_LORA} form; use magnitude and wiseft, "
                          "or run dare_linear on a merged copy (model: BASE+ADAPTER)")
-    if not lora and ("dare" in baselines or "wiseft" in baselines):
+    if not lora and {"dare", "wiseft", "lines"} & set(baselines):
         if len(non_base_models(recipe)) != 1:
-            raise SweepError("DARE and WiSE-FT baselines need exactly one fine-tuned model")
+            raise SweepError("DARE, WiSE-FT and LiNeS baselines need exactly one fine-tuned model")
     key, values = ("sparsity", sparsities) if sparsities is not None else ("density", densities)
     tag = "s" if key == "sparsity" else "d"
     suffix = "_lora" if lora else ""
     method = FAPM_LORA if lora else FAPM
-    variants = [
-        Variant(f"{method}-{tag}{_fmt(v)}", method, {key: v}, _with_strength(recipe, key, v))
-        for v in values
-    ]
+    variants = []
+    for beta in betas if betas is not None else [None]:
+        for v in values:
+            r = _with_strength(recipe, key, v)
+            if beta is None:  # the recipe's own beta, under the name a sweep always gave it
+                variants.append(Variant(f"{method}-{tag}{value_label(v)}", describe_recipe(r)[0], {key: v}, r))
+            else:
+                variants.append(_described(f"{tag}{value_label(v)}", _with_beta(r, beta), {key: v, "beta": float(beta)}))
     if "magnitude" in baselines:
         for v in values:
             r = _with_strength(recipe, key, v)
             r.setdefault("parameters", {})["beta"] = 0.0
-            variants.append(Variant(f"magnitude{suffix}-{tag}{_fmt(v)}", f"magnitude{suffix}", {key: v}, r))
+            variants.append(Variant(f"magnitude{suffix}-{tag}{value_label(v)}", f"magnitude{suffix}", {key: v}, r))
     def density_of(v: float) -> float:
         return complement(v) if key == "sparsity" else float(v)
 
+    wiseft_alphas = alphas if alphas is not None else [density_of(v) for v in values]
+    if "depth" in baselines:
+        for shallow, deep in depth_schedules if depth_schedules is not None else DEPTH_SCHEDULES[method]:
+            schedule = [float(shallow), float(deep)]
+            variants.append(_described(f"s{value_label(shallow)}to{value_label(deep)}",
+                                       _with_strength(recipe, "sparsity", schedule), {"sparsity": schedule}))
     if lora:
         if "wiseft" in baselines:
-            for a in alphas if alphas is not None else [density_of(v) for v in values]:
+            for a in wiseft_alphas:
                 r = _with_parameters(recipe, sparsity=0.0, **{"lambda": a})
-                variants.append(Variant(f"wiseft_lora-a{_fmt(a)}", "wiseft_lora", {"alpha": a}, r))
+                variants.append(Variant(f"wiseft_lora-a{value_label(a)}", "wiseft_lora", {"alpha": a}, r))
+        if "lines" in baselines:
+            for a in lines_alphas:
+                r = _with_parameters(recipe, sparsity=0.0, **{"lambda": lines_weights(a)})
+                variants.append(_described(f"a{value_label(a)}", r, {"alpha": a}))
         return _unique(variants)
     finetuned = model_name(non_base_models(recipe)[0])
     common = {k: recipe[k] for k in ("base_model", "dtype", "out_dtype") if k in recipe}
@@ -244,19 +329,48 @@ def build_variants(
                 **common,
                 "models": [{"model": finetuned, "parameters": {"weight": 1.0, "density": d}}],
             }
-            variants.append(Variant(f"dare-{tag}{_fmt(v)}", "dare", {key: v}, r, seed=seed))
+            variants.append(Variant(f"dare-{tag}{value_label(v)}", "dare", {key: v}, r, seed=seed))
     if "wiseft" in baselines:
-        for a in alphas if alphas is not None else [density_of(v) for v in values]:
+        for a in wiseft_alphas:
             r = {
                 "merge_method": "task_arithmetic",
                 **common,
                 "models": [{"model": finetuned, "parameters": {"weight": a}}],
             }
-            variants.append(Variant(f"wiseft-a{_fmt(a)}", "wiseft", {"alpha": a}, r))
+            variants.append(Variant(f"wiseft-a{value_label(a)}", "wiseft", {"alpha": a}, r))
+    if "lines" in baselines:
+        for a in lines_alphas:
+            r = {
+                "merge_method": "task_arithmetic",
+                **common,
+                "models": [{"model": finetuned, "parameters": {"weight": lines_weights(a)}}],
+            }
+            variants.append(_described(f"a{value_label(a)}", r, {"alpha": a}))
     return _unique(variants)
 
 
+def lines_weights(alpha: float) -> List[float]:
+    """LiNeS's single-task schedule as a mergekit gradient: ``[alpha, 1.0]``.
+
+    mergekit (0.1.5, ``MergePlanner.plan_slice``) evaluates a gradient at ``t = i / (L -
+    1)`` for layer index ``i`` of ``L`` and interpolates linearly between the list's
+    values, so layer ``i`` gets ``alpha + (1 - alpha) * i / (L - 1)``: LiNeS's
+    ``lambda(l) = alpha + beta_L * (l - 1) / (L - 1)`` with ``beta_L = 1 - alpha``. The
+    tensors outside the layers (embeddings before them, the final norm and ``lm_head``
+    after) are planned at ``t = 0`` and take alpha, as LiNeS's own code scales every
+    parameter outside the residual blocks (docs/recipes.md, "LiNeS").
+    """
+    return [float(alpha), 1.0]
+
+
 def _unique(variants: List[Variant]) -> List[Variant]:
+    """One variant per distinct recipe (the first asked for: ``--beta 0`` and the
+    magnitude baseline are one model), and no two sharing a folder name."""
+    distinct: List[Variant] = []
+    for variant in variants:
+        if not any(v.recipe == variant.recipe and v.seed == variant.seed for v in distinct):
+            distinct.append(variant)
+    variants = distinct
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise SweepError(f"two variants share a folder name: {names}")
@@ -273,12 +387,15 @@ def load_recipe(path: Path) -> dict:
 
 __all__ = [
     "BASELINES",
+    "DEPTH_SCHEDULES",
+    "LINES_ALPHAS",
     "PlannedVariant",
     "SWEEPABLE",
     "SweepError",
     "Variant",
     "build_variants",
     "finetuned_variant",
+    "lines_weights",
     "load_recipe",
     "parse_values",
 ]

@@ -43,6 +43,8 @@ from fapm_merge.workflows.tune.card import model_card
 from fapm_merge.workflows.tune.plan import (
     DEFAULT_ALPHAS,
     DEFAULT_BASELINES,
+    DEFAULT_BETAS,
+    FAMILY_BETAS,
     DEFAULT_SPARSITIES,
     MAX_ON_DISK,
     TuneError,
@@ -52,5 +54,5 @@ from fapm_merge.workflows.tune.plan import (
 )
 from fapm_merge.workflows.tune.runner import TuneResult, run_tune
 
-__all__ = ["DEFAULT_ALPHAS", "DEFAULT_BASELINES", "DEFAULT_SPARSITIES", "MAX_ON_DISK", "TuneError",
+__all__ = ["DEFAULT_ALPHAS", "DEFAULT_BASELINES", "DEFAULT_BETAS", "FAMILY_BETAS", "DEFAULT_SPARSITIES", "MAX_ON_DISK", "TuneError",
            "TunePlan", "TuneResult", "TuneSettings", "model_card", "plan_tune", "run_tune"]

@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional
 
-from fapm_merge.core.rules import DEFAULT_BETA, FAPM_LORA
+from fapm_merge.core.rules import DEFAULT_BETA, FAPM, FAPM_LORA
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.io.model_paths import looks_local
-from fapm_merge.io.recipe import RECIPE_FILE, merge_parameters, model_name, non_base_models
+from fapm_merge.io.recipe import RECIPE_FILE, merge_parameters, method_family, model_name, non_base_models
 from fapm_merge.workflows.tradeoff import Point, Tradeoff, tradeoff_markdown
 from fapm_merge.workflows.tradeoff.confirm import CONFIRMED, CONTRADICTED
 from fapm_merge.workflows.tradeoff.report import evidence
@@ -66,8 +66,17 @@ METHODS: Dict[str, Method] = {
     "wiseft_lora": Method("WiSE-FT on a LoRA update", "WiSE-FT on a LoRA update (weight interpolation, "
                           "[arXiv 2109.01903](https://arxiv.org/abs/2109.01903))",
                           "LoRA update scaled: W_pre + alpha * scale * B @ A", "wise-ft"),
+    "lines": Method("LiNeS", "LiNeS (layer-increasing network scaling, "
+                    "[arXiv 2410.17146](https://arxiv.org/abs/2410.17146))",
+                    "update dW = W_ft - W_pre scaled per layer, alpha at the shallowest layer "
+                    "rising linearly to 1 at the deepest", "lines"),
+    "lines_lora": Method("LiNeS on a LoRA update", "LiNeS on a LoRA update (layer-increasing network "
+                         "scaling, [arXiv 2410.17146](https://arxiv.org/abs/2410.17146))",
+                         "LoRA update dW = scale * B @ A scaled per layer, alpha at the shallowest "
+                         "layer rising linearly to 1 at the deepest", "lines"),
 }
-"""Every method a tune selects, by the name :func:`describe_recipe` gives it."""
+"""Every method a tune selects, by the family of the label :func:`describe_recipe`
+gives it (:func:`method_family`: ``fapm-b0.5`` and ``fapm-depth`` are ``fapm``)."""
 
 TAGS = ["mergekit", "merge", "fapm-merge"]
 """Tags of every tune card; the selected method's own tag follows."""
@@ -107,12 +116,15 @@ def _number(value: float) -> str:
 
 def method_text(point: Point, recipe: dict) -> str:
     """The selected method and its parameters, e.g. ``FAPM (...) at sparsity 0.9, beta 1``."""
-    method = METHODS.get(point.method)
+    family = method_family(point.method)
+    method = METHODS.get(family)
     if method is None:  # a recipe tune did not make: mergekit's method by its name
         return f"mergekit's `{point.method}`"
     parameters = merge_parameters(recipe)
     settings = [f"{point.strength_name} {_number(point.strength)}"] if point.strength is not None else []
-    if point.method in ("fapm", "fapm_lora"):
+    if isinstance(parameters.get("sparsity"), list):  # a depth schedule: shallow to deep
+        settings.append("sparsity per layer " + " to ".join(map(_number, parameters["sparsity"])))
+    if family in (FAPM, FAPM_LORA):
         settings.append(f"beta {_number(float(parameters.get('beta', DEFAULT_BETA)))}")
     if point.method == "dare":
         settings.append(f"density {_number(float(parameters['density']))}")
@@ -136,7 +148,9 @@ def _grid(points: List[Point]) -> str:
         by_method.setdefault(point.method, []).append(point)
     parts = []
     for method, group in by_method.items():
-        name = METHODS[method].short if method in METHODS else method
+        family = method_family(method)
+        detail = method[len(family):].lstrip("-")  # the label's own part: b0.5, depth, top0.8
+        name = (METHODS[family].short + (f" ({detail})" if detail else "")) if family in METHODS else method
         strengths = sorted(p.strength for p in group if p.strength is not None)
         parts.append(name + (f" at {group[0].strength_name} " + ", ".join(map(_number, strengths))
                              if strengths else ""))
@@ -209,7 +223,7 @@ def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str,
     from huggingface_hub import ModelCard, ModelCardData
 
     chosen, confirmation = result.selected, result.confirmation
-    method = METHODS.get(chosen.method)
+    method = METHODS.get(method_family(chosen.method))
     results = _eval_results(result)
     data = ModelCardData(  # model_name names the model-index; without results it is no Hub field
         base_model=hub_model_id(str(plan.base)), library_name="transformers",

@@ -34,10 +34,33 @@ DEFAULT_SPARSITIES = {
 range around it down to light pruning, where most of the task survives. LoRA
 updates: the paper's advice is to prune only ~10%, so the grid stays low."""
 
-DEFAULT_BASELINES = ("magnitude", "wiseft")
-"""Magnitude pruning of dW (FAPM with beta 0: what FAPM improves on) and WiSE-FT
-(``W_pre + alpha * dW``: the strongest simple baseline in the replication). DARE is
-opt-in: it rescales what it keeps and repairs no forgetting (docs/experiments.md)."""
+FAMILY_BETAS = (0.0, 0.25, 0.5, 1.0, 2.0)
+"""FAPM balance factors of the repair family (``--beta 0,0.25,0.5,1,2``).
+
+FAPM's score is ``|dW| - beta * mean(|W_pre|) * |dW| / |W_pre|``. On the replication
+(docs/experiments.md) the best member differs by fine-tune, so tune looks along beta:
+
+* 0: magnitude pruning of dW, the family's one end (it won the full fine-tune arm);
+* 0.25 and 0.5: between the two, where nobody had looked;
+* 1: the paper's score (it won the LoRA arm);
+* 2: beyond the paper, penalising updates large relative to their base weight twice
+  as hard.
+
+Five betas make the FAPM grid five times larger, so the family is opt-in until tune
+screens candidates on a share of the data (issue 23): evaluation is tune's cost."""
+
+DEFAULT_BETAS = (1.0,)
+"""FAPM balance factors tune sweeps by default: the paper's score (beta 0, magnitude
+pruning, is a default baseline); :data:`FAMILY_BETAS` for the whole family."""
+
+DEFAULT_BASELINES = ("magnitude", "wiseft", "lines")
+"""Magnitude pruning of dW (FAPM with beta 0: what FAPM improves on; the same models as
+beta 0, made once), WiSE-FT (``W_pre + alpha * dW``: the strongest simple baseline in
+the replication) and LiNeS (the strongest published data-free anti-forgetting edit, the
+rival reviewers ask about; :data:`~fapm_merge.workflows.variants.LINES_ALPHAS`). FAPM
+with a LiNeS-style depth schedule (``depth``,
+:data:`~fapm_merge.workflows.variants.DEPTH_SCHEDULES`) and DARE are opt-in: DARE
+rescales what it keeps and repairs no forgetting (docs/experiments.md)."""
 
 DEFAULT_ALPHAS = {FAPM: (0.3, 0.5, 0.7, 0.9), FAPM_LORA: (0.5, 0.7, 0.9)}
 """WiSE-FT strengths swept by default."""
@@ -61,7 +84,10 @@ class TuneSettings:
         text, task (`Path`, *optional*): general text (forgetting) and task file
             (accuracy); each is needed unless its axis comes from lm-eval.
         sparsities (`Sequence[float]`, *optional*): FAPM values; default `DEFAULT_SPARSITIES`.
-        baselines (`Sequence[str]`): any of magnitude, wiseft, dare (dare: fapm only).
+        betas (`Sequence[float]`, *optional*): FAPM balance factors, each at every
+            sparsity; default `DEFAULT_BETAS`.
+        baselines (`Sequence[str]`): any of magnitude, wiseft, lines, depth, dare (dare:
+            fapm only).
         alphas (`Sequence[float]`, *optional*): WiSE-FT strengths; default `DEFAULT_ALPHAS`.
         seed (`int`, defaults to 0): DARE's seed (``mergekit-yaml --random-seed``).
         rule (`Rule`): the selection rule (default: repair at retention 0.99).
@@ -95,6 +121,7 @@ class TuneSettings:
     text: Optional[Path] = None
     task: Optional[Path] = None
     sparsities: Optional[Sequence[float]] = None
+    betas: Optional[Sequence[float]] = None
     baselines: Sequence[str] = DEFAULT_BASELINES
     alphas: Optional[Sequence[float]] = None
     seed: int = 0
@@ -188,8 +215,8 @@ def plan_tune(recipe: dict, settings: TuneSettings, work: Path) -> TunePlan:
     sparsities = list(settings.sparsities or DEFAULT_SPARSITIES[method])
     alphas = list(settings.alphas or DEFAULT_ALPHAS[method]) if "wiseft" in settings.baselines else None
     try:
-        variants = build_variants(recipe, sparsities=sparsities, baselines=list(settings.baselines),
-                                  alphas=alphas, seed=settings.seed)
+        variants = build_variants(recipe, sparsities=sparsities, betas=list(settings.betas or DEFAULT_BETAS),
+                                  baselines=list(settings.baselines), alphas=alphas, seed=settings.seed)
     except SweepError as error:
         raise TuneError(str(error)) from None
     if method == FAPM_LORA:
@@ -208,6 +235,8 @@ def variant_dir(work: Path, variant: Variant) -> Path:
 __all__ = [
     "DEFAULT_ALPHAS",
     "DEFAULT_BASELINES",
+    "DEFAULT_BETAS",
+    "FAMILY_BETAS",
     "DEFAULT_SPARSITIES",
     "MAX_ON_DISK",
     "TuneError",
