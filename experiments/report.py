@@ -220,8 +220,9 @@ def _interval(value, interval, digits, signed=True):
 
 
 def decision_tables(res: Path) -> str:
-    """What `fapm-merge tradeoff` (default rule) selects on each arm, with the paired
-    95% intervals it rests on (results/tradeoff-full.json, tradeoff-lora.json)."""
+    """What `fapm-merge tradeoff` selects on each arm on the selection data, with the
+    paired 95% intervals it rests on, the default rule's verdict beside it, and the
+    pick's held-out check (results/tradeoff-ARM.json, tradeoff-ARM-default.json)."""
     out = []
     for arm, name in (("full", "full fine-tune"), ("lora", "LoRA fine-tune")):
         path = res / f"tradeoff-{arm}.json"
@@ -229,26 +230,48 @@ def decision_tables(res: Path) -> str:
             continue
         d = json.loads(path.read_text())
         items = d.get("items", {})
-        out.append(f"**{name[0].upper() + name[1:]} arm** ({items.get('prompts', 0)} prompts, "
-                   f"{items.get('windows', 0)} Wikipedia windows; rule: {d['rule']}).\n")
-        out.append("| model | accuracy | Δ accuracy vs fine-tune [95%] | one-sided p | CF% wiki [95%] "
-                   "| repaired [95%] | rule |")
+        out.append(f"**{name[0].upper() + name[1:]} arm** (selection data: {items.get('prompts', 0)} "
+                   f"validation prompts, {items.get('windows', 0)} Wikipedia documents; rule: {d['rule']}).\n")
+        out.append("| model | accuracy | Δ accuracy vs fine-tune [95%] | CF% wiki [95%] "
+                   "| CF cut, points [95%] | repaired | rule |")
         out.append("|---|---|---|---|---|---|---|")
         rank = {"base": 0, "finetuned": 1}
         for p in sorted(d["points"], key=lambda p: (rank.get(p["method"], 2), p["method"], p["strength"] or 0)):
             acc = p.get("accuracy_vs_ft") or {}
-            pval = p.get("accuracy_drop_p")
+            cut = p.get("cf_reduction") or {}
             label = p["label"] if p["method"] not in ("base", "finetuned") else p["method"]
             verdict = p["verdict"] if p["verdict"] != "selected" else "**selected**"
-            out.append(f"| {label} | {p['accuracy']:.3f} | {_interval(acc.get('estimate'), acc, 3)} | "
-                       f"{'-' if pval is None else f'{pval:.3f}'} | "
+            repaired = "-" if p.get("repaired") is None else f"{p['repaired']:.0%}"
+            out.append(f"| {label} | {p['accuracy']:.3f} | "
+                       f"{_interval(acc.get('estimate'), acc, 3) if acc else '-'} | "
                        f"{_interval(p['cf_pct'], p.get('cf_interval'), 2)} | "
-                       f"{_interval(p.get('repaired'), p.get('repaired_interval'), 2)} | {verdict} |")
-        selected = d.get("selected")
+                       f"{_interval(cut.get('estimate'), cut, 2) if cut else '-'} | {repaired} | {verdict} |")
         out.append("")
-        out.append(("Selected: " if selected else "Nothing selected: ") + d["reason"] + ".")
+        out.append(("Selected: " if d.get("selected") else "Nothing selected: ") + d["reason"] + ".")
         for warning in d.get("warnings", []):
             out.append(f"Warning: {warning}.")
+        default = res / f"tradeoff-{arm}-default.json"
+        if default.exists():
+            dd = json.loads(default.read_text())
+            out.append("")
+            out.append(f"The default rule ({dd['rule']}) on the same data: "
+                       + ("selects " if dd.get("selected") else "nothing selected, ") + dd["reason"] + ".")
+        confirmation = d.get("confirmation")
+        if confirmation:
+            ni, repair = confirmation["noninferiority"], confirmation["repair"]
+            diff, cut = ni["difference"], repair["cf_reduction"]
+            cf = confirmation["cf"]
+            out.append("")
+            out.append(
+                f"**Held-out check: {confirmation['status']}** ({confirmation['prompts']} test prompts from "
+                f"{confirmation.get('groups') or '?'} movies, {confirmation['windows']} Wikipedia documents "
+                f"that did not choose the model): {confirmation['selected']} has accuracy "
+                f"{confirmation['accuracy']['selected']:.3f} against the fine-tune's "
+                f"{confirmation['accuracy']['finetuned']:.3f} (difference {_interval(diff['estimate'], diff, 3)}, "
+                f"one-sided lower bound {ni['lower_bound']:+.3f} vs margin -{ni['margin']:.3f}), CF "
+                f"{_interval(cf['selected']['estimate'], cf['selected'], 2)}% against the fine-tune's "
+                f"{_interval(cf['finetuned']['estimate'], cf['finetuned'], 2)}%: a cut of "
+                f"{_interval(cut['estimate'], cut, 2)} CF points.")
         out.append("")
     return "\n".join(out)
 
