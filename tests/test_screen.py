@@ -333,3 +333,16 @@ def test_the_benchmark_replays_both_decisions_from_a_results_file(tmp_path):
     assert summary["screened"]["prompts"] == 2 * 600 + 6 * 180 + 1 * 420
     assert summary["screened"]["window_tokens"] == 2 * 6000 + 6 * 1800 + 1 * 4200
     assert "prompts (prompt and choice tokens are not in the records)" in run.stdout
+
+
+def test_records_of_an_older_eval_without_documents_round_trip_as_one_text():
+    """Regression: tune work folders written before documents were kept have no
+    ``window_document``; the replay stopped on a KeyError."""
+    whole = whole_record()
+    del whole["metrics"]["text"][PER_ITEM]["window_document"], whole["metrics"]["text"]["documents"]
+    share = share_of(whole)
+    assert share.windows == (0, 1, 2, 3)  # one text: its first windows
+    combined = combine(restrict(whole, share, screened=True), restrict(whole, share, screened=False), share)
+    assert combined["metrics"]["text"][PER_ITEM] == whole["metrics"]["text"][PER_ITEM]
+    assert combined["metrics"]["text"]["loss"] == whole["metrics"]["text"]["loss"]
+    assert "documents" not in combined["metrics"]["text"]

@@ -183,7 +183,9 @@ def share_of(record: dict, *, share: float = SCREEN_SHARE, seed: int = SCREEN_SE
     """:func:`screening_share` of the selection data a record (with per-item values) was
     measured on."""
     task, text = _items(record, task_metric), _items(record, text_metric)
-    return screening_share(len(task["correct"]), text["window_document"],
+    # records of an eval before documents were kept: one text, one document
+    documents = text.get("window_document") or [0] * len(text["window_loss"])
+    return screening_share(len(task["correct"]), documents,
                            prompt_groups=task.get("group"), share=share, seed=seed)
 
 
@@ -213,7 +215,8 @@ def _task_values(correct: str, groups: Optional[List[str]]) -> Dict[str, Any]:
     return values
 
 
-def _text_values(losses: List[float], tokens: List[int], documents: List[int]) -> Dict[str, Any]:
+def _text_values(losses: List[float], tokens: List[int], documents: Optional[List[int]]
+                 ) -> Dict[str, Any]:
     """The text metric's aggregates from its per-window values, as eval computes them
     (:func:`fapm_merge.evaluation.metrics.mean_token_loss`: the summed window losses
     added in window order, over the predicted tokens)."""
@@ -221,9 +224,14 @@ def _text_values(losses: List[float], tokens: List[int], documents: List[int]) -
     for loss in losses:
         total += loss
     count = sum(tokens)
-    return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count,
-            "windows": len(losses), "documents": len(set(documents)),
-            PER_ITEM: {"window_loss": losses, "window_tokens": tokens, "window_document": documents}}
+    values: Dict[str, Any] = {"loss": total / count, "perplexity": math.exp(total / count),
+                              "tokens": count, "windows": len(losses)}
+    per_item: Dict[str, Any] = {"window_loss": losses, "window_tokens": tokens}
+    if documents is not None:  # None: an older eval's record, which kept no documents
+        values["documents"] = len(set(documents))
+        per_item["window_document"] = documents
+    values[PER_ITEM] = per_item
+    return values
 
 
 def _renumbered(documents: Sequence[int]) -> List[int]:
@@ -267,6 +275,7 @@ def restrict(record: dict, share: ScreeningShare, *, screened: bool,
         text_metric: {**_settings(record["metrics"][text_metric]),
                       **_text_values([text["window_loss"][i] for i in windows],
                                      [text["window_tokens"][i] for i in windows],
+                                     None if "window_document" not in text else
                                      _renumbered([text["window_document"][i] for i in windows]))}}
     part = "screen" if screened else "rest"
     for values in out["metrics"].values():  # a part is other data than the whole
@@ -339,14 +348,15 @@ def combine(screening: dict, rest: dict, share: ScreeningShare, *,
     if groups is not None and share.prompt_groups is not None and tuple(groups) != share.prompt_groups:
         raise TradeoffError(f"{rest.get('model')}: its prompt groups are not those of the share")
     task = _task_values("".join(merged("correct", task_metric, "prompts")), groups)
+    with_documents = "window_document" in _items(rest, text_metric)
     for part, indices in ((screening, screened["windows"]), (rest, remaining["windows"])):
         expected = _renumbered([share.window_documents[i] for i in indices])
-        if list(_items(part, text_metric)["window_document"]) != expected:
+        if with_documents and list(_items(part, text_metric)["window_document"]) != expected:
             raise TradeoffError(f"{part.get('model')}: its windows' documents are not those of "
                                 "the share; was it measured on the share's text?")
     text = _text_values(merged("window_loss", text_metric, "windows"),
                         merged("window_tokens", text_metric, "windows"),
-                        list(share.window_documents))
+                        list(share.window_documents) if with_documents else None)
     kinds = [p[task_metric].get("by_kind") for p in parts]
     if all(isinstance(k, dict) for k in kinds):
         task["by_kind"] = {kind: {key: sum(k.get(kind, {}).get(key, 0) for k in kinds)
