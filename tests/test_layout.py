@@ -224,6 +224,7 @@ def test_analyze_and_tradeoff_run_without_importing_mergekit(llama_pair, tmp_pat
 
 @pytest.mark.parametrize("modules", [
     "fapm_merge.workflows.variants",  # tune plans (and refuses a bad grid) before anything heavy loads
+    "fapm_merge.workflows.tradeoff.screen",  # screening decides from records alone
     "fapm_merge, fapm_merge.core.rules",  # importing the package is cheap
 ])
 @pytest.mark.slow

@@ -96,7 +96,7 @@ class Interval:
         return out
 
 
-def _bootstrap(data, statistic, *, seed: int, resamples: int) -> tuple:
+def _bootstrap(data, statistic, *, seed: int, resamples: int, confidence: float = CONFIDENCE) -> tuple:
     import warnings
 
     import numpy as np
@@ -112,7 +112,7 @@ def _bootstrap(data, statistic, *, seed: int, resamples: int) -> tuple:
             paired=True,
             vectorized=True,
             n_resamples=resamples,
-            confidence_level=CONFIDENCE,
+            confidence_level=confidence,
             method="percentile",
             rng=np.random.default_rng(seed),
         )
@@ -134,6 +134,7 @@ def loss_difference(
     reference_losses: Sequence[float],
     tokens: Sequence[int],
     *, groups: Optional[Sequence] = None, seed: int = SEED, resamples: int = RESAMPLES,
+    confidence: float = CONFIDENCE,
 ) -> Interval:
     """``L(model) - L(reference)``, mean token losses on the same windows, with a
     paired interval (windows resampled, the same draw for both models).
@@ -143,6 +144,9 @@ def loss_difference(
         tokens (`Sequence[int]`): predicted tokens per window (the same for both).
         groups (`Sequence`, *optional*): a document id per window; whole documents are
             resampled then (see :func:`cluster_sums`).
+        confidence (`float`, defaults to 0.95): the two-sided interval's level (tune's
+            screening asks for a stricter one than the decision,
+            :mod:`fapm_merge.workflows.tradeoff.screen`).
     """
     a, b, t = _as_array(model_losses), _as_array(reference_losses), _as_array(tokens)
     check_paired(a, b, "windows")
@@ -150,7 +154,7 @@ def loss_difference(
     estimate = float(_mean_loss(a, t) - _mean_loss(b, t))
     return _loss_bootstrap(
         estimate, (a, b, t), lambda x, y, n, axis=-1: _mean_loss(x, n, axis) - _mean_loss(y, n, axis),
-        same=(a == b).all(), groups=groups, seed=seed, resamples=resamples)
+        same=(a == b).all(), groups=groups, seed=seed, resamples=resamples, confidence=confidence)
 
 
 def cf_reduction(
@@ -281,7 +285,8 @@ def _degenerate(estimate: float, n: int, clusters: Optional[int]) -> Interval:
 
 
 def _loss_bootstrap(estimate: float, columns: tuple, statistic, *, same: bool,
-                    groups: Optional[Sequence], seed: int, resamples: int) -> Interval:
+                    groups: Optional[Sequence], seed: int, resamples: int,
+                    confidence: float = CONFIDENCE) -> Interval:
     """The paired bootstrap of a statistic of summed window losses and tokens: windows
     resampled, or whole documents (the columns summed per document first: a sum of
     sums over resampled documents is the sum over their windows)."""
@@ -290,7 +295,8 @@ def _loss_bootstrap(estimate: float, columns: tuple, statistic, *, same: bool,
         columns, clusters = cluster_sums(groups, *columns)
     if len(columns[0]) < 2 or same:
         return _degenerate(estimate, n, clusters)
-    low, high = _bootstrap(tuple(columns), statistic, seed=seed, resamples=resamples)
+    low, high = _bootstrap(tuple(columns), statistic, seed=seed, resamples=resamples,
+                           confidence=confidence)
     return Interval(estimate, low, high, n, clusters)
 
 

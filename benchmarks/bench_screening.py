@@ -1,0 +1,175 @@
+"""Screened vs exhaustive decisions, replayed from stored per-item results: cost and agreement.
+
+    python benchmarks/bench_screening.py RESULTS [--base PATH] [--finetuned PATH]
+        [--min-retention 0.99] [--min-repair 0.1] [--share 0.3] [--seed 0] [--json FILE]
+
+RESULTS is a results file of ``fapm-merge eval`` with its items file beside it (e.g. the
+replication's ``experiments/work/results/main.jsonl`` or a tune work folder's
+``results.jsonl``): every model evaluated on the whole selection data. No forward pass
+is run; the two decisions are replayed from the per-item values:
+
+(a) **exhaustive**: every candidate evaluated on everything, the repair rule decides
+    (:func:`fapm_merge.workflows.tradeoff.compute_tradeoff`);
+(b) **screened**: every candidate's record cut to the screening share
+    (:func:`~fapm_merge.workflows.tradeoff.screen.restrict`), screened stage by stage as
+    a runner would (:func:`~fapm_merge.workflows.tradeoff.screen.screen`, then
+    ``next_stage()``, until nothing is pending), the survivors' records on the rest
+    combined with their screening records
+    (:func:`~fapm_merge.workflows.tradeoff.screen.combine`), and the same rule decides
+    on the anchors and the survivors.
+
+It prints, side by side, what each forwards and what each picks, and whether the picks
+agree. **Units**: the records do not hold the tokens of prompts and answer choices, so
+the task's cost is counted in *prompts* (each forwards its prompt with every choice, or
+decodes its answer) and the text's in *window tokens* (the predicted tokens of the
+windows, from the records). The base and the fine-tune are evaluated on everything in
+both (on the share, then on the rest, when screened).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from fapm_merge.evaluation.results import PER_ITEM
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
+from fapm_merge.workflows.tradeoff import Rule, compute_tradeoff, read_results
+from fapm_merge.workflows.tradeoff.rules import MIN_REPAIR, MIN_RETENTION
+from fapm_merge.workflows.tradeoff.screen import (
+    SCREEN_SEED,
+    SCREEN_SHARE,
+    Candidate,
+    combine,
+    restrict,
+    screen,
+    share_of,
+)
+
+
+def _cost(record: dict) -> Dict[str, int]:
+    """Prompts and window tokens a record's evaluation forwarded."""
+    metrics = record["metrics"]
+    return {"prompts": len(metrics[TASK_METRIC][PER_ITEM]["correct"]),
+            "window_tokens": sum(metrics[TEXT_METRIC][PER_ITEM]["window_tokens"])}
+
+
+def _add(total: Dict[str, int], cost: Dict[str, int], times: int = 1) -> None:
+    for key, value in cost.items():
+        total[key] = total.get(key, 0) + times * value
+
+
+def _pick(result) -> Optional[str]:
+    return result.selected.name if result.selected is not None else None
+
+
+def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str] = None,
+           min_retention: float = MIN_RETENTION, min_repair: float = MIN_REPAIR,
+           share: float = SCREEN_SHARE, seed: int = SCREEN_SEED) -> dict:
+    """Both decisions and their cost (module docstring); a JSON-ready dict."""
+    records = read_results(results)
+    rule = Rule(min_retention=min_retention, min_repair=min_repair)
+    exhaustive = compute_tradeoff(records, base=base, finetuned=finetuned, rule=rule)
+    used = {point.model for point in exhaustive.points}
+    records = [r for r in records if r["model"] in used]  # those the decision could place
+    anchors = {exhaustive.base.model, exhaustive.finetuned.model}
+    by_model = {r["model"]: r for r in records}
+    cut = share_of(by_model[exhaustive.finetuned.model], share=share, seed=seed)
+    plan = [Candidate.of(r["model"], r.get("name", r["model"]), r.get("recipe"))
+            for r in records if r["model"] not in anchors]
+    on_share = {r["model"]: restrict(r, cut, screened=True) for r in records}
+
+    evaluated: Dict[str, dict] = {}
+    stages: List[List[str]] = []
+    while True:
+        screening = screen(plan, on_share[exhaustive.base.model],
+                           on_share[exhaustive.finetuned.model], evaluated, min_retention=min_retention)
+        stage = screening.next_stage()
+        if not stage:
+            break
+        stages.append([c.name for c in stage])
+        evaluated.update({c.model: on_share[c.model] for c in stage})
+    survivors = {c.model for c in screening.kept()}
+    final = []
+    for record in records:
+        if record["model"] in anchors or record["model"] in survivors:
+            whole = combine(on_share[record["model"]], restrict(record, cut, screened=False), cut)
+            for metric in (TASK_METRIC, TEXT_METRIC):  # the replay must rebuild what was measured
+                if whole["metrics"][metric][PER_ITEM] != record["metrics"][metric][PER_ITEM]:
+                    raise AssertionError(f"{record['model']}: {metric} not rebuilt from its two parts")
+            final.append(whole)
+    screened = compute_tradeoff(final, base=exhaustive.base.model,
+                                finetuned=exhaustive.finetuned.model, rule=rule)
+
+    whole_cost = _cost(by_model[exhaustive.finetuned.model])
+    share_cost = _cost(on_share[exhaustive.finetuned.model])
+    rest_cost = {key: whole_cost[key] - share_cost[key] for key in whole_cost}
+    exhaustive_cost: Dict[str, int] = {}
+    _add(exhaustive_cost, whole_cost, len(records))
+    screened_cost: Dict[str, int] = {}
+    _add(screened_cost, whole_cost, 2)  # the anchors: share and rest
+    _add(screened_cost, share_cost, len(evaluated))
+    _add(screened_cost, rest_cost, len(survivors))
+    return {
+        "results": str(results),
+        "units": "prompts (prompt and choice tokens are not in the records) and window tokens",
+        "candidates": len(plan),
+        "share": {"prompts": share_cost["prompts"], "window_tokens": share_cost["window_tokens"],
+                  "confidence": screening.confidence},
+        "stages": stages,
+        "exhaustive": {"pick": _pick(exhaustive), "outcome": exhaustive.outcome,
+                       "evaluated": len(plan), **exhaustive_cost},
+        "screened": {"pick": _pick(screened), "outcome": screened.outcome,
+                     "evaluated_on_share": len(evaluated), "survivors": len(survivors),
+                     **screened_cost},
+        "agree": _pick(exhaustive) == _pick(screened),
+        "screening": screening.to_json(),
+    }
+
+
+def table(summary: dict) -> str:
+    """The side-by-side table the benchmark prints."""
+    a, b = summary["exhaustive"], summary["screened"]
+    rows = [("", "exhaustive", "screened"),
+            ("candidates evaluated", f"{a['evaluated']} on all",
+             f"{b['evaluated_on_share']} on the share, {b['survivors']} on the rest"),
+            ("prompts forwarded", f"{a['prompts']}", f"{b['prompts']} ({b['prompts'] / a['prompts']:.0%})"),
+            ("window tokens forwarded", f"{a['window_tokens']}",
+             f"{b['window_tokens']} ({b['window_tokens'] / a['window_tokens']:.0%})"),
+            ("pick", str(a["pick"]), str(b["pick"])),
+            ("outcome", a["outcome"], b["outcome"])]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.append(f"agree: {'yes' if summary['agree'] else 'NO'}  (screening share: "
+                 f"{summary['share']['prompts']} prompts, {summary['share']['window_tokens']} window "
+                 f"tokens; one-sided {summary['share']['confidence']:.2%}; units: {summary['units']})")
+    for verdict in summary["screening"]["verdicts"]:
+        lines.append(f"  {verdict['name']}: {verdict['status']}"
+                     + (f" ({verdict['rule']})" if verdict["rule"] else "") + f": {verdict['reason']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a results file with its items file beside it")
+    parser.add_argument("--base", help="the base model's record (default: the recipes')")
+    parser.add_argument("--finetuned", help="the fine-tune's record (default: the recipes')")
+    parser.add_argument("--min-retention", type=float, default=MIN_RETENTION)
+    parser.add_argument("--min-repair", type=float, default=MIN_REPAIR)
+    parser.add_argument("--share", type=float, default=SCREEN_SHARE, help="the screening share")
+    parser.add_argument("--seed", type=int, default=SCREEN_SEED, help="the screening share's seed")
+    parser.add_argument("--json", type=Path, help="also write the summary here")
+    args = parser.parse_args(argv)
+    summary = replay(args.results, base=args.base, finetuned=args.finetuned,
+                     min_retention=args.min_retention, min_repair=args.min_repair,
+                     share=args.share, seed=args.seed)
+    print(table(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,643 @@
+"""Screen, then decide: drop the candidates a share of the selection data already shows out.
+
+Tune's cost is evaluation. Most of a large family (FAPM over sparsity x beta, LiNeS,
+depth schedules, WiSE-FT) is far from the pick: strong edits lose the task, mild ones
+repair little. So every candidate is first evaluated on a seeded **screening share**
+(:data:`SCREEN_SHARE` of the selection prompts, or of their groups, and of the text's
+documents: :func:`screening_share`); only the survivors are evaluated on the rest, and
+their two records make the record on the whole selection data (:func:`combine`), on
+which the repair rule decides as without screening (:mod:`.rules`).
+
+A candidate is declared **out** (:func:`screen`) only when the screening share already
+shows it out, at a stricter level than the decision's:
+
+(a) **accuracy**: it is clearly below the non-inferiority bound: the one-sided upper
+    bound of its paired accuracy difference to the fine-tune (Tango's score interval,
+    :func:`fapm_merge.evaluation.noninferiority.noninferior`) lies below ``-margin``;
+(b) **repair**: it repairs clearly less than the **leader**: its paired loss difference
+    to the leader (:func:`fapm_merge.evaluation.stats.loss_difference`, whole documents
+    resampled) lies above 0. The leader is the candidate with the largest CF cut (the
+    lowest loss on the same windows) among those the screening share *shows* keep the
+    task at the strict level (one-sided lower bound above ``-margin``): a leader that
+    could itself fail the accuracy test on the whole data would take with it every
+    candidate it had dropped, and the exhaustive decision would then pick one of those;
+(c) **line**: along a monotone line (one method label, growing strength: sparsity up,
+    WiSE-FT / LiNeS alpha down; :func:`fapm_merge.workflows.tradeoff.rules.edit_size`),
+    once :data:`LINE_STOP` consecutive points are out on (a), the stronger points of
+    that line are out without being evaluated: accuracy only falls as an edit grows.
+
+**The stricter level** (:func:`screen_confidence`): a screening "out" cannot be taken
+back, and K candidates are screened at once, so each test is a Bonferroni share of the
+error the decision allows for one: one-sided ``1 - (1 - CONFIDENCE) / max(K, 5)``
+(99% up to 5 candidates, 99.75% for 20, 99.9% for 50). A candidate that truly keeps
+the task and repairs as much as the leader is then dropped with probability at most
+``(1 - CONFIDENCE) / K`` per test, and the chance that any of the K is dropped wrongly
+stays below the 5% the decision itself accepts. The decision's own one-sided 95% (and
+the loss interval's two-sided 95%) stay as they are for the survivors.
+
+:func:`screen` is pure and stage-wise: given the plan (in order), the anchors' and the
+evaluated candidates' screening records, it says per candidate ``keep``, ``out`` (with
+the reason) or ``pending`` (not evaluated yet), and :meth:`Screening.next_stage` what
+to evaluate next (the mildest pending point of each line, and every candidate off a
+line), so a runner (or Ray) evaluates stage by stage and calls it again after each.
+
+Torch-free (numpy and scipy through the statistics modules).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from fapm_merge.evaluation import noninferiority as ni
+from fapm_merge.evaluation import stats
+from fapm_merge.evaluation.results import PER_ITEM
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
+from fapm_merge.io.recipe import describe_recipe
+from fapm_merge.workflows.tradeoff.rules import MIN_RETENTION, TradeoffError, edit_size
+
+SCREEN_SHARE = 0.3
+"""Share of the selection prompts (or groups) and documents every candidate is screened on."""
+
+SCREEN_SEED = 0
+"""Seed of the shuffle that picks the screening share."""
+
+BONFERRONI_FLOOR = 5
+"""The screening level divides the decision's error by at least this many candidates:
+never less strict than one-sided 99% (:func:`screen_confidence`)."""
+
+LINE_STOP = 2
+"""Consecutive points of a line out on accuracy after which its stronger points are out
+unevaluated: one could be bad luck on the share, two in a row of a monotone edit are not."""
+
+KEEP, OUT, PENDING = "keep", "out", "pending"
+"""A candidate's screening status."""
+
+ACCURACY, REPAIR, LINE = "accuracy", "repair", "line"
+"""Why a candidate is out: rule (a), (b) or (c) of the module docstring."""
+
+
+def screen_confidence(candidates: int) -> float:
+    """The one-sided level of every screening test for a plan of ``candidates``:
+    ``1 - (1 - CONFIDENCE) / max(candidates, BONFERRONI_FLOOR)`` (module docstring)."""
+    if candidates < 1:
+        raise TradeoffError(f"screening needs at least one candidate, got {candidates}")
+    return 1 - (1 - stats.CONFIDENCE) / max(candidates, BONFERRONI_FLOOR)
+
+
+# --------------------------------------------------------------------------- the share
+
+
+def screened_units(units: int, share: float = SCREEN_SHARE, seed: int = SCREEN_SEED) -> Tuple[int, ...]:
+    """Which of ``range(units)`` (prompts, prompt groups or documents, in file order) are
+    in the screening share: ``round(share * units)`` (half up) of them from a seeded
+    shuffle, at least one and, with two units or more, at least one left for the rest.
+    Sorted. The runner picks the task lines and documents it writes with this."""
+    if not 0 < share < 1:
+        raise TradeoffError(f"the screening share must be between 0 and 1, got {share}")
+    if units < 1:
+        raise TradeoffError("nothing to screen on: no prompts or documents")
+    count = min(max(math.floor(share * units + 0.5), 1), max(units - 1, 1))
+    order = list(range(units))
+    random.Random(seed).shuffle(order)
+    return tuple(sorted(order[:count]))
+
+
+@dataclass(frozen=True)
+class ScreeningShare:
+    """The items of the selection data in the screening share (the rest: the others).
+
+    Attributes:
+        prompts (`Tuple[int, ...]`): indices of the screened prompts, ascending.
+        prompt_count (`int`): prompts in the selection data.
+        windows (`Tuple[int, ...]`): indices of the screened windows, ascending.
+        window_documents (`Tuple[int, ...]`): every window's document in the selection
+            data (the whole record's ``window_document``).
+        prompt_groups (`Tuple[str, ...]`, *optional*): every prompt's group, when the
+            task has groups.
+    """
+
+    prompts: Tuple[int, ...]
+    prompt_count: int
+    windows: Tuple[int, ...]
+    window_documents: Tuple[int, ...]
+    prompt_groups: Optional[Tuple[str, ...]] = None
+
+    @property
+    def window_count(self) -> int:
+        return len(self.window_documents)
+
+    def part(self, screened: bool) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """``(prompt indices, window indices)`` of the screening share or of the rest."""
+        if screened:
+            return self.prompts, self.windows
+        prompts, windows = set(self.prompts), set(self.windows)
+        return (tuple(i for i in range(self.prompt_count) if i not in prompts),
+                tuple(i for i in range(self.window_count) if i not in windows))
+
+
+def screening_share(prompts: int, window_documents: Sequence[int], *,
+                    prompt_groups: Optional[Sequence[str]] = None,
+                    share: float = SCREEN_SHARE, seed: int = SCREEN_SEED) -> ScreeningShare:
+    """The screening share of the selection data, from its per-item indices.
+
+    Prompts: whole groups when there are groups (numbered in the order they first
+    appear, as :func:`fapm_merge.evaluation.split.split_task` does), else single prompts.
+    Windows: whole documents (the distinct ``window_document`` ids, ascending: equal to
+    the text's document numbers when every document gave a window); a text of one
+    document is screened on its first windows, contiguous (its windows are correlated;
+    the runner then needs a text cut at that window boundary).
+
+    Args:
+        prompts (`int`): prompts in the selection task.
+        window_documents (`Sequence[int]`): each window's document (a record's
+            ``per_item.window_document``).
+        prompt_groups (`Sequence[str]`, *optional*): each prompt's group.
+        share (`float`, defaults to 0.3), seed (`int`, defaults to 0): as :func:`screened_units`.
+    """
+    documents = [int(d) for d in window_documents]
+    if prompt_groups is not None:
+        if len(prompt_groups) != prompts:
+            raise TradeoffError(f"one group per prompt is needed: {len(prompt_groups)} for {prompts}")
+        groups = [str(g) for g in prompt_groups]
+        units = list(dict.fromkeys(groups))
+        chosen = {units[i] for i in screened_units(len(units), share, seed)}
+        prompt_indices = tuple(i for i, g in enumerate(groups) if g in chosen)
+    else:
+        prompt_indices = screened_units(prompts, share, seed)
+    names = sorted(set(documents))
+    if len(names) > 1:
+        chosen_documents = {names[i] for i in screened_units(len(names), share, seed)}
+        windows = tuple(i for i, d in enumerate(documents) if d in chosen_documents)
+    else:
+        windows = tuple(range(len(screened_units(len(documents), share, seed))))
+    return ScreeningShare(prompt_indices, prompts, windows, tuple(documents),
+                          None if prompt_groups is None else tuple(str(g) for g in prompt_groups))
+
+
+def share_of(record: dict, *, share: float = SCREEN_SHARE, seed: int = SCREEN_SEED,
+             task_metric: str = TASK_METRIC, text_metric: str = TEXT_METRIC) -> ScreeningShare:
+    """:func:`screening_share` of the selection data a record (with per-item values) was
+    measured on."""
+    task, text = _items(record, task_metric), _items(record, text_metric)
+    # records of an eval before documents were kept: one text, one document
+    documents = text.get("window_document") or [0] * len(text["window_loss"])
+    return screening_share(len(task["correct"]), documents,
+                           prompt_groups=task.get("group"), share=share, seed=seed)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _items(record: dict, metric: str) -> dict:
+    values = (record.get("metrics") or {}).get(metric)
+    items = values.get(PER_ITEM) if isinstance(values, dict) else None
+    if not isinstance(items, dict):
+        raise TradeoffError(f"{record.get('model')}: no per-item values of the {metric!r} metric "
+                            "(read the results with their items file); screening needs them")
+    return items
+
+
+def _task_values(correct: str, groups: Optional[List[str]]) -> Dict[str, Any]:
+    """The task metric's aggregates from its per-prompt outcomes, as eval computes them
+    (:func:`fapm_merge.evaluation.metrics.task_accuracy`)."""
+    hits = correct.count("1")
+    values: Dict[str, Any] = {"accuracy": hits / len(correct), "examples": len(correct),
+                              "correct": hits}
+    per_item: Dict[str, Any] = {"correct": correct}
+    if groups is not None:
+        values["groups"] = len(set(groups))
+        per_item["group"] = groups
+    values[PER_ITEM] = per_item
+    return values
+
+
+def _text_values(losses: List[float], tokens: List[int], documents: Optional[List[int]]
+                 ) -> Dict[str, Any]:
+    """The text metric's aggregates from its per-window values, as eval computes them
+    (:func:`fapm_merge.evaluation.metrics.mean_token_loss`: the summed window losses
+    added in window order, over the predicted tokens)."""
+    total = 0.0
+    for loss in losses:
+        total += loss
+    count = sum(tokens)
+    values: Dict[str, Any] = {"loss": total / count, "perplexity": math.exp(total / count),
+                              "tokens": count, "windows": len(losses)}
+    per_item: Dict[str, Any] = {"window_loss": losses, "window_tokens": tokens}
+    if documents is not None:  # None: an older eval's record, which kept no documents
+        values["documents"] = len(set(documents))
+        per_item["window_document"] = documents
+    values[PER_ITEM] = per_item
+    return values
+
+
+def _renumbered(documents: Sequence[int]) -> List[int]:
+    """Document ids as eval gives them on a text holding only these documents: 0, 1, ...
+    in order."""
+    numbers = {d: i for i, d in enumerate(sorted(set(documents)))}
+    return [numbers[d] for d in documents]
+
+
+def _check_metrics(record: dict, task_metric: str, text_metric: str) -> None:
+    extra = sorted(set(record.get("metrics") or {}) - {task_metric, text_metric})
+    if extra or task_metric != TASK_METRIC or text_metric != TEXT_METRIC:
+        raise TradeoffError(f"{record.get('model')}: screening splits the --task and --text "
+                            f"files only; this record has {', '.join(extra) or 'other axes'}")
+
+
+def restrict(record: dict, share: ScreeningShare, *, screened: bool,
+             task_metric: str = TASK_METRIC, text_metric: str = TEXT_METRIC) -> dict:
+    """A whole-data record cut to the screening share (``screened``) or to the rest: what
+    eval gives on those prompts and documents alone (aggregates recomputed, documents
+    numbered from 0). The benchmark replays screening with it; :func:`combine` undoes it.
+
+    Args:
+        record (`dict`): a record with per-item values, measured on the whole selection data.
+        share (`ScreeningShare`): from :func:`screening_share` of the same data.
+        screened (`bool`): the screening share (True) or the rest (False).
+    """
+    _check_metrics(record, task_metric, text_metric)
+    task, text = _items(record, task_metric), _items(record, text_metric)
+    if len(task["correct"]) != share.prompt_count or len(text["window_loss"]) != share.window_count:
+        raise TradeoffError(f"{record.get('model')}: measured on {len(task['correct'])} prompts and "
+                            f"{len(text['window_loss'])} windows, the share on {share.prompt_count} "
+                            f"and {share.window_count}")
+    prompts, windows = share.part(screened)
+    groups = task.get("group")
+    out = {key: value for key, value in record.items() if key not in ("metrics", "items")}
+    out["metrics"] = {
+        task_metric: {**_settings(record["metrics"][task_metric]),
+                      **_task_values("".join(task["correct"][i] for i in prompts),
+                                     None if groups is None else [groups[i] for i in prompts])},
+        text_metric: {**_settings(record["metrics"][text_metric]),
+                      **_text_values([text["window_loss"][i] for i in windows],
+                                     [text["window_tokens"][i] for i in windows],
+                                     None if "window_document" not in text else
+                                     _renumbered([text["window_document"][i] for i in windows]))}}
+    part = "screen" if screened else "rest"
+    for values in out["metrics"].values():  # a part is other data than the whole
+        values["sha256"] = _joint_digest(part, values.get("sha256"))
+    return out
+
+
+_DERIVED = {"accuracy", "examples", "correct", "groups", "by_kind", "loss", "perplexity", "tokens",
+            "windows", "documents", PER_ITEM, "sha256", "file", "parts"}
+
+
+def _settings(values: dict) -> dict:
+    """A metric's entries that are settings, not results (window, bos, ...)."""
+    return {key: value for key, value in values.items() if key not in _DERIVED}
+
+
+def _joint_digest(*parts: Optional[str]) -> str:
+    return hashlib.sha256("+".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def combine(screening: dict, rest: dict, share: ScreeningShare, *,
+            files: Optional[Mapping[str, Mapping[str, Any]]] = None,
+            task_metric: str = TASK_METRIC, text_metric: str = TEXT_METRIC) -> dict:
+    """A candidate's record on the whole selection data from its records on the
+    screening share and on the rest: the per-item values put back in the original order,
+    the aggregates recomputed from them exactly as eval computes them, so a survivor is
+    evaluated on the rest only.
+
+    Args:
+        screening, rest (`dict`): the same model's records (with per-item values) on the
+            screening share's prompts and documents and on the others.
+        share (`ScreeningShare`): the share both were cut by.
+        files (`Mapping`, *optional*): per metric, the ``file`` and ``sha256`` of the
+            whole selection data; without, ``sha256`` is a digest of the two parts'
+            (the same for every model combined from the same parts, as pairing needs)
+            and ``parts`` names the two files.
+
+    Returns:
+        `dict`: the record, with ``seconds`` the sum of the two and without an
+        ``items`` pointer (:func:`fapm_merge.evaluation.results.append_result` writes one).
+    """
+    for record in (screening, rest):
+        _check_metrics(record, task_metric, text_metric)
+    if screening.get("model") != rest.get("model"):
+        raise TradeoffError(f"combining the records of two models: {screening.get('model')} "
+                            f"and {rest.get('model')}")
+    metrics = {}
+    parts = (screening["metrics"], rest["metrics"])
+    for metric in (task_metric, text_metric):
+        settings = [_settings(p[metric]) for p in parts]
+        if settings[0] != settings[1]:
+            raise TradeoffError(f"{rest.get('model')}: the two parts of {metric!r} were measured "
+                                f"with different settings: {settings[0]} vs {settings[1]}")
+    screened = dict(zip(("prompts", "windows"), share.part(True)))
+    remaining = dict(zip(("prompts", "windows"), share.part(False)))
+
+    def merged(key: str, metric: str, unit: str) -> list:
+        a, b = _items(screening, metric)[key], _items(rest, metric)[key]
+        if (len(a), len(b)) != (len(screened[unit]), len(remaining[unit])):
+            raise TradeoffError(f"{rest.get('model')}: {len(a)} + {len(b)} {unit} in the two parts, "
+                                f"the share has {len(screened[unit])} + {len(remaining[unit])}")
+        whole: list = [None] * (len(a) + len(b))
+        for indices, values in ((screened[unit], a), (remaining[unit], b)):
+            for index, value in zip(indices, values):
+                whole[index] = value
+        return whole
+
+    has_groups = "group" in _items(rest, task_metric)
+    groups = merged("group", task_metric, "prompts") if has_groups else None
+    if groups is not None and share.prompt_groups is not None and tuple(groups) != share.prompt_groups:
+        raise TradeoffError(f"{rest.get('model')}: its prompt groups are not those of the share")
+    task = _task_values("".join(merged("correct", task_metric, "prompts")), groups)
+    with_documents = "window_document" in _items(rest, text_metric)
+    for part, indices in ((screening, screened["windows"]), (rest, remaining["windows"])):
+        expected = _renumbered([share.window_documents[i] for i in indices])
+        if with_documents and list(_items(part, text_metric)["window_document"]) != expected:
+            raise TradeoffError(f"{part.get('model')}: its windows' documents are not those of "
+                                "the share; was it measured on the share's text?")
+    text = _text_values(merged("window_loss", text_metric, "windows"),
+                        merged("window_tokens", text_metric, "windows"),
+                        list(share.window_documents) if with_documents else None)
+    kinds = [p[task_metric].get("by_kind") for p in parts]
+    if all(isinstance(k, dict) for k in kinds):
+        task["by_kind"] = {kind: {key: sum(k.get(kind, {}).get(key, 0) for k in kinds)
+                                  for key in ("examples", "correct")}
+                           for kind in dict.fromkeys([*kinds[0], *kinds[1]])}
+    for metric, values in ((task_metric, task), (text_metric, text)):
+        given = dict((files or {}).get(metric) or {})
+        values.update(_settings(parts[1][metric]))
+        values["file"] = given.get("file")
+        values["sha256"] = given.get("sha256") or _joint_digest(*(p[metric].get("sha256") for p in parts))
+        if not given:
+            values["parts"] = [p[metric].get("file") for p in parts]
+        metrics[metric] = values
+    out = {key: value for key, value in rest.items() if key not in ("metrics", "items")}
+    out["metrics"] = metrics
+    out["seconds"] = float(screening.get("seconds") or 0.0) + float(rest.get("seconds") or 0.0)
+    return out
+
+
+# --------------------------------------------------------------------------- the verdicts
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One planned variant, as screening sees it.
+
+    Attributes:
+        model (`str`): its records' ``model`` (the variant's folder).
+        name (`str`): its name in the plan.
+        method (`str`), strength (`float`, *optional*), strength_name (`str`, *optional*):
+            what :func:`fapm_merge.io.recipe.describe_recipe` says of its recipe; a
+            method with a scalar strength is a line (:func:`edit_size` orders it).
+    """
+
+    model: str
+    name: str
+    method: str
+    strength: Optional[float] = None
+    strength_name: Optional[str] = None
+
+    @classmethod
+    def of(cls, model: str, name: str, recipe: Optional[dict]) -> "Candidate":
+        """The candidate of a planned variant (its folder, name and recipe) or a record."""
+        return cls(str(model), name, *describe_recipe(recipe))
+
+    @property
+    def on_line(self) -> bool:
+        return self.strength is not None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Screening's word on one candidate.
+
+    Attributes:
+        candidate (`Candidate`).
+        status (`str`): ``keep``, ``out`` or ``pending``.
+        reason (`str`): why, with the numbers.
+        rule (`str`, *optional*): for ``out``: ``accuracy``, ``repair`` or ``line``.
+        upper_bound (`float`, *optional*): the one-sided upper bound of its paired accuracy
+            difference to the fine-tune at the screening level.
+        loss_vs_leader (`stats.Interval`, *optional*): ``L - L_leader`` at the screening level.
+    """
+
+    candidate: Candidate
+    status: str
+    reason: str
+    rule: Optional[str] = None
+    upper_bound: Optional[float] = None
+    loss_vs_leader: Optional[stats.Interval] = None
+
+    def to_json(self) -> dict:
+        return {"name": self.candidate.name, "model": self.candidate.model,
+                "status": self.status, "rule": self.rule, "reason": self.reason,
+                "upper_bound": self.upper_bound,
+                "loss_vs_leader": self.loss_vs_leader.to_json() if self.loss_vs_leader else None}
+
+
+@dataclass(frozen=True)
+class Screening:
+    """The verdicts of :func:`screen`, in plan order.
+
+    Attributes:
+        verdicts (`Tuple[Verdict, ...]`).
+        confidence (`float`): the one-sided level of the tests (:func:`screen_confidence`).
+        margin (`float`): the accuracy points a candidate may lose, from the fine-tune's
+            accuracy on the screening share.
+        leader (`Candidate`, *optional*): the candidate rule (b) compares with.
+    """
+
+    verdicts: Tuple[Verdict, ...]
+    confidence: float
+    margin: float
+    leader: Optional[Candidate] = None
+    prompts: int = 0
+    windows: int = 0
+
+    def _with(self, status: str) -> List[Candidate]:
+        return [v.candidate for v in self.verdicts if v.status == status]
+
+    def kept(self) -> List[Candidate]:
+        """Evaluated on the share and not out: evaluate them on the rest."""
+        return self._with(KEEP)
+
+    def out(self) -> List[Candidate]:
+        return self._with(OUT)
+
+    def pending(self) -> List[Candidate]:
+        """Neither evaluated on the share nor out by their line."""
+        return self._with(PENDING)
+
+    @property
+    def finished(self) -> bool:
+        """Nothing left to screen: the survivors (:meth:`kept`) go on to the rest."""
+        return not self.pending()
+
+    def verdict(self, model: str) -> Verdict:
+        return next(v for v in self.verdicts if v.candidate.model == model)
+
+    def next_stage(self, per_line: int = 1) -> List[Candidate]:
+        """What to evaluate on the screening share next, in plan order: every pending
+        candidate off a line, and the ``per_line`` mildest pending points of each line
+        (so that the line rule can spare the stronger ones)."""
+        taken: Dict[str, int] = {}
+        chosen = set()
+        for candidate in _line_order(self.pending()):
+            if not candidate.on_line:
+                chosen.add(candidate.model)
+            elif taken.get(candidate.method, 0) < per_line:
+                taken[candidate.method] = taken.get(candidate.method, 0) + 1
+                chosen.add(candidate.model)
+        return [c for c in self.pending() if c.model in chosen]
+
+    def to_json(self) -> dict:
+        return {"confidence": self.confidence, "margin": self.margin,
+                "leader": self.leader.name if self.leader else None,
+                "prompts": self.prompts, "windows": self.windows,
+                "verdicts": [v.to_json() for v in self.verdicts]}
+
+
+def _line_order(candidates: Sequence[Candidate]) -> List[Candidate]:
+    """Candidates by line (first appearance of the method), mildest edit first (stable)."""
+    first = {}
+    for index, candidate in enumerate(candidates):
+        first.setdefault(candidate.method, index)
+    return sorted(candidates, key=lambda c: (first[c.method], edit_size(c) if c.on_line else 0.0))
+
+
+def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Mapping[str, dict], *,
+           min_retention: float = MIN_RETENTION) -> Screening:
+    """Each candidate's screening verdict from the records measured on the screening share.
+
+    Args:
+        plan (`Sequence[Candidate]`): every candidate of the tune, in plan order (their
+            number sets the level, :func:`screen_confidence`, the same at every stage).
+        base, finetuned (`dict`): the anchors' records on the screening share, with
+            per-item values (the base is not compared with: only checked to be paired).
+        evaluated (`Mapping[str, dict]`): the records on the screening share of the
+            candidates evaluated so far, by ``Candidate.model``.
+        min_retention (`float`, defaults to 0.99): the repair rule's, which sets the margin.
+
+    Returns:
+        `Screening`: per candidate ``keep``, ``out`` (rule and reason) or ``pending``.
+    """
+    models = [c.model for c in plan]
+    if len(set(models)) != len(models):
+        raise TradeoffError("a candidate is planned twice: " +
+                            ", ".join(sorted({m for m in models if models.count(m) > 1})))
+    unknown = sorted(set(evaluated) - set(models))
+    if unknown:
+        raise TradeoffError(f"records of models that are not in the plan: {', '.join(unknown)}")
+    confidence = screen_confidence(len(plan))
+    ft_task, ft_text = _items(finetuned, TASK_METRIC), _items(finetuned, TEXT_METRIC)
+    stats.check_paired(_items(base, TEXT_METRIC)["window_loss"], ft_text["window_loss"], "windows")
+    correct_ft = [int(c) for c in ft_task["correct"]]
+    margin = ni.margin_for(min_retention, sum(correct_ft) / len(correct_ft))
+    prompt_groups = ft_task.get("group")
+    documents = ft_text.get("window_document")
+    window_groups = list(documents) if documents and len(set(documents)) > 1 else None
+    tokens = ft_text["window_tokens"]
+
+    verdicts: Dict[str, Verdict] = {}
+    checks: Dict[str, ni.NonInferiority] = {}
+    losses: Dict[str, List[float]] = {}
+    for candidate in plan:
+        record = evaluated.get(candidate.model)
+        if record is None:
+            continue
+        task, text = _items(record, TASK_METRIC), _items(record, TEXT_METRIC)
+        if list(text["window_tokens"]) != list(tokens):
+            raise TradeoffError(f"{candidate.model}: its windows are not the fine-tune's; screening "
+                                "records must all be measured on the same screening share")
+        check = ni.noninferior([int(c) for c in task["correct"]], correct_ft, margin,
+                               groups=prompt_groups, confidence=confidence)
+        checks[candidate.model], losses[candidate.model] = check, list(text["window_loss"])
+        if check.verdict == ni.FAILS:
+            verdicts[candidate.model] = Verdict(
+                candidate, OUT,
+                f"accuracy clearly below the margin on the screening share: difference "
+                f"{check.difference.estimate:+.3f}, one-sided {confidence:.2%} upper bound "
+                f"{check.upper_bound:+.3f} < -{margin:.3f} ({check.difference.n} prompts)",
+                ACCURACY, check.upper_bound)
+
+    # (b): the leader is shown to keep the task at the strict level, and repairs the most
+    shown = [c for c in plan if c.model in checks and checks[c.model].verdict == ni.QUALIFIES]
+    leader = min(shown, key=lambda c: _mean_loss(losses[c.model], tokens)) if shown else None
+    for candidate in plan:
+        if candidate.model not in checks or candidate.model in verdicts:
+            continue
+        check = checks[candidate.model]
+        between = None
+        if leader is not None and candidate is not leader:
+            # the two-sided interval at 2c - 1 has the one-sided bounds at c
+            between = stats.loss_difference(losses[candidate.model], losses[leader.model], tokens,
+                                            groups=window_groups, confidence=2 * confidence - 1)
+            if between.low > 0:
+                verdicts[candidate.model] = Verdict(
+                    candidate, OUT,
+                    f"repair clearly below the leader {leader.name}'s on the screening share: "
+                    f"loss difference {between.estimate:+.4f}, one-sided {confidence:.2%} lower "
+                    f"bound {between.low:+.4f} > 0 ({between.units} windows or documents)",
+                    REPAIR, check.upper_bound, between)
+                continue
+        verdicts[candidate.model] = Verdict(
+            candidate, KEEP,
+            f"not shown out at one-sided {confidence:.2%}: accuracy upper bound "
+            f"{check.upper_bound:+.3f} >= -{margin:.3f}"
+            + ("" if between is None else f", loss vs the leader {leader.name} low end "
+               f"{between.low:+.4f} <= 0") + (" (the leader)" if candidate is leader else ""),
+            None, check.upper_bound, between)
+
+    # (c): along each line, LINE_STOP consecutive points out on accuracy stop it
+    lines: Dict[str, List[Candidate]] = {}
+    for candidate in _line_order([c for c in plan if c.on_line]):
+        lines.setdefault(candidate.method, []).append(candidate)
+    for method, points in lines.items():
+        run: List[Candidate] = []
+        for candidate in points:
+            if len(run) >= LINE_STOP:
+                if candidate.model not in verdicts:
+                    verdicts[candidate.model] = Verdict(
+                        candidate, OUT,
+                        f"beyond {run[-2].name} and {run[-1].name} on its line ({method}): both "
+                        "clearly below the accuracy margin, and accuracy only falls as the edit "
+                        "grows; not evaluated", LINE)
+                continue
+            verdict = verdicts.get(candidate.model)
+            run = run + [candidate] if verdict is not None and verdict.rule == ACCURACY else []
+    for candidate in plan:
+        verdicts.setdefault(candidate.model, Verdict(
+            candidate, PENDING, "not evaluated on the screening share yet"))
+    return Screening(tuple(verdicts[c.model] for c in plan), confidence, margin, leader,
+                     len(correct_ft), len(tokens))
+
+
+def _mean_loss(losses: Sequence[float], tokens: Sequence[int]) -> float:
+    """Mean token loss on the share's windows: the lowest repairs the most (the CF cut
+    is a growing function of ``L_ft - L``, the same for every candidate)."""
+    return math.fsum(losses) / sum(tokens)
+
+
+__all__ = [
+    "ACCURACY",
+    "BONFERRONI_FLOOR",
+    "Candidate",
+    "KEEP",
+    "LINE",
+    "LINE_STOP",
+    "OUT",
+    "PENDING",
+    "REPAIR",
+    "SCREEN_SEED",
+    "SCREEN_SHARE",
+    "Screening",
+    "ScreeningShare",
+    "Verdict",
+    "combine",
+    "restrict",
+    "screen",
+    "screen_confidence",
+    "screened_units",
+    "screening_share",
+    "share_of",
+]

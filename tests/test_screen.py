@@ -1,0 +1,348 @@
+"""Screening (issue 23): a candidate is dropped on a share of the selection data only when
+that share already shows it out at a stricter level than the decision's; survivors'
+records on the share and on the rest make their record on everything, exactly."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fapm_merge.evaluation import noninferiority as ni
+from fapm_merge.evaluation.results import PER_ITEM, append_result
+from fapm_merge.workflows.tradeoff import TradeoffError
+from fapm_merge.workflows.tradeoff.screen import (
+    ACCURACY,
+    KEEP,
+    LINE,
+    OUT,
+    PENDING,
+    REPAIR,
+    Candidate,
+    combine,
+    restrict,
+    screen,
+    screen_confidence,
+    screening_share,
+    share_of,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE, FT = "/m/base", "/m/ft"
+
+
+def task_metric(correct, groups=None):
+    """What eval's task_accuracy writes for these per-prompt outcomes."""
+    values = {"file": "task.jsonl", "sha256": "t", "accuracy": correct.count("1") / len(correct),
+              "examples": len(correct), "correct": correct.count("1"),
+              PER_ITEM: {"correct": correct}}
+    if groups is not None:
+        values["groups"] = len(set(groups))
+        values[PER_ITEM]["group"] = list(groups)
+    return values
+
+
+def text_metric(losses, tokens, documents):
+    """What eval's mean_token_loss writes: it subtracts each window's summed log-probability
+    (the negated stored loss) from a running total, over the predicted tokens."""
+    total, count = 0.0, 0
+    for loss, n in zip(losses, tokens):
+        total -= -loss
+        count += n
+    return {"file": "text.jsonl", "sha256": "x", "loss": total / count,
+            "perplexity": math.exp(total / count), "tokens": count, "windows": len(losses),
+            "documents": len(set(documents)), "window": 64, "bos": True,
+            PER_ITEM: {"window_loss": list(losses), "window_tokens": list(tokens),
+                       "window_document": list(documents)}}
+
+
+def fapm(sparsity, beta=None):
+    recipe = {"merge_method": "fapm", "base_model": BASE,
+              "models": [{"model": FT, "parameters": {"sparsity": sparsity}}]}
+    if beta is not None:
+        recipe["parameters"] = {"beta": beta}
+    return recipe
+
+
+def record(model, correct, losses, tokens, documents, groups=None, recipe=None):
+    return {"model": model, "name": model.rsplit("/", 1)[1], "recipe": recipe,
+            "metrics": {"task": task_metric(correct, groups),
+                        "text": text_metric(losses, tokens, documents)},
+            "seconds": 1.5}
+
+
+# --------------------------------------------------------------------------- verdicts
+
+PROMPTS_FT = "1" * 160 + "0" * 40  # 200 prompts, accuracy 0.8: margin 0.08 at retention 0.9
+WINDOWS = 40
+TOKENS = [100] * WINDOWS
+DOCUMENTS = list(range(WINDOWS))
+
+
+def noisy(level, seed, spread=3.0):
+    rng = random.Random(seed)
+    return [level + rng.uniform(-spread, spread) for _ in range(WINDOWS)]
+
+
+FT_LOSSES = noisy(220, 1)
+BASE_LOSSES = [v - 20 for v in FT_LOSSES]
+
+
+def losing(prompts):
+    """The fine-tune's outcomes with its first ``prompts`` correct answers lost."""
+    return "0" * prompts + PROMPTS_FT[prompts:]
+
+
+def anchors():
+    return (record(BASE, "0" * 200, BASE_LOSSES, TOKENS, DOCUMENTS),
+            record(FT, PROMPTS_FT, FT_LOSSES, TOKENS, DOCUMENTS))
+
+
+def on_share(name, correct=PROMPTS_FT, losses=FT_LOSSES):
+    return record(f"/m/{name}", correct, losses, TOKENS, DOCUMENTS)
+
+
+def test_the_screening_level_is_a_bonferroni_share_never_below_99_percent():
+    assert screen_confidence(1) == screen_confidence(5) == pytest.approx(0.99)
+    assert screen_confidence(20) == pytest.approx(1 - 0.05 / 20)
+    with pytest.raises(TradeoffError, match="at least one candidate"):
+        screen_confidence(0)
+
+
+def test_a_candidate_clearly_below_the_margin_is_out_and_a_borderline_one_is_kept():
+    plan = [Candidate("/m/clear", "clear", "x"), Candidate("/m/border", "border", "y"),
+            Candidate("/m/fine", "fine", "z")]
+    evaluated = {"/m/clear": on_share("clear", losing(40)), "/m/border": on_share("border", losing(24)),
+                 "/m/fine": on_share("fine")}
+    result = screen(plan, *anchors(), evaluated, min_retention=0.9)
+    assert result.confidence == pytest.approx(0.99) and result.margin == pytest.approx(0.08)
+    clear, border, fine = result.verdicts
+    assert (clear.status, clear.rule) == (OUT, ACCURACY)
+    assert clear.upper_bound < -0.08
+    assert clear.reason.startswith("accuracy clearly below the margin on the screening share: "
+                                   "difference -0.200, one-sided 99.00% upper bound")
+    # the decision's own level (one-sided 95%) would call the borderline one out: screening must not
+    assert ni.noninferior([int(c) for c in losing(24)], [int(c) for c in PROMPTS_FT], 0.08).verdict == ni.FAILS
+    assert (border.status, border.rule) == (KEEP, None)
+    assert border.reason.startswith("not shown out at one-sided 99.00%")
+    assert fine.status == KEEP
+    assert result.kept() == [plan[1], plan[2]] and result.out() == [plan[0]] and result.finished
+
+
+def test_the_leader_rule_drops_clearly_worse_repair_and_the_leader_must_keep_the_task():
+    plan = [Candidate("/m/lead", "lead", "a"), Candidate("/m/near", "near", "b"),
+            Candidate("/m/weak", "weak", "c"), Candidate("/m/strong", "strong", "d")]
+    lead = noisy(200, 2)
+    evaluated = {
+        "/m/lead": on_share("lead", losses=lead),
+        "/m/near": on_share("near", losses=[v + random.Random(i).uniform(-0.5, 0.6)
+                                            for i, v in enumerate(lead)]),
+        "/m/weak": on_share("weak", losses=noisy(218, 3)),
+        # repairs the most, but the share cannot show it keeps the task: never the leader
+        "/m/strong": on_share("strong", losing(20), noisy(150, 4)),
+    }
+    result = screen(plan, *anchors(), evaluated, min_retention=0.9)
+    assert result.leader == plan[0]
+    verdicts = {v.candidate.name: v for v in result.verdicts}
+    assert verdicts["lead"].status == KEEP and verdicts["lead"].reason.endswith("(the leader)")
+    assert verdicts["near"].status == KEEP and verdicts["near"].loss_vs_leader.low <= 0
+    assert (verdicts["weak"].status, verdicts["weak"].rule) == (OUT, REPAIR)
+    assert verdicts["weak"].loss_vs_leader.low > 0
+    assert verdicts["weak"].reason.startswith("repair clearly below the leader lead's on the "
+                                              "screening share: loss difference +0.1")
+    assert verdicts["strong"].status == KEEP
+    # without a candidate shown to keep the task there is no leader and no one is out on repair
+    alone = screen(plan[2:], *anchors(), {"/m/weak": on_share("weak", losing(20), noisy(218, 3)),
+                                          "/m/strong": evaluated["/m/strong"]}, min_retention=0.9)
+    assert alone.leader is None and [v.status for v in alone.verdicts] == [KEEP, KEEP]
+
+
+def test_a_line_stops_after_two_consecutive_points_out_on_accuracy_stage_by_stage():
+    line = [Candidate.of(f"/m/fapm-s{s}", f"fapm-s{s}", fapm(s)) for s in (0.9, 0.1, 0.5, 0.3, 0.7, 0.95)]
+    wiseft = [Candidate(f"/m/wiseft-a{a}", f"wiseft-a{a}", "wiseft", a, "alpha") for a in (0.3, 0.5, 0.7, 0.9)]
+    depth = Candidate.of("/m/fapm-depth", "fapm-depth", {**fapm([0.9, 0.0])})
+    assert (depth.method, depth.on_line) == ("fapm-depth", False)
+    plan = line + wiseft + [depth]
+    lost = {"fapm-s0.5": 40, "fapm-s0.7": 60, "fapm-s0.9": 80, "fapm-s0.95": 100,
+            "wiseft-a0.9": 40, "wiseft-a0.5": 40, "wiseft-a0.3": 60}
+    evaluated, stages = {}, []
+    while True:
+        result = screen(plan, *anchors(), evaluated, min_retention=0.9)
+        stage = result.next_stage()
+        if not stage:
+            break
+        stages.append([c.name for c in stage])
+        evaluated.update({c.model: on_share(c.name, losing(lost.get(c.name, 0))) for c in stage})
+    # the mildest pending point of each line first (WiSE-FT: the highest alpha), off-line ones at once
+    assert stages == [["fapm-s0.1", "wiseft-a0.9", "fapm-depth"], ["fapm-s0.3", "wiseft-a0.7"],
+                      ["fapm-s0.5", "wiseft-a0.5"], ["fapm-s0.7", "wiseft-a0.3"]]
+    verdicts = {v.candidate.name: v for v in result.verdicts}
+    for name in ("fapm-s0.9", "fapm-s0.95"):
+        assert (verdicts[name].status, verdicts[name].rule) == (OUT, LINE)
+        assert verdicts[name].reason.startswith("beyond fapm-s0.5 and fapm-s0.7 on its line (fapm)")
+        assert f"/m/{name}" not in evaluated
+    # out, kept, out: not two in a row, so a-0.3 was evaluated (and is out on its own numbers)
+    assert (verdicts["wiseft-a0.3"].status, verdicts["wiseft-a0.3"].rule) == (OUT, ACCURACY)
+    assert [c.name for c in result.kept()] == ["fapm-s0.1", "fapm-s0.3", "wiseft-a0.7", "fapm-depth"]
+    assert result.finished and result.pending() == []
+    json.dumps(result.to_json())
+
+
+def test_pending_candidates_and_bad_input_are_named():
+    plan = [Candidate("/m/a", "a", "x"), Candidate("/m/b", "b", "y")]
+    result = screen(plan, *anchors(), {"/m/a": on_share("a")})
+    assert [v.status for v in result.verdicts] == [KEEP, PENDING] and not result.finished
+    with pytest.raises(TradeoffError, match="not in the plan: /m/c"):
+        screen(plan, *anchors(), {"/m/c": on_share("c")})
+    with pytest.raises(TradeoffError, match="planned twice: /m/a"):
+        screen(plan + plan[:1], *anchors(), {})
+    short = record("/m/a", PROMPTS_FT, FT_LOSSES[:-1], TOKENS[:-1], DOCUMENTS[:-1])
+    with pytest.raises(TradeoffError, match="not the fine-tune's"):
+        screen(plan, *anchors(), {"/m/a": short})
+
+
+# --------------------------------------------------------------------------- the share and records
+
+GROUPS = ["a", "a", "b", "c", "c", "c", "d", "e", "e", "f"]
+CORRECT = "1101100110"
+LOSSES = [1 / 3 + 0.1 * i for i in range(12)]
+WINDOW_TOKENS = [7, 64, 64, 3, 64, 64, 11, 64, 5, 64, 64, 2]
+WINDOW_DOCS = [0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 6, 7]
+
+
+def whole_record(model="/m/v"):
+    return record(model, CORRECT, LOSSES, WINDOW_TOKENS, WINDOW_DOCS, GROUPS, fapm(0.5))
+
+
+def test_the_share_takes_whole_groups_and_documents_from_a_seeded_shuffle():
+    share = share_of(whole_record())
+    assert share == share_of(whole_record())  # deterministic
+    groups = {GROUPS[i] for i in share.prompts}
+    assert len(groups) == 2  # round(0.3 * 6 groups)
+    assert share.prompts == tuple(i for i, g in enumerate(GROUPS) if g in groups)
+    documents = {WINDOW_DOCS[i] for i in share.windows}
+    assert len(documents) == 2  # round(0.3 * 8 documents)
+    assert share.windows == tuple(i for i, d in enumerate(WINDOW_DOCS) if d in documents)
+    assert share != share_of(whole_record(), seed=1)
+    # one document: its first windows, contiguous; no groups: single prompts
+    single = screening_share(10, [0] * 12)
+    assert single.windows == (0, 1, 2, 3) and len(single.prompts) == 3
+
+
+def test_a_record_combined_from_its_two_parts_equals_the_record_on_the_whole():
+    whole = whole_record()
+    share = share_of(whole)
+    (screen_prompts, screen_windows), (rest_prompts, rest_windows) = share.part(True), share.part(False)
+
+    def by_hand(prompts, windows):  # as eval writes it on those prompts and documents alone
+        documents = sorted({WINDOW_DOCS[i] for i in windows})
+        return record("/m/v", "".join(CORRECT[i] for i in prompts), [LOSSES[i] for i in windows],
+                      [WINDOW_TOKENS[i] for i in windows],
+                      [documents.index(WINDOW_DOCS[i]) for i in windows],
+                      [GROUPS[i] for i in prompts], fapm(0.5))
+
+    parts = [by_hand(screen_prompts, screen_windows), by_hand(rest_prompts, rest_windows)]
+    for made in (parts, [restrict(whole, share, screened=True), restrict(whole, share, screened=False)]):
+        combined = combine(*made, share)
+        for metric in ("task", "text"):
+            assert combined["metrics"][metric][PER_ITEM] == whole["metrics"][metric][PER_ITEM]
+        for key in ("accuracy", "examples", "correct", "groups"):
+            assert combined["metrics"]["task"][key] == whole["metrics"]["task"][key]
+        for key in ("loss", "perplexity", "tokens", "windows", "documents", "window", "bos"):
+            assert combined["metrics"]["text"][key] == whole["metrics"]["text"][key]
+        assert combined["recipe"] == whole["recipe"] and combined["seconds"] == 3.0
+    # the parts are what eval gives on them: per-item values and aggregates
+    assert restrict(whole, share, screened=True)["metrics"]["text"][PER_ITEM] == \
+        parts[0]["metrics"]["text"][PER_ITEM]
+    assert restrict(whole, share, screened=False)["metrics"]["task"]["accuracy"] == \
+        parts[1]["metrics"]["task"]["accuracy"]
+
+
+def test_combining_records_that_do_not_belong_together_is_refused():
+    whole = whole_record()
+    share = share_of(whole)
+    screened = restrict(whole, share, screened=True)
+    other = restrict(whole_record("/m/w"), share, screened=False)
+    with pytest.raises(TradeoffError, match="two models: /m/v and /m/w"):
+        combine(screened, other, share)
+    with pytest.raises(TradeoffError, match="its prompt groups are not those of the share"):
+        combine(screened, screened, share)  # the share's prompts twice: 5 + 5, but not the rest's
+    short = restrict(record("/m/v", CORRECT[:-1], LOSSES, WINDOW_TOKENS, WINDOW_DOCS), share_of(
+        record("/m/v", CORRECT[:-1], LOSSES, WINDOW_TOKENS, WINDOW_DOCS)), screened=False)
+    with pytest.raises(TradeoffError, match="prompts in the two parts"):
+        combine(restrict(record("/m/v", CORRECT, LOSSES, WINDOW_TOKENS, WINDOW_DOCS), share,
+                         screened=True), short, share)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def write_sweep(path: Path) -> None:
+    """A synthetic sweep: 600 prompts, 60 documents of 2 windows; the fine-tune forgets."""
+    rng = random.Random(0)
+    prompts, windows = 600, 120
+    documents = [i // 2 for i in range(windows)]
+    tokens = [50] * windows
+    base = [100 + rng.uniform(-5, 5) for _ in range(windows)]
+    ft = [b + 8 + rng.uniform(-1, 1) for b in base]
+    correct_ft = "".join("1" if rng.random() < 0.8 else "0" for _ in range(prompts))
+    ones = [i for i, c in enumerate(correct_ft) if c == "1"]
+
+    def lose(count):
+        gone = set(rng.sample(ones, count))
+        return "".join("0" if i in gone else c for i, c in enumerate(correct_ft))
+
+    def repaired(cut):
+        return [f - cut * (1 + rng.uniform(-0.2, 0.2)) for f in ft]
+
+    rows = [(BASE, "0" * prompts, base, None), (FT, correct_ft, ft, None)]
+    for sparsity, lost, cut in ((0.1, 0, 1), (0.3, 0, 3), (0.5, 4, 5), (0.7, 150, 6), (0.9, 200, 7),
+                                (0.95, 250, 7.5)):
+        rows.append((f"/m/fapm-s{sparsity}", lose(lost), repaired(cut), fapm(sparsity)))
+    rows.append(("/m/magnitude-s0.5", lose(0), repaired(1), fapm(0.5, beta=0.0)))
+    for model, correct, losses, recipe in rows:
+        append_result(path, record(model, correct, losses, tokens, documents, recipe=recipe))
+
+
+def test_the_benchmark_replays_both_decisions_from_a_results_file(tmp_path):
+    results = tmp_path / "results.jsonl"
+    write_sweep(results)
+    summary_file = tmp_path / "summary.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_screening.py"), str(results),
+                          "--min-retention", "0.9", "--json", str(summary_file)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(summary_file.read_text())
+    assert summary["exhaustive"]["pick"] == summary["screened"]["pick"] == "fapm-s0.5"
+    assert summary["agree"] and "agree: yes" in run.stdout
+    verdicts = {v["name"]: v for v in summary["screening"]["verdicts"]}
+    assert {n: (v["status"], v["rule"]) for n, v in verdicts.items()} == {
+        "fapm-s0.1": (OUT, REPAIR), "fapm-s0.3": (OUT, REPAIR), "fapm-s0.5": (KEEP, None),
+        "fapm-s0.7": (OUT, ACCURACY), "fapm-s0.9": (OUT, ACCURACY), "fapm-s0.95": (OUT, LINE),
+        "magnitude-s0.5": (OUT, REPAIR)}
+    assert summary["screening"]["leader"] == "fapm-s0.5"
+    share = summary["share"]
+    assert (share["prompts"], share["window_tokens"]) == (180, 36 * 50)
+    assert summary["exhaustive"]["prompts"] == 9 * 600
+    # anchors on everything, 6 candidates on the share, 1 survivor on the rest
+    assert summary["screened"]["prompts"] == 2 * 600 + 6 * 180 + 1 * 420
+    assert summary["screened"]["window_tokens"] == 2 * 6000 + 6 * 1800 + 1 * 4200
+    assert "prompts (prompt and choice tokens are not in the records)" in run.stdout
+
+
+def test_records_of_an_older_eval_without_documents_round_trip_as_one_text():
+    """Regression: tune work folders written before documents were kept have no
+    ``window_document``; the replay stopped on a KeyError."""
+    whole = whole_record()
+    del whole["metrics"]["text"][PER_ITEM]["window_document"], whole["metrics"]["text"]["documents"]
+    share = share_of(whole)
+    assert share.windows == (0, 1, 2, 3)  # one text: its first windows
+    combined = combine(restrict(whole, share, screened=True), restrict(whole, share, screened=False), share)
+    assert combined["metrics"]["text"][PER_ITEM] == whole["metrics"]["text"][PER_ITEM]
+    assert combined["metrics"]["text"]["loss"] == whole["metrics"]["text"]["loss"]
+    assert "documents" not in combined["metrics"]["text"]
