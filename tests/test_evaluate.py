@@ -478,3 +478,29 @@ def test_cli_takes_a_folder_of_documents(pair256, tmp_path):
     assert record["metrics"]["text"]["sha256"] == data_digest(folder)
     items = json.loads(results.with_name("results.items.jsonl").read_text())
     assert sorted(set(items["text"]["window_document"])) == [0, 1, 2]
+
+
+def test_choice_scores_from_the_last_positions_equal_the_full_logits_bit_for_bit(model):
+    # Guards a speed-up (issue 22): scoring a choice asks the model for the logits of the
+    # positions that predict a choice token only (logits_to_keep); every log-probability
+    # must be what the full projection of every position gives, to the last bit.
+    import torch
+
+    from fapm_merge.evaluation.metrics import _logits_to_keep, sequence_logprobs
+
+    assert _logits_to_keep(model) == "logits_to_keep"  # the short path is the one tested
+
+    tokenizer = ByteTokenizer()
+    prompt = tokenizer.encode("a prompt long enough that most positions are not scored:")
+    sequences = [prompt + tokenizer.encode(c) for c in (" red", " a much longer choice", " b")]
+    starts = [len(prompt)] * len(sequences)
+    width = max(map(len, sequences))
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)], attention[row, : len(seq)] = torch.tensor(seq), 1
+    with torch.inference_mode():
+        full = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), dim=-1)
+    expected = [[float(full[row, j - 1, seq[j]].double()) for j in range(len(prompt), len(seq))]
+                for row, seq in enumerate(sequences)]
+    assert sequence_logprobs(model, sequences, starts) == expected

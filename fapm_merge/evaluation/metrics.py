@@ -28,6 +28,7 @@ Everything runs under ``torch.inference_mode`` in batches; CPU by default.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
@@ -215,6 +216,20 @@ def _each_on_one_thread(model, run: Callable[[int], T], count: int) -> List[T]:
                       workers)
 
 
+def _logits_to_keep(model) -> Optional[str]:
+    """The keyword that limits a causal LM's logits to its last positions
+    (``logits_to_keep`` in transformers >= 4.50, ``num_logits_to_keep`` before), or None."""
+    return _keep_keyword(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _keep_keyword(model_class) -> Optional[str]:
+    import inspect
+
+    parameters = inspect.signature(model_class.forward).parameters
+    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
+
+
 @torch.inference_mode()
 def sequence_logprobs(model, sequences: List[List[int]], starts: List[int]) -> List[List[float]]:
     """Per sequence, log p(token_j | tokens_<j) for j >= starts[i] (right-padded batch)."""
@@ -225,12 +240,19 @@ def sequence_logprobs(model, sequences: List[List[int]], starts: List[int]) -> L
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq)
         attention[row, : len(seq)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+    # only the positions that predict a scored token need the vocabulary projection and
+    # the softmax: for a choice after a long prompt that is a few of many (each position
+    # is computed as before, so every value is the same bit for bit)
+    first = min(starts) - 1
+    keep = _logits_to_keep(model)
+    extra = {keep: width - first} if keep and first > 0 else {}
+    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), **extra).logits
+    offset = first if extra else 0
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     out = []
     for row, (seq, start) in enumerate(zip(sequences, starts)):
         targets = torch.tensor(seq[start:], device=device)
-        positions = torch.arange(start - 1, len(seq) - 1, device=device)
+        positions = torch.arange(start - 1 - offset, len(seq) - 1 - offset, device=device)
         values = logprobs[row, positions, targets].double()
         if not bool(torch.isfinite(values).all()):  # e.g. float16 activations overflowing
             raise EvalInputError(
