@@ -72,7 +72,11 @@ class DiskWatch:
             try:
                 variants = [p for p in (self.work / "variants").iterdir() if p.name != "finetuned"] \
                     if (self.work / "variants").exists() else []
-                staging = list(self.work.glob("batch*")) if self.work.exists() else []
+                # a staging folder holds a checkpoint while a merge writes it; once moved
+                # to variants/ it is empty until removed: counting the folder itself saw
+                # one checkpoint twice (a flaky "3 <= 2" in CI)
+                staging = [d for s in self.work.glob("batch*") for d in s.iterdir() if d.is_dir()] \
+                    if self.work.exists() else []
                 self.most = max(self.most, len(variants) + len(staging))
             except FileNotFoundError:
                 pass
