@@ -233,6 +233,14 @@ def test_grouped_prompts_widen_the_accuracy_interval_by_their_design_effect():
     # shown below the margin alone, no longer shown so once its 20 prompts count as one movie
     assert (alone.verdict, grouped.verdict) == ("acc", "acc?")
     assert "1000 prompts from 50 groups" in " ".join(summary_lines(result))
+    # Regression: the margin these prompts resolve took the design effect of the fine-tune
+    # against itself, always 1, so groups never made it wider; it is the variants' median
+    variants = [p for p in result.points if p.method not in ("base", "finetuned")]
+    median_effect = float(np.median([p.noninferiority.design_effect for p in variants]))
+    assert median_effect > 1
+    assert result.resolvable_margin == pytest.approx(ni.resolvable_margin(
+        int(PROMPTS / median_effect), float(np.median([p.noninferiority.discordance for p in variants]))))
+    assert result.resolvable_margin > plain.resolvable_margin
 
 
 def test_windows_of_several_documents_are_resampled_by_document():

@@ -261,7 +261,7 @@ def _add_intervals(result: Tradeoff, records: Dict[str, dict]) -> None:
     result.forgetting = stats.forgetting(ft_text["window_loss"], base_text["window_loss"], tokens,
                                          groups=groups)
     correct_ft = [int(c) for c in ft_task["correct"]]
-    discordances = []
+    discordances, effects = [], []
     for point in result.points:
         task, text = items[point.model]
         point.window_losses = list(text["window_loss"])
@@ -276,6 +276,7 @@ def _add_intervals(result: Tradeoff, records: Dict[str, dict]) -> None:
         point.accuracy_vs_ft = point.noninferiority.difference
         if point is not base:
             discordances.append(point.noninferiority.discordance)
+            effects.append(point.noninferiority.design_effect)
             point.repair = stats.repair(text["window_loss"], ft_text["window_loss"],
                                         base_text["window_loss"], tokens, groups=groups)
             point.loss_vs_ft = point.repair.loss_vs_finetuned
@@ -283,9 +284,10 @@ def _add_intervals(result: Tradeoff, records: Dict[str, dict]) -> None:
     if discordances:  # what these prompts can show for a variant like the sweep's typical one
         import numpy as np
 
-        effect = ni.design_effect(correct_ft, correct_ft, result.prompt_groups) if result.prompt_groups else 1.0
+        # the fine-tune against itself has no spread, so its design effect would be 1:
+        # the variants' own (1 without groups) say how much the groups cost
         result.resolvable_margin = ni.resolvable_margin(
-            max(1, int(len(correct_ft) / effect)), float(np.median(discordances)))
+            max(1, int(len(correct_ft) / float(np.median(effects)))), float(np.median(discordances)))
 
 
 def compute_tradeoff(
