@@ -342,8 +342,8 @@ def _held_out_anchors(plan: TunePlan, work: Path, settings: TuneSettings, held_o
             progress("confirm", len(records), 3, f"evaluating {folder.name} on the held-out data")
             if not folder.exists() and plan.finetuned_variant is not None:
                 _merge_batch([plan.finetuned_variant], work, settings, copy_tokenizer, "batch-confirm")
-            append_result(file, evaluate_model(folder, held_out))
-            earlier = {r["model"]: r for r in read_results(file, with_items=True)}
+            earlier[str(folder)] = evaluate_model(folder, held_out)
+            append_result(file, earlier[str(folder)])  # copies: the record keeps its per-item values
         records.append(earlier[str(folder)])
     return records
 
