@@ -84,6 +84,11 @@ class Interval:
         """True when ``value`` lies outside the interval (a significant difference)."""
         return value < self.low or value > self.high
 
+    def text(self, digits: int) -> str:
+        """``+0.012 [-0.004, +0.028]``: the estimate and its interval, signed, as the
+        decisions' sentences write them."""
+        return f"{self.estimate:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
+
     def map(self, function) -> "Interval":
         """The interval of a monotonically increasing function of the statistic."""
         return Interval(function(self.estimate), function(self.low), function(self.high), self.n,

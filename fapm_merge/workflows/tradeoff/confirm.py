@@ -79,13 +79,10 @@ class Confirmation:
                  + (f" ({self.documents} documents)" if self.documents else ""))
         return (
             f"{self.status} on {where}: {self.selected} has accuracy {self.accuracy['selected']:.3f} "
-            f"against the fine-tune's {self.accuracy['finetuned']:.3f} (difference "
-            f"{difference.estimate:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}], one-sided "
-            f"lower bound {self.noninferiority.lower_bound:+.3f} vs margin -{self.noninferiority.margin:.3f}), "
-            f"CF {self.cf['selected'].estimate:+.2f}% [{self.cf['selected'].low:+.2f}, "
-            f"{self.cf['selected'].high:+.2f}] against the fine-tune's {self.cf['finetuned'].estimate:+.2f}% "
-            f"[{self.cf['finetuned'].low:+.2f}, {self.cf['finetuned'].high:+.2f}]: a cut of "
-            f"{reduction.estimate:+.2f} [{reduction.low:+.2f}, {reduction.high:+.2f}] CF points")
+            f"against the fine-tune's {self.accuracy['finetuned']:.3f} (difference {difference.text(3)}, "
+            f"one-sided lower bound {self.noninferiority.lower_bound:+.3f} vs margin "
+            f"-{self.noninferiority.margin:.3f}), CF {_percent(self.cf['selected'])} against the "
+            f"fine-tune's {_percent(self.cf['finetuned'])}: a cut of {reduction.text(2)} CF points")
 
     def to_json(self) -> dict:
         return {"selected": self.selected, "status": self.status, "accuracy": self.accuracy,
@@ -93,6 +90,10 @@ class Confirmation:
                 "noninferiority": self.noninferiority.to_json(), "repair": self.repair.to_json(),
                 "prompts": self.prompts, "windows": self.windows, "documents": self.documents,
                 "groups": self.groups, "files": self.files}
+
+
+def _percent(cf: stats.Interval) -> str:
+    return f"{cf.estimate:+.2f}% [{cf.low:+.2f}, {cf.high:+.2f}]"
 
 
 def _items(record: dict, metric: str, model: str) -> dict:

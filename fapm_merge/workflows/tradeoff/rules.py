@@ -242,10 +242,7 @@ class Repair(SelectionRule):
 
 
 def _interval_text(interval: Optional[stats.Interval], digits: int) -> str:
-    if interval is None:
-        return "-"
-    return (f"{interval.estimate:+.{digits}f} [{interval.low:+.{digits}f}, "
-            f"{interval.high:+.{digits}f}]")
+    return "-" if interval is None else interval.text(digits)
 
 
 def _obstacles(point: "Point", result: "Tradeoff") -> List[str]:
