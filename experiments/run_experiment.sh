@@ -19,14 +19,19 @@ ALPHAS=${ALPHAS:-0.1,0.3,0.5,0.7,0.9}
 DARE_SEEDS=${DARE_SEEDS:-0}
 LORA_SPARSITIES=${LORA_SPARSITIES:-0.0 0.05 0.1 0.2 0.3 0.5 0.7 0.9}
 LORA_ALPHAS=${LORA_ALPHAS:-0.3 0.5 0.7 0.9}
+# The repair family beyond the default grid (stages 4c, 6c): FAPM at these balance factors
+# (0 and 1 are the grid's magnitude and fapm points) at every sparsity, and LiNeS.
+# FAMILY_BETAS= (empty) skips the family.
+FAMILY_BETAS=${FAMILY_BETAS-0.25,0.5,2}
 # Evaluation (docs/experiments.md, "Protocol"). Every model is scored on the SELECTION
 # data: TASK_N validation prompts (exact match of the greedy answer token) and the
-# Wikipedia documents of wiki_select.jsonl (WIKI_TOKENS tokens; windows of 256 within a
-# document); the paired intervals resample movies and documents. The rule's pick, the
-# base and the fine-tune are scored again on the CONFIRMATION data: TASK_N test prompts
-# and wiki_confirm.jsonl. LEE_WINDOWS of the Lee news text are tabled, not decided on.
+# WIKI_PASSAGES Wikipedia passages of wiki_select.jsonl (consecutive articles up to 256
+# tokens, one window each); the paired intervals resample movies and passages. The base,
+# the fine-tune and the rule's pick (if any) are scored again on the CONFIRMATION data:
+# TASK_N test prompts and wiki_confirm.jsonl. LEE_WINDOWS of the Lee news text are tabled,
+# not decided on.
 TASK_N=${TASK_N:-400}
-WIKI_TOKENS=${WIKI_TOKENS:-6144}
+WIKI_PASSAGES=${WIKI_PASSAGES:-36}
 LEE_WINDOWS=${LEE_WINDOWS:-4}
 WIKI_TEXT=(--window 256 --batch-size 4 --no-bos)
 SELECT=(--task "$D/rt_validation_scored.jsonl" --text "$D/wiki_select.jsonl" "${WIKI_TEXT[@]}")
@@ -59,23 +64,28 @@ evaluate() {
 # fine-tune with its variants, and the LoRA arm, whose fine-tune is fapm_lora at sparsity 0.
 # The per-item values stay in main.items.jsonl, which every line names.
 split_arms() {
-  # split by each line's own model folder (every recipe names the base, so grep cannot)
+  # split by each line's own recipe (every recipe names the base, so grep cannot): the
+  # LoRA arm is every fapm_lora merge; ARM-grid.jsonl keeps the default grid only (no
+  # model of the family's sweep folders), to replay today's decision beside the family's
   "$PY" - "$R" <<'SPLIT'
 import json, sys
 from pathlib import Path
 results = Path(sys.argv[1])
-arms = {"full-arm.jsonl": [], "lora-arm.jsonl": []}
+arms = {"full": [], "lora": []}
 for line in (results / "main.jsonl").read_text().splitlines():
-    name = Path(json.loads(line)["model"]).name
-    if name == "base" or not name.startswith("lora-"):
-        arms["full-arm.jsonl"].append(line)
-    if name == "base" or name.startswith("lora-"):
-        arms["lora-arm.jsonl"].append(line)
-for file, lines in arms.items():
-    (results / file).write_text("".join(line + "\n" for line in lines))
+    record = json.loads(line)
+    lora = (record.get("recipe") or {}).get("merge_method") == "fapm_lora"
+    if Path(record["model"]).name == "base":
+        arms["full"].append(line), arms["lora"].append(line)
+    else:
+        arms["lora" if lora else "full"].append(line)
+for arm, lines in arms.items():
+    grid = [line for line in lines if "-family/" not in json.loads(line)["model"]]
+    (results / f"{arm}-arm.jsonl").write_text("".join(line + "\n" for line in lines))
+    (results / f"{arm}-grid.jsonl").write_text("".join(line + "\n" for line in grid))
 SPLIT
 }
-# confirm ARM: the base, the fine-tune and the model the rule selected on ARM, scored on
+# confirm ARM: the base, the fine-tune and the model the rule selected on ARM (if any), scored on
 # the confirmation data into confirm.jsonl under the paths they had in main.jsonl; merges
 # are rebuilt from their recorded recipe, evaluated, then deleted.
 confirm() {
@@ -110,11 +120,16 @@ tradeoff_arm() {
   local arm=$1 plot=$2 title=$3 rc=0
   "$FAPM" tradeoff "$R/$arm-arm.jsonl" --plot "$R/$arm-default.png" --json "$R/tradeoff-$arm-default.json" \
     --title "$title (default rule)" > "$R/tradeoff-$arm-default.txt" || [ $? -eq 3 ]
+  # today's default grid alone, at the same margin: what the family adds
+  "$FAPM" tradeoff "$R/$arm-grid.jsonl" --json "$R/tradeoff-$arm-grid.json" \
+    --min-retention "$MIN_RETENTION" > "$R/tradeoff-$arm-grid.txt" || [ $? -eq 3 ]
   "$FAPM" tradeoff "$R/$arm-arm.jsonl" --plot "$plot" --json "$R/tradeoff-$arm.json" --title "$title" \
     --min-retention "$MIN_RETENTION" || rc=$?
-  [ $rc -eq 3 ] && return 0
-  [ $rc -eq 0 ] || return $rc
+  [ $rc -eq 0 ] || [ $rc -eq 3 ] || return $rc
+  # with nothing selected the anchors are still scored on the held-out data: the
+  # verdict (keep the fine-tune) is then checked on data that did not give it
   confirm "$arm"
+  [ $rc -eq 3 ] && return 0
   "$PY" experiments/confirmation.py subset "$R/tradeoff-$arm.json" "$R/confirm.jsonl" "$R/$arm-confirm.jsonl"
   "$FAPM" tradeoff "$R/$arm-arm.jsonl" --confirm "$R/$arm-confirm.jsonl" --plot "$plot" \
     --json "$R/tradeoff-$arm.json" --title "$title" --min-retention "$MIN_RETENTION"
@@ -131,7 +146,7 @@ done_mark() { [ -f "$R/$1.done" ]; }
 mark() { echo "$(( $(date +%s) - T0 ))" > "$R/$1.done"; }
 
 stamp "stage 1: assets -> plain safetensors model and data files"
-"$PY" experiments/prepare_assets.py --work "$W" --seed $SEED --wiki-tokens $WIKI_TOKENS
+"$PY" experiments/prepare_assets.py --work "$W" --seed $SEED --wiki-passages $WIKI_PASSAGES
 head -n "$TASK_N" "$D/rt_validation_eval.jsonl" > "$D/rt_validation_scored.jsonl"
 head -n "$TASK_N" "$D/rt_test_eval.jsonl" > "$D/rt_test_scored.jsonl"
 
@@ -208,6 +223,35 @@ for a in $LORA_ALPHAS; do
   lora_merge "lora-wiseft-a$a" "  sparsity: 0.0
   lambda: $a"
 done
+
+# The family (docs/experiments.md, "The repair family"): evaluated on the selection data
+# only, after the default grid, so a run cut short still has today's decision.
+# eval_dirs FOLDER: every model folder a sweep wrote into FOLDER, on the selection data.
+eval_dirs() {
+  local d models=()
+  for d in "$1"/*/; do models+=("${d%/}"); done
+  eval_missing main.jsonl SELECT "${models[@]}"
+}
+if [ -n "$FAMILY_BETAS" ]; then
+  stamp "stage 4c: the family on the full fine-tune: FAPM at beta $FAMILY_BETAS, LiNeS; evaluate; delete weights"
+  SF=$W/sweep-family
+  if ! done_mark sweep-family; then
+    [ -f "$SF/sweep.json" ] || { rm -rf "$SF"; "$FAPM" sweep "$W/fapm_full.yml" "$SF" --sparsity $SPARSITIES \
+      --beta "$FAMILY_BETAS" --baselines lines; }
+    eval_dirs "$SF"
+    rm -rf "$SF"; mark sweep-family
+  fi
+  stamp "stage 6c: the family on the LoRA fine-tune (native adapter path): FAPM at beta $FAMILY_BETAS, LiNeS"
+  SL=$W/sweep-lora-family
+  if ! done_mark sweep-lora-family; then
+    write_lora_recipe "$W/fapm_lora.yml" "  sparsity: 0.1"
+    LORA_FAMILY_SPARSITIES=$(for s in $LORA_SPARSITIES; do [ "$s" = 0.0 ] || echo "$s"; done | paste -sd,)
+    [ -f "$SL/sweep.json" ] || { rm -rf "$SL"; "$FAPM" sweep "$W/fapm_lora.yml" "$SL" \
+      --sparsity "$LORA_FAMILY_SPARSITIES" --beta "$FAMILY_BETAS" --baselines lines; }
+    eval_dirs "$SL"
+    rm -rf "$SL"; mark sweep-lora-family
+  fi
+fi
 
 stamp "stage 7: decision (fapm-merge tradeoff on the selection data, both arms), confirmation of each pick, report"
 tradeoff
