@@ -41,6 +41,13 @@ def classify(model: str):
     """(arm, method, strength, seed) from the model folder path."""
     p = Path(model)
     name, parent = p.name, p.parent.name
+    if parent.endswith("-family"):
+        # the family's sweeps (stages 4c, 6c): fapm-b0.25-s0.5, lines-a0.25,
+        # fapm_lora-b0.5-s0.1, lines_lora-a0
+        arm = "lora" if parent == "sweep-lora-family" else "full"
+        label, _, value = name.rpartition("-")
+        method = label.replace("fapm_lora", "fapm").replace("lines_lora", "lines").replace("-b", " beta ")
+        return arm, method + (" (LoRA)" if arm == "lora" else ""), float(value[1:]), None
     if name == "base":
         return "ref", "base", None, None
     if name == "ft_full":
@@ -66,6 +73,8 @@ def main() -> None:
     ap.add_argument("--prefix", default="",
                     help="read PREFIXmain.jsonl and PREFIXlee.jsonl (a side run); with a prefix "
                          "only results/PREFIXtable.md is written")
+    ap.add_argument("--min-retention", type=float, default=0.97,
+                    help="the margin run_experiment.sh decided at (its MIN_RETENTION)")
     args = ap.parse_args()
     res = args.work / "results"
     prefix = args.prefix
@@ -133,6 +142,11 @@ def main() -> None:
         (res / "decision.md").write_text(decisions)
         console.print(decisions)
         write_into_docs(args.docs / "experiments.md", decisions, block="decision")
+    family = family_tables(res, args.min_retention)
+    if family:
+        (res / "family.md").write_text(family)
+        console.print(family)
+        write_into_docs(args.docs / "experiments.md", family, block="family")
     (res / "summary.json").write_text(json.dumps({"rows": table, "eval_seconds": sum(r["seconds"] for r in rows)},
                                                  indent=1) + "\n")
     plot(table, args.docs / "images" / "experiment-tradeoff.png")
@@ -250,6 +264,8 @@ def decision_tables(res: Path) -> str:
         out.append(("Selected: " if d.get("selected") else "Nothing selected: ") + d["reason"] + ".")
         for warning in d.get("warnings", []):
             out.append(f"Warning: {warning}.")
+        if not d.get("selected"):
+            out.extend(_held_out_verdict(res, d))
         default = res / f"tradeoff-{arm}-default.json"
         if default.exists():
             dd = json.loads(default.read_text())
@@ -273,6 +289,110 @@ def decision_tables(res: Path) -> str:
                 f"{_interval(cf['finetuned']['estimate'], cf['finetuned'], 2)}%: a cut of "
                 f"{_interval(cut['estimate'], cut, 2)} CF points.")
         out.append("")
+    return "\n".join(out)
+
+
+def _held_out_verdict(res: Path, d: dict) -> list:
+    """With nothing selected, the anchors on the held-out data (results/confirm.jsonl,
+    written by the confirmation stage): does the data that gave no verdict agree?"""
+    from fapm_merge.workflows.tradeoff import compute_tradeoff
+
+    held_out = last_records(res / "confirm.jsonl")
+    base, ft = d["base"]["model"], d["finetuned"]["model"]
+    if base not in held_out or ft not in held_out:
+        return []
+    h = compute_tradeoff([held_out[base], held_out[ft]], base=base, finetuned=ft).to_json()
+    cf = h["forgetting"]["cf"]
+    same = h["outcome"] == d["outcome"]
+    return ["", f"**Held-out check of the verdict: {'agrees' if same else 'differs'}** "
+                f"({h['items'].get('prompts', 0)} test prompts, {h['items'].get('windows', 0)} Wikipedia "
+                f"passages that did not give it): the fine-tune's CF there is {_interval(cf['estimate'], cf, 2)}%"
+                f" ({'not ' if not h['forgetting']['significant'] else ''}significant), its accuracy "
+                f"{h['finetuned']['accuracy']:.3f}."]
+
+
+def family_tables(res: Path, min_retention: float) -> str:
+    """The repair family against today's grid, per arm (docs/experiments.md, "The repair
+    family"): the grid's decision (results/tradeoff-ARM-grid.json), the family's
+    exhaustive one (tradeoff-ARM.json), the screened one replayed from the per-item
+    values (benchmarks/bench_screening.py) with the evaluation each spends; the best
+    qualifying point of every method; and, when both decisions pick, the family's pick
+    against the grid's with paired intervals."""
+    import sys
+
+    from fapm_merge.evaluation import noninferiority as ni
+    from fapm_merge.evaluation import stats
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_screening import replay
+
+    out = []
+    for arm, name in (("full", "Full fine-tune"), ("lora", "LoRA fine-tune")):
+        paths = [res / f"tradeoff-{arm}-grid.json", res / f"tradeoff-{arm}.json", res / f"{arm}-arm.jsonl"]
+        if not all(p.exists() for p in paths):
+            continue
+        grid, family = (json.loads(p.read_text()) for p in paths[:2])
+        screened = replay(paths[2], base=family["base"]["model"], finetuned=family["finetuned"]["model"],
+                          min_retention=min_retention)
+        grid_cost = replay(res / f"{arm}-grid.jsonl", base=grid["base"]["model"],
+                           finetuned=grid["finetuned"]["model"], min_retention=min_retention)["exhaustive"]
+
+        def pick(decision):
+            s = decision.get("selected")
+            return f"**{s['label']}**" if s else f"nothing ({decision['outcome']})"
+
+        ex, sc = screened["exhaustive"], screened["screened"]
+        out += [f"**{name} arm** (rule at retention {min_retention}):", "",
+                "| plan | candidates | pick | prompts evaluated | window tokens evaluated |",
+                "|---|---|---|---|---|",
+                f"| today's default grid, exhaustive | {len(grid['points']) - 2} | {pick(grid)} | "
+                f"{grid_cost['prompts']:,} | {grid_cost['window_tokens']:,} |",
+                f"| the family, exhaustive | {screened['candidates']} | {pick(family)} | "
+                f"{ex['prompts']:,} | {ex['window_tokens']:,} |",
+                f"| the family, screened (replayed) | {screened['candidates']} | "
+                f"{('**' + sc['pick'] + '**') if sc['pick'] else 'nothing (' + sc['outcome'] + ')'} | "
+                f"{sc['prompts']:,} | {sc['window_tokens']:,} |", "",
+                f"Screened and exhaustive picks {'agree' if screened['agree'] else 'DIFFER'}; the screening "
+                f"share was {screened['share']['prompts']} prompts and {screened['share']['window_tokens']:,} "
+                f"window tokens, {sc['evaluated_on_share']} candidates were screened on it and "
+                f"{sc['survivors']} evaluated on the rest (one-sided level "
+                f"{screened['share']['confidence']:.4f}).", ""]
+        # the best qualifying point of each method (the rule's own order: largest CF cut)
+        best = {}
+        for p in family["points"]:
+            if p["method"] in ("base", "finetuned") or (p.get("noninferiority") or {}).get("verdict") != "qualifies":
+                continue
+            cut = (p.get("cf_reduction") or {}).get("estimate")
+            if cut is not None and (p["method"] not in best or cut > best[p["method"]]["cf_reduction"]["estimate"]):
+                best[p["method"]] = p
+        out += ["| method | its point shown non-inferior with the largest CF cut | Δ accuracy vs fine-tune [95%] "
+                "| CF cut, points [95%] | rule |", "|---|---|---|---|---|"]
+        for method in sorted({p["method"] for p in family["points"]} - {"base", "finetuned"}):
+            p = best.get(method)
+            if p is None:
+                out.append(f"| {method} | none shown non-inferior | - | - | - |")
+                continue
+            acc, cut = p["accuracy_vs_ft"], p["cf_reduction"]
+            out.append(f"| {method} | {p['label']} | {_interval(acc['estimate'], acc, 3)} | "
+                       f"{_interval(cut['estimate'], cut, 2)} | {p['verdict']} |")
+        out.append("")
+        g, f = grid.get("selected"), family.get("selected")
+        if g and f and g["model"] != f["model"]:
+            records = last_records(paths[2])
+            rf, rg, rb = (records[m] for m in (f["model"], g["model"], family["base"]["model"]))
+            text = [r["metrics"]["text"]["per_item"] for r in (rf, rg, rb)]
+            task = [r["metrics"]["task"]["per_item"] for r in (rf, rg)]
+            docs = text[1].get("window_document")
+            cut = stats.cf_reduction(text[0]["window_loss"], text[1]["window_loss"], text[2]["window_loss"],
+                                     text[1]["window_tokens"], groups=docs if docs and len(set(docs)) > 1 else None)
+            acc = ni.accuracy_difference_score([int(c) for c in task[0]["correct"]],
+                                               [int(c) for c in task[1]["correct"]], groups=task[1].get("group"))
+            out += [f"The family's pick {f['label']} against the grid's {g['label']}, paired on the same "
+                    f"selection data: accuracy {_interval(acc.estimate, {'low': acc.low, 'high': acc.high}, 3)}, "
+                    f"CF {_interval(cut.estimate, {'low': cut.low, 'high': cut.high}, 2)} points lower "
+                    "(positive: the family's pick forgets less).", ""]
+        elif g and f:
+            out += ["The family picks the grid's own pick.", ""]
     return "\n".join(out)
 
 

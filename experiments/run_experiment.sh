@@ -255,7 +255,7 @@ fi
 
 stamp "stage 7: decision (fapm-merge tradeoff on the selection data, both arms), confirmation of each pick, report"
 tradeoff
-"$PY" experiments/report.py --work "$W" --docs docs
+"$PY" experiments/report.py --work "$W" --docs docs --min-retention "$MIN_RETENTION"
 
 for seed in $DARE_SEEDS; do
   [ "$seed" = 0 ] && continue
@@ -269,6 +269,6 @@ for seed in $DARE_SEEDS; do
 done
 stamp "stage 9: final report"
 tradeoff
-"$PY" experiments/report.py --work "$W" --docs docs
+"$PY" experiments/report.py --work "$W" --docs docs --min-retention "$MIN_RETENTION"
 stamp "done: total $(( $(date +%s) - T0 )) s"
 echo "$(( $(date +%s) - T0 ))" > "$R/total_seconds"
