@@ -72,8 +72,10 @@ def open_work(work: Path, fingerprint: dict, restart: bool) -> None:
         except ValueError:
             earlier = None
         if earlier != fingerprint:
-            changed = sorted(k for k in fingerprint if not isinstance(earlier, dict)
-                             or earlier.get(k) != fingerprint[k])
+            # a key either side lacks counts too (screening's is written only when screened)
+            keys = set(fingerprint) | (set(earlier) if isinstance(earlier, dict) else set())
+            changed = sorted(k for k in keys if not isinstance(earlier, dict)
+                             or earlier.get(k) != fingerprint.get(k))
             raise TuneError(
                 f"{work} holds a tune made with other settings (they differ in: "
                 f"{', '.join(changed) or 'the plan file'}); its results would not be comparable. "
