@@ -244,11 +244,11 @@ def test_a_screened_tune_on_ray_gives_the_serial_verdicts_and_records(local_ray,
     documents = tmp_path / "documents.jsonl"  # screening shares whole documents
     documents.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 2])}) + "\n"
                                  for i in range(0, len(lines), 2)))
-    screened = dict(text=documents, rule=Rule(min_retention=0.8))
     runs = {}
     for name, extra in (("serial", {}), ("ray", {"ray": "local"})):
         work = tmp_path / f"{name}.tune"
-        result = run_tune(recipe, tmp_path / name, settings(files, **screened, **extra))
+        result = run_tune(recipe, tmp_path / name, settings({**files, "text": documents},
+                                                            rule=Rule(min_retention=0.8), **extra))
         report = json.loads((work / "screening.json").read_text())
         assert report["screened"] is True and result.screening == report["summary"]
         runs[name] = (_same_paths(report, work), _records(work),
