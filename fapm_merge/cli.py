@@ -527,10 +527,12 @@ def _tune_settings(evaluation: EvalSettings, rule: Rule, sparsities, betas, base
 @_tune_option("confirm_task", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Held-out task JSONL: the base, the fine-tune and the chosen model are scored on it after the decision (default: --confirm-share of --task, split off).")
 @_tune_option("confirm_text", type=click.Path(exists=True, path_type=Path), help="Held-out text (file, .jsonl of documents or folder of .txt) for the same check (default: --confirm-share of --text's documents, split off).")
 @_tune_option("confirm_share", type=float, help="Share of --task's prompts (whole groups) and --text's documents held out for the check; 0: no check unless both --confirm files are given.")
+@_tune_option("screen", "--screen/--no-screen", help="Screen every variant on --screen-share of the selection data first; only those the share does not already show out (accuracy clearly below the margin, repair clearly below the best's, beyond two such points on a line) are evaluated on the rest. The FAPM betas default to the family then. Skipped, with the reason, where the data cannot be cut (lm-eval axes, one-document text, --max-tokens) or the rule is not repair.")
+@_tune_option("screen_share", type=float, help="Share of the selection prompts (whole groups) and documents every variant is screened on.")
 @_tune_option("ray", is_flag=False, flag_value="local", help="Run the variants as Ray tasks (extra 'distributed'): --ray alone starts Ray here; --ray ADDRESS joins a cluster (auto, HOST:6379).")
 @_tune_option("ray_gpus", type=click.IntRange(1), help="GPUs per Ray task with --device cuda (vLLM's tensor_parallel_size).")
 @_tune_option("sparsities", "--sparsity", help=f"FAPM values, comma-separated (default: {_listed(DEFAULT_SPARSITIES[FAPM])} for {FAPM}; {_listed(DEFAULT_SPARSITIES[FAPM_LORA])} for {FAPM_LORA}).")
-@_tune_option("betas", "--beta", help=f"FAPM balance factors (>= 0), each at every sparsity (default {_listed(DEFAULT_BETAS)}; zero is magnitude pruning, one the paper's score; the whole family: {_listed(FAMILY_BETAS)}).")
+@_tune_option("betas", "--beta", help=f"FAPM balance factors (>= 0), each at every sparsity (default: the family {_listed(FAMILY_BETAS)} when screening, else {_listed(DEFAULT_BETAS)}; zero is magnitude pruning, one the paper's score).")
 @_tune_option("baselines", help="Comma-separated: magnitude, wiseft, lines (LiNeS), depth (FAPM with a per-layer sparsity), dare (fapm only); empty for none.")
 @_tune_option("alphas", "--alpha", help=f"WiSE-FT strengths (default {_listed(DEFAULT_ALPHAS[FAPM])}; {FAPM_LORA} {_listed(DEFAULT_ALPHAS[FAPM_LORA])}).")
 @_tune_option("seed", help="DARE seed (mergekit-yaml --random-seed).")
@@ -552,6 +554,11 @@ def tune(recipe, out_dir, settings: TuneSettings):
     (see `fapm-merge tradeoff --help`) and rebuilds the chosen variant from its
     recipe with mergekit, with a model card holding the evidence. Interrupted?
     Run the same command again: finished evaluations are reused.
+
+    Screening (default; --no-screen to switch it off): every variant is first
+    evaluated on --screen-share of the selection data; only those it does not
+    already show out go on to the rest (the work folder's screening.json says
+    why each went; docs/choosing-sparsity.md).
 
     The axes can come from lm-evaluation-harness (--task-metric, --text-metric),
     and the variants can run as Ray tasks (--ray): see docs/scale.md.
@@ -576,6 +583,7 @@ def tune(recipe, out_dir, settings: TuneSettings):
     except FapmMergeError as error:
         raise click.ClickException(str(error)) from None
     names = {"anchors": "evaluate base and fine-tune", "variants": "merge + evaluate variants",
+             "screen": "screen variants on a share", "rest": "evaluate survivors on the rest",
              "decision": "decide", "confirm": "check the choice on held-out data",
              "rebuild": "rebuild the chosen model"}
     with progress_reporter("tune", names, console=console) as progress:
@@ -602,6 +610,8 @@ def tune(recipe, out_dir, settings: TuneSettings):
     console.print(tradeoff_table(result.tradeoff, width=console.width))
     for line in summary_lines(result.tradeoff):
         console.print(line, markup=False, highlight=False)
+    if result.screening:
+        console.print(result.screening, markup=False, highlight=False)
     console.print(f"{result.evaluated} evaluated, {result.reused} reused, {result.seconds:.0f} s; "
                   f"work folder {result.work_dir}; plot {result.plot}", markup=False, highlight=False)
     console.print(result.message, markup=False, highlight=False)

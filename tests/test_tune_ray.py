@@ -234,3 +234,25 @@ def test_the_executor_bounds_tasks_in_flight_yields_in_order_and_keeps_going(loc
     spans = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(5)]
     overlap = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
     assert overlap == 2
+
+
+def test_a_screened_tune_on_ray_gives_the_serial_verdicts_and_records(local_ray, pair, tmp_path):
+    """Screening runs stage by stage on Ray (each stage's tasks side by side, the next
+    stage decided from them): the verdicts, the stages and every record are the serial run's."""
+    _, recipe, files = pair
+    lines = files["text"].read_text().splitlines()
+    documents = tmp_path / "documents.jsonl"  # screening shares whole documents
+    documents.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 2])}) + "\n"
+                                 for i in range(0, len(lines), 2)))
+    runs = {}
+    for name, extra in (("serial", {}), ("ray", {"ray": "local"})):
+        work = tmp_path / f"{name}.tune"
+        result = run_tune(recipe, tmp_path / name, settings({**files, "text": documents},
+                                                            rule=Rule(min_retention=0.8), **extra))
+        report = json.loads((work / "screening.json").read_text())
+        assert report["screened"] is True and result.screening == report["summary"]
+        runs[name] = (_same_paths(report, work), _records(work),
+                      [_same_paths({k: v for k, v in r.items() if k not in TIMING}, work)
+                       for file in ("screening.jsonl", "rest.jsonl")
+                       for r in read_results(work / file, with_items=True)])
+    assert runs["ray"] == runs["serial"]

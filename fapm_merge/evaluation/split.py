@@ -174,6 +174,24 @@ def _jsonl(documents: Sequence[str]) -> str:
     return "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents)
 
 
+def _write_parts(folder: Path, task_parts: Optional[Sequence[Tuple[str, Sequence[str]]]],
+                 text_parts: Optional[Sequence[Tuple[str, Sequence[str]]]], plain: bool) -> dict:
+    """Write each ``(name, task lines)`` and ``(stem, documents)`` part into ``folder``,
+    which appears whole (built beside it, then replacing it); the paths by name and stem.
+    A text part is the ``.txt`` of a plain file's one document, else ``.jsonl``."""
+    names = {}
+    with atomic_output_dir(folder, overwrite=True) as work:
+        for name, lines in task_parts or ():
+            (work / name).write_bytes("".join(line + "\n" for line in lines).encode("utf-8"))
+            names[name] = folder / name
+        for stem, documents in text_parts or ():
+            name = stem + (".txt" if plain else JSONL_SUFFIX)
+            body = documents[0] if plain else _jsonl(documents)
+            (work / name).write_bytes(body.encode("utf-8"))
+            names[stem] = folder / name
+    return names
+
+
 def write_confirmation_split(task: Optional[Path], text: Optional[Path], folder: Path,
                              share: float = CONFIRM_SHARE, seed: int = SPLIT_SEED) -> SplitFiles:
     """Split the task and the text (:func:`split_task`, :func:`split_text`) into ``folder``.
@@ -196,24 +214,55 @@ def write_confirmation_split(task: Optional[Path], text: Optional[Path], folder:
     # everything is read and checked before the folder is touched
     task_sides = split_task(task, share, seed) if task is not None else None
     text_sides = split_text(text, share, seed) if text is not None else None
-    folder = Path(folder).absolute()
-    names = {}
-    with atomic_output_dir(folder, overwrite=True) as work:
-        if task_sides is not None:
-            for name, lines in zip((SELECTION_TASK, CONFIRMATION_TASK), task_sides):
-                (work / name).write_bytes("".join(line + "\n" for line in lines).encode("utf-8"))
-                names[name] = folder / name
-        if text_sides is not None:
-            plain = _one_document(text)
-            for stem, documents in zip((SELECTION_TEXT, CONFIRMATION_TEXT), text_sides):
-                name = stem + (".txt" if plain else JSONL_SUFFIX)
-                body = documents[0] if plain else _jsonl(documents)
-                (work / name).write_bytes(body.encode("utf-8"))
-                names[stem] = folder / name
+    names = _write_parts(Path(folder).absolute(),
+                         task_sides and list(zip((SELECTION_TASK, CONFIRMATION_TASK), task_sides)),
+                         text_sides and list(zip((SELECTION_TEXT, CONFIRMATION_TEXT), text_sides)),
+                         text is not None and _one_document(text))
     return SplitFiles(names.get(SELECTION_TASK), names.get(SELECTION_TEXT),
                       names.get(CONFIRMATION_TASK), names.get(CONFIRMATION_TEXT))
 
 
-__all__ = ["CONFIRMATION_TASK", "CONFIRMATION_TEXT", "CONFIRM_SHARE", "SELECTION_TASK",
-           "SELECTION_TEXT", "SPLIT_SEED", "SplitFiles", "split_task", "split_text",
-           "write_confirmation_split"]
+SCREEN_TASK, REST_TASK = "screen-task.jsonl", "rest-task.jsonl"
+SCREEN_TEXT, REST_TEXT = "screen-text", "rest-text"
+"""File names of the screening split (tune's screening share and the rest); the text's
+take ``.jsonl``."""
+
+
+def write_screening_split(task: Path, text: Path, folder: Path, prompts: Sequence[int],
+                          documents: Sequence[int]) -> SplitFiles:
+    """The task lines and documents of tune's screening share and of the rest, into ``folder``.
+
+    The share is chosen from a measured record
+    (:func:`fapm_merge.workflows.tradeoff.screen.share_of`); this writes it:
+    ``screen-task.jsonl`` with the lines numbered ``prompts`` (file order, as written),
+    ``rest-task.jsonl`` with the others; ``screen-text.jsonl`` with the ``documents``
+    numbered ``documents`` and ``rest-text.jsonl`` with the others that give windows.
+    Written like :func:`write_confirmation_split` (same bytes from the same inputs; the
+    folder replaced whole). ``selection_*`` are the share's files, ``confirmation_*`` the rest's.
+
+    Args:
+        task (`Path`): the selection task file.
+        text (`Path`): the selection text, of several documents (a ``.jsonl`` or a folder).
+        folder (`Path`): where the files go (replaced).
+        prompts (`Sequence[int]`): the share's prompts, by their index in the task file.
+        documents (`Sequence[int]`): ``(share, rest)``: two sequences of document indices.
+    """
+    if _one_document(text):
+        raise EvalInputError(f"--text {text} is one document; the screening share takes whole documents")
+    lines = [entry.line for entry in task_lines(task)]
+    chosen = set(prompts)
+    all_documents = load_documents(text)
+    share, rest = documents
+    names = _write_parts(
+        Path(folder).absolute(),
+        [(SCREEN_TASK, [line for i, line in enumerate(lines) if i in chosen]),
+         (REST_TASK, [line for i, line in enumerate(lines) if i not in chosen])],
+        [(SCREEN_TEXT, [all_documents[i] for i in share]), (REST_TEXT, [all_documents[i] for i in rest])],
+        plain=False)
+    return SplitFiles(names[SCREEN_TASK], names[SCREEN_TEXT], names[REST_TASK], names[REST_TEXT])
+
+
+__all__ = ["CONFIRMATION_TASK", "CONFIRMATION_TEXT", "CONFIRM_SHARE", "REST_TASK", "REST_TEXT",
+           "SCREEN_TASK", "SCREEN_TEXT", "SELECTION_TASK", "SELECTION_TEXT", "SPLIT_SEED",
+           "SplitFiles", "split_task", "split_text", "write_confirmation_split",
+           "write_screening_split"]

@@ -11,6 +11,9 @@ LoRA adapter), :func:`run_tune`:
    most ``max_on_disk``, each batch in one ``sweep`` pass, evaluates each variant,
    records it, and deletes its weights: at 8B parameters a 20-variant sweep would
    otherwise need 320 GB;
+   screening (default, ``screen``) evaluates each variant on a seeded share of the
+   selection data first, stage by stage, and only the survivors on the rest; their two
+   records make the record on the whole data (:mod:`fapm_merge.workflows.tradeoff.screen`);
 4. applies the selection rule to the paired results
    (:mod:`fapm_merge.workflows.tradeoff`);
 5. rebuilds the chosen variant from its recipe with mergekit's own ``run_merge``
@@ -36,7 +39,8 @@ results, in the plan's order, and resume from each other's work folder.
 
 Modules: :mod:`.plan` (settings, defaults, the models to evaluate), :mod:`.checks`
 (everything checked before a merge), :mod:`.workdir` (the work folder and resuming),
-:mod:`.runner` (the loop, the decision, the rebuild), :mod:`.card` (the model card).
+:mod:`.screening` (the share's files, costs and report), :mod:`.runner` (the loop, the
+decision, the rebuild), :mod:`.card` (the model card).
 """
 
 from fapm_merge.workflows.tune.card import model_card

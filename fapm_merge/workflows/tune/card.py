@@ -22,6 +22,7 @@ from fapm_merge.workflows.tradeoff import Point, Tradeoff, tradeoff_markdown
 from fapm_merge.workflows.tradeoff.confirm import CONFIRMED, CONTRADICTED
 from fapm_merge.workflows.tradeoff.report import evidence
 from fapm_merge.workflows.tune.plan import TunePlan
+from fapm_merge.workflows.tune.screening import card_lines
 
 if TYPE_CHECKING:  # sweep imports mergekit
     from fapm_merge.workflows.variants import Variant
@@ -200,7 +201,7 @@ def _eval_results(result: Tradeoff) -> list:
 
 
 def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str, name: str, *,
-               split_from: Optional[Dict[str, Path]] = None) -> str:
+               split_from: Optional[Dict[str, Path]] = None, screening: Optional[dict] = None) -> str:
     """The chosen model's README.md: what it is, why it was chosen, the evidence.
 
     Args:
@@ -215,6 +216,9 @@ def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str,
             user's files when tune split the selection and held-out parts off them (the
             records name the parts, in the work folder); None when the files measured are
             the user's own.
+        screening (`dict`, *optional*): the tune's ``screening.json`` when it screened
+            (:func:`fapm_merge.workflows.tune.screening.report`): the card says which
+            candidates it dropped and what that saved.
 
     Returns:
         the card's text, parsed back by ``huggingface_hub.ModelCard`` (front matter and all).
@@ -236,7 +240,11 @@ def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str,
         f"# {name}", "",
         f"{_fine_tune_text(plan, variant.recipe)}, edited by {method_text(chosen, variant.recipe)} "
         f"to undo part of its forgetting: {edit}.", "",
-        f"`fapm-merge tune` compared {len(variants)} variants ({_grid(variants)}) with the base and the "
+        (f"`fapm-merge tune` screened {len(screening['candidates'])} candidates on a share of the "
+         f"selection data, then compared the {len(variants)} that survived "
+         if screening and screening.get("screened") else
+         f"`fapm-merge tune` compared {len(variants)} variants ")
+        + f"({_grid(variants)}) with the base and the "
         f"fine-tune on the same task prompts and general text, and its rule chose **{chosen.name}**.",
         "",
     ]
@@ -264,6 +272,7 @@ def model_card(result: Tradeoff, variant: Variant, plan: TunePlan, command: str,
               f"Decision: {result.reason}.", ""]
     if result.warnings:
         lines += ["Caveats the evidence leaves:", ""] + [f"- {w}." for w in result.warnings] + [""]
+    lines += card_lines(screening)
     rows = _file_rows(result.files, "selection")
     if confirmation is not None:
         rows += _file_rows(confirmation.files, "held-out check")

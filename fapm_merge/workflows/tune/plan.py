@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 from fapm_merge.core.errors import FapmMergeError
 from fapm_merge.core.rules import DEFAULT_LORA_SPARSITY, DEFAULT_SPARSITY, FAPM, FAPM_LORA
 from fapm_merge.evaluation.errors import EvalInputError
+from fapm_merge.evaluation.inputs import JSONL_SUFFIX
 from fapm_merge.evaluation.lm_eval import DEFAULT_PERPLEXITY_METRIC, PERPLEXITY_METRICS, parse_metric, resolve_axes
 from fapm_merge.evaluation.split import CONFIRM_SHARE
 from fapm_merge.evaluation.settings import (
@@ -21,6 +22,7 @@ from fapm_merge.evaluation.settings import (
 from fapm_merge.io.model_paths import looks_local, missing_local_models
 from fapm_merge.io.recipe import model_name, non_base_models
 from fapm_merge.workflows.tradeoff import Rule
+from fapm_merge.workflows.tradeoff.screen import SCREEN_SHARE
 
 if TYPE_CHECKING:  # sweep imports mergekit: it loads on use, so the command line can
     # show these defaults without it
@@ -46,12 +48,15 @@ FAPM's score is ``|dW| - beta * mean(|W_pre|) * |dW| / |W_pre|``. On the replica
 * 2: beyond the paper, penalising updates large relative to their base weight twice
   as hard.
 
-Five betas make the FAPM grid five times larger, so the family is opt-in until tune
-screens candidates on a share of the data (issue 23): evaluation is tune's cost."""
+Five betas make the FAPM grid five times larger, and evaluation is tune's cost: the
+family is tune's default when it screens its candidates on a share of the data
+(:func:`screening_off`, :mod:`fapm_merge.workflows.tradeoff.screen`), where most of it
+is dropped after the share; without screening the default is :data:`DEFAULT_BETAS`."""
 
 DEFAULT_BETAS = (1.0,)
-"""FAPM balance factors tune sweeps by default: the paper's score (beta 0, magnitude
-pruning, is a default baseline); :data:`FAMILY_BETAS` for the whole family."""
+"""FAPM balance factors tune sweeps by default when it does not screen (``--no-screen``,
+or data screening cannot cut: :func:`screening_off`): the paper's score (beta 0,
+magnitude pruning, is a default baseline). Screened, the default is :data:`FAMILY_BETAS`."""
 
 DEFAULT_BASELINES = ("magnitude", "wiseft", "lines")
 """Magnitude pruning of dW (FAPM with beta 0: what FAPM improves on; the same models as
@@ -116,6 +121,13 @@ class TuneSettings:
             selection file (:mod:`fapm_merge.evaluation.split`).
         confirm_share (`float`, defaults to 0.3): share of the prompts and documents held
             out when a file is split; 0: no held-out check (unless both files are given).
+        screen (`bool`, defaults to True): screen the variants on a share of the selection
+            data first and evaluate only the survivors on the rest
+            (:mod:`fapm_merge.workflows.tradeoff.screen`); FAPM's default betas are then
+            :data:`FAMILY_BETAS`. Skipped, with the reason, where the data cannot be cut
+            (:func:`screening_off`).
+        screen_share (`float`, defaults to 0.3): the share of the selection prompts (whole
+            groups) and documents every variant is screened on.
     """
 
     text: Optional[Path] = None
@@ -141,6 +153,8 @@ class TuneSettings:
     confirm_task: Optional[Path] = None
     confirm_text: Optional[Path] = None
     confirm_share: float = CONFIRM_SHARE
+    screen: bool = True
+    screen_share: float = SCREEN_SHARE
 
     def resolved(self) -> "TuneSettings":
         """These settings as a run applies them, as a new object (raises TuneError).
@@ -175,6 +189,31 @@ class TuneSettings:
                             "but tune evaluates a new model per variant: use "
                             f"{' or '.join(LM_EVAL_LOADING_BACKENDS)} (which load each variant themselves)")
         return replace(self, task_metric=axes.task, text_metric=axes.text, eval=evaluation)
+
+
+def screening_off(settings: TuneSettings) -> Optional[str]:
+    """Why a tune with these (resolved) settings does not screen, or None when it does.
+
+    Screening cuts the ``--task`` and ``--text`` files into a share and the rest, by whole
+    prompts (groups) and documents, so that the two parts' records rebuild the whole
+    record exactly (:func:`fapm_merge.workflows.tradeoff.screen.combine`). It cannot when
+    an axis or an extra metric comes from lm-eval (the harness's data is not ours to cut),
+    when ``--max-tokens`` caps the text as a whole (a share's documents would be cut
+    elsewhere) or when the text is one document (a plain file: no whole documents to
+    choose). The runner says too when the selection data have fewer than two prompts
+    (groups) or documents to share.
+    """
+    if not settings.screen:
+        return "off (--no-screen)"
+    if settings.eval.lm_eval_tasks or (settings.task_metric, settings.text_metric) != (TASK_METRIC, TEXT_METRIC):
+        return "skipped: lm-eval metrics are measured on the harness's data, which screening cannot cut"
+    if settings.eval.max_tokens is not None:
+        return "skipped: --max-tokens caps the text as a whole, so a share of its documents would be cut elsewhere"
+    text = Path(settings.text) if settings.text is not None else None
+    if text is not None and text.is_file() and text.suffix != JSONL_SUFFIX:
+        return (f"skipped: --text {text.name} is one document (a plain file), and screening shares whole "
+                "documents; give a .jsonl of documents or a folder of .txt files to screen")
+    return None
 
 
 @dataclass
@@ -215,7 +254,8 @@ def plan_tune(recipe: dict, settings: TuneSettings, work: Path) -> TunePlan:
     sparsities = list(settings.sparsities or DEFAULT_SPARSITIES[method])
     alphas = list(settings.alphas or DEFAULT_ALPHAS[method]) if "wiseft" in settings.baselines else None
     try:
-        variants = build_variants(recipe, sparsities=sparsities, betas=list(settings.betas or DEFAULT_BETAS),
+        betas = settings.betas or (FAMILY_BETAS if screening_off(settings) is None else DEFAULT_BETAS)
+        variants = build_variants(recipe, sparsities=sparsities, betas=list(betas),
                                   baselines=list(settings.baselines), alphas=alphas, seed=settings.seed)
     except SweepError as error:
         raise TuneError(str(error)) from None
@@ -243,5 +283,6 @@ __all__ = [
     "TunePlan",
     "TuneSettings",
     "plan_tune",
+    "screening_off",
     "variant_dir",
 ]

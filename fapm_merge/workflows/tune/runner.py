@@ -11,25 +11,53 @@ flight. Both append the records in the plan's order.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from fapm_merge.evaluation.results import append_result, read_results
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.recipe import RECIPE_FILE
 from fapm_merge.workflows.executors import Executor, ExecutorError, RayExecutor, SerialExecutor, TaskFailure
 from fapm_merge.workflows.tradeoff import CONTRADICTED, Tradeoff, compute_tradeoff, confirm
+from fapm_merge.workflows.tradeoff.screen import SCREEN_SEED, Candidate, combine, restrict, screen, share_of
 from fapm_merge.workflows.tune.card import model_card
 from fapm_merge.workflows.tune.checks import check_anchors, check_disk, check_eval_inputs
 from fapm_merge.workflows.tune.heldout import CONFIRM_FILE, check_resolvable, split_data
-from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings, plan_tune, variant_dir
+from fapm_merge.workflows.tune.plan import (
+    TuneError,
+    TunePlan,
+    TuneSettings,
+    plan_tune,
+    screening_off,
+    variant_dir,
+)
 from fapm_merge.workflows.progress import Report, silent
-from fapm_merge.workflows.tune.workdir import RESULTS_FILE, evaluated_models, fingerprint, open_work, work_folder
+from fapm_merge.workflows.tune.screening import (
+    check_share_record,
+    cost,
+    report,
+    skipped_report,
+    summary_line,
+    too_small,
+    write_share_data,
+)
+from fapm_merge.workflows.tune.workdir import (
+    REST_FILE,
+    RESULTS_FILE,
+    SCREENING_FILE,
+    SCREENING_REPORT,
+    evaluated_models,
+    fingerprint,
+    open_work,
+    work_folder,
+)
 
 if TYPE_CHECKING:  # sweep imports mergekit
     from fapm_merge.workflows.variants import Variant
@@ -46,6 +74,7 @@ class TuneResult:
     seconds: float
     plot: Path
     message: str
+    screening: Optional[str] = None  # the summary's line on screening; None: --no-screen
 
 
 def _merge_batch(batch: List[Variant], work: Path, settings: TuneSettings, copy_tokenizer: bool,
@@ -107,12 +136,11 @@ def run_job(job: Job, work: Path, settings: TuneSettings, copy_tokenizer: bool) 
     return record
 
 
-def _evaluate_models(executor: Executor, plan: TunePlan, work: Path,
-                     settings: TuneSettings, copy_tokenizer: bool, recipe: dict, results: Path,
-                     done: set, progress: Report) -> Tuple[int, int]:
-    """Evaluate the anchors, check them, then the variants: every model not in ``done``,
-    at most ``max_on_disk`` variants on disk at once; records are appended here, in the
-    plan's order, as they are ready. Returns (evaluated, reused).
+def _run_jobs(executor: Executor, stage: str, jobs: List[Job], finished: int, total: int, work: Path,
+              plan: TunePlan, settings: TuneSettings, copy_tokenizer: bool, recipe: dict, results: Path,
+              progress: Report) -> List[dict]:
+    """Run ``jobs`` (evaluating with ``settings.eval``), append their records to ``results``
+    in the jobs' order as they are ready, and return them.
 
     A failed Ray task does not stop the others: its model is named with the cause, the
     other records are kept, its folder removed (a rerun merges it afresh instead of
@@ -120,63 +148,162 @@ def _evaluate_models(executor: Executor, plan: TunePlan, work: Path,
     is raised at the end of the stage (nothing is written to OUT); a rerun evaluates
     only what is missing. In this process an error stops the run where it happens.
     """
-    evaluated = 0
+    failures: List[str] = []
+    records: List[dict] = []
+    progress(stage, finished, total, "")
 
-    def run(stage: str, jobs: List[Job], total: int) -> None:
-        nonlocal evaluated
-        failures: List[str] = []
-        finished = total - len(jobs)
-        progress(stage, finished, total, "")
+    def before_submit(index: int) -> None:  # on the driver, as each job starts
+        merging = jobs[index].to_merge(work)
+        if merging:
+            check_disk(work, plan, len(merging), recipe)
+        # what runs now: a merge batch takes long, and an empty detail looks stuck
+        doing = (f"merging {', '.join(v.name for v in merging)}, then evaluating"
+                 if merging else "evaluating")
+        progress(stage, finished, total, f"{doing} {jobs[index].folder.name}")
 
-        def before_submit(index: int) -> None:  # on the driver, as each job starts
-            merging = jobs[index].to_merge(work)
-            if merging:
-                check_disk(work, plan, len(merging), recipe)
-            # what runs now: a merge batch takes long, and an empty detail looks stuck
-            doing = (f"merging {', '.join(v.name for v in merging)}, then evaluating"
-                     if merging else "evaluating")
-            progress(stage, finished, total, f"{doing} {jobs[index].folder.name}")
+    for index, outcome in executor.ordered(run_job, jobs, (work, settings, copy_tokenizer),
+                                           limit=settings.max_on_disk,
+                                           before_submit=before_submit):
+        job = jobs[index]
+        if isinstance(outcome, TaskFailure):
+            failures.append(f"{job.folder.name}: {outcome.message}")
+            if job.variant is not None:
+                shutil.rmtree(job.folder, ignore_errors=True)
+        else:
+            append_result(results, outcome)  # copies: the record keeps its per-item values
+            records.append(outcome)
+        finished += 1
+        progress(stage, finished, total, f"evaluated {job.folder.name}")
+    if failures:
+        raise TuneError(_failed_message(failures, work, results))
+    return records
 
-        for index, outcome in executor.ordered(run_job, jobs, (work, settings, copy_tokenizer),
-                                               limit=settings.max_on_disk,
-                                               before_submit=before_submit):
-            job = jobs[index]
-            if isinstance(outcome, TaskFailure):
-                failures.append(f"{job.folder.name}: {outcome.message}")
-                if job.variant is not None:
-                    shutil.rmtree(job.folder, ignore_errors=True)
-            else:
-                append_result(results, outcome)
-                evaluated += 1
-            finished += 1
-            progress(stage, finished, total, f"evaluated {job.folder.name}")
-        if failures:
-            raise TuneError(_failed_message(failures, work))
 
+def _variant_jobs(variants: List[Variant], executor: Executor, work: Path, settings: TuneSettings
+                  ) -> List[Job]:
+    """One job per variant; in this process a chunk of max_on_disk is merged in one sweep
+    pass (the checkpoints read once per chunk), Ray tasks side by side merge one each."""
+    chunk = 1 if executor.concurrent else settings.max_on_disk
+    return [Job(variant_dir(work, v), v, delete=not settings.keep_variants,
+                merge_with=tuple(variants[i + 1 : i - i % chunk + chunk]))
+            for i, v in enumerate(variants)]
+
+
+def _evaluate_models(executor: Executor, plan: TunePlan, work: Path,
+                     settings: TuneSettings, copy_tokenizer: bool, recipe: dict, results: Path,
+                     done: set, progress: Report, *, variants: bool = True) -> Tuple[int, int]:
+    """Evaluate the anchors, check them, then (``variants``) the variants: every model not
+    in ``done``, at most ``max_on_disk`` variants on disk at once; records are appended
+    to ``results``, in the plan's order, as they are ready. Returns (evaluated, reused)."""
+    stage = functools.partial(_run_jobs, executor, work=work, plan=plan, settings=settings,
+                              copy_tokenizer=copy_tokenizer, recipe=recipe, results=results,
+                              progress=progress)
     # 1. the anchors
     anchors = [Job(plan.base, None, delete=False),
                Job(plan.finetuned, plan.finetuned_variant, delete=False)]
     jobs = [job for job in anchors if str(job.folder) not in done]
     reused = len(anchors) - len(jobs)
-    run("anchors", jobs, len(anchors))
+    evaluated = len(stage("anchors", jobs, len(anchors) - len(jobs), len(anchors)))
     finetuned = check_anchors(results, plan, settings)
     check_resolvable(finetuned.get("examples", 0), finetuned["accuracy"], settings, measured=True)
+    if not variants:
+        return evaluated, reused
 
-    # 2. the variants; in this process a chunk of max_on_disk is merged in one sweep
-    # pass (the checkpoints read once per chunk), Ray tasks side by side merge one each
+    # 2. the variants
     todo = [v for v in plan.variants if str(variant_dir(work, v)) not in done]
     reused += len(plan.variants) - len(todo)
-    chunk = 1 if executor.concurrent else settings.max_on_disk
-    jobs = [Job(variant_dir(work, v), v, delete=not settings.keep_variants,
-                merge_with=tuple(todo[i + 1 : i - i % chunk + chunk]))
-            for i, v in enumerate(todo)]
-    run("variants", jobs, len(plan.variants))
+    evaluated += len(stage("variants", _variant_jobs(todo, executor, work, settings),
+                           len(plan.variants) - len(todo), len(plan.variants)))
     return evaluated, reused
 
 
-def _failed_message(failures: List[str], work: Path) -> str:
+@dataclass
+class _Screened:
+    """What :func:`_screen_variants` did: evaluations run and reused, and its report."""
+
+    evaluated: int
+    reused: int
+    report: dict
+
+
+def _screen_variants(executor: Executor, plan: TunePlan, work: Path, settings: TuneSettings,
+                     copy_tokenizer: bool, recipe: dict, results: Path, progress: Report
+                     ) -> Optional[_Screened]:
+    """Screen the variants on a share of the selection data, stage by stage, evaluate the
+    survivors on the rest, and append their records on the whole selection data
+    (:func:`~fapm_merge.workflows.tradeoff.screen.combine`) to ``results``, where the
+    anchors' are (:mod:`fapm_merge.workflows.tradeoff.screen`). None (nothing evaluated)
+    when the selection data are too small to share.
+
+    The anchors are not evaluated again: their whole records cut to the share
+    (:func:`~fapm_merge.workflows.tradeoff.screen.restrict`) are what eval gives on the
+    share's files, which the first variant's record checks. A rerun replays the stages
+    from ``screening.jsonl`` and ``rest.jsonl`` and evaluates only what is missing.
+    """
+    anchors = {r["model"]: r for r in read_results(results, with_items=True)}
+    base, finetuned = anchors[str(plan.base)], anchors[str(plan.finetuned)]
+    share = share_of(finetuned, share=settings.screen_share, seed=SCREEN_SEED)
+    if too_small(share) is not None:
+        return None
+    data = write_share_data(work, settings, share)
+    on_share, on_rest = replace(settings, eval=data.share), replace(settings, eval=data.rest)
+    base_share, ft_share = (restrict(r, share, screened=True) for r in (base, finetuned))
+    by_model = {str(variant_dir(work, v)): v for v in plan.variants}
+    candidates = [Candidate.of(model, v.name, v.recipe) for model, v in by_model.items()]
+    stage = functools.partial(_run_jobs, executor, work=work, plan=plan, copy_tokenizer=copy_tokenizer,
+                              recipe=recipe, progress=progress)
+
+    def stored(file: Path) -> dict:
+        return ({r["model"]: r for r in read_results(file, TuneError, with_items=True) if r["model"] in by_model}
+                if file.exists() else {})
+
+    share_file, rest_file = work / SCREENING_FILE, work / REST_FILE
+    on_file = stored(share_file)
+    reused, evaluated = len(on_file), 0
+    seen: dict = {}  # the records the stages so far gave: a rerun replays the same stages
+    stages: List[List[str]] = []
+    while True:
+        screening = screen(candidates, base_share, ft_share, seen, min_retention=settings.rule.min_retention)
+        next_stage = screening.next_stage()
+        if not next_stage:
+            break
+        stages.append([c.name for c in next_stage])
+        missing = [by_model[c.model] for c in next_stage if c.model not in on_file]
+        done = len(candidates) - len(screening.pending()) + len(next_stage) - len(missing)
+        for record in stage("screen", _variant_jobs(missing, executor, work, settings), done,
+                            len(candidates), settings=on_share, results=share_file):
+            check_share_record(record, ft_share)
+            on_file[record["model"]] = record
+            evaluated += 1
+        seen.update({c.model: on_file[c.model] for c in next_stage})
+    progress("screen", len(candidates), len(candidates),
+             f"{len(screening.kept())} of {len(candidates)} go on to the rest")
+
+    survivors = [by_model[c.model] for c in screening.kept()]
+    rest = stored(rest_file)
+    reused += sum(str(variant_dir(work, v)) in rest for v in survivors)
+    missing = [v for v in survivors if str(variant_dir(work, v)) not in rest]
+    for record in stage("rest", _variant_jobs(missing, executor, work, settings),
+                        len(survivors) - len(missing), len(survivors), settings=on_rest, results=rest_file):
+        rest[record["model"]] = record
+        evaluated += 1
+    whole = {metric: {key: finetuned["metrics"][metric].get(key) for key in ("file", "sha256")}
+             for metric in (TASK_METRIC, TEXT_METRIC)}
+    combined = evaluated_models(results)
+    for variant in survivors:  # the record the decision reads, once (a rerun finds it)
+        model = str(variant_dir(work, variant))
+        if model not in combined:
+            append_result(results, combine(on_file[model], rest[model], share, files=whole))
+    line = summary_line(screening, settings.screen_share, len(survivors))
+    document = report(screening, settings, data, stages, {m: on_file[m] for m in seen},
+                      {str(variant_dir(work, v)): rest[str(variant_dir(work, v))] for v in survivors},
+                      cost(finetuned), cost(ft_share), line)
+    return _Screened(evaluated, reused, document)
+
+
+def _failed_message(failures: List[str], work: Path, results: Path) -> str:
     return (f"{len(failures)} evaluation(s) failed on Ray: " + "; ".join(failures)
-            + f". The other results are kept in {work / RESULTS_FILE}; nothing was written to the "
+            + f". The other results are kept in {results}; nothing was written to the "
             "output. Run the same command again to retry only the failed ones")
 
 
@@ -261,8 +388,30 @@ def run_tune(
         check_resolvable(len(load_task(settings.eval.task)), 1.0, settings, measured=False)
     results = work / RESULTS_FILE
     done = evaluated_models(results)
+    skipped = screening_off(settings)
+    if skipped is None and settings.rule.kind != "repair":
+        skipped = (f"skipped: its verdicts are the repair rule's, and --rule {settings.rule.kind} "
+                   "decides on every candidate")
     evaluated, reused = _evaluate_models(executor, plan, work, settings, copy_tokenizer, recipe,
-                                         results, done, progress)
+                                         results, done, progress, variants=skipped is not None)
+    screened = None
+    if skipped is None:
+        screened = _screen_variants(executor, plan, work, settings, copy_tokenizer, recipe, results,
+                                    progress)
+        if screened is None:  # the selection data are too small to share
+            anchors = {r["model"]: r for r in read_results(results, with_items=True)}
+            skipped = too_small(share_of(anchors[str(plan.finetuned)], share=settings.screen_share,
+                                         seed=SCREEN_SEED))
+            more, again = _evaluate_models(executor, plan, work, settings, copy_tokenizer, recipe,
+                                           results, evaluated_models(results), progress)
+            evaluated, reused = evaluated + more, again - 2  # the anchors were counted once
+        else:
+            evaluated, reused = evaluated + screened.evaluated, reused + screened.reused
+    document = screened.report if screened is not None else skipped_report(skipped)
+    if settings.screen:
+        (work / SCREENING_REPORT).write_text(json.dumps(document, indent=1) + "\n")
+        progress("screen", len(plan.variants), len(plan.variants), document["summary"])
+    screening_line = document["summary"] if settings.screen else None
 
     # 3. the decision
     wanted = {str(plan.base), str(plan.finetuned)} | {str(variant_dir(work, v)) for v in plan.variants}
@@ -292,7 +441,7 @@ def run_tune(
             message = (f"nothing written to {out_dir}: no variant is selected (why: the summary "
                        f"above, or 'reason' in {work / 'tradeoff.json'})")
         return TuneResult(result, None, work, evaluated, reused,
-                          time.perf_counter() - started, plot, message)
+                          time.perf_counter() - started, plot, message, screening_line)
 
     def extras(folder: Path) -> None:
         if held_out is not None:  # the rebuilt copy itself, on the held-out data
@@ -310,7 +459,8 @@ def run_tune(
         shutil.copyfile(plot, folder / "tradeoff.png")
         (folder / "tradeoff.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         (folder / "README.md").write_text(
-            model_card(result, chosen, plan, command, out_dir.name, split_from=split_from),
+            model_card(result, chosen, plan, command, out_dir.name, split_from=split_from,
+                       screening=screened.report if screened is not None else None),
             encoding="utf-8")
 
     try:
@@ -318,10 +468,11 @@ def run_tune(
     except _Contradicted:
         return TuneResult(result, None, work, evaluated, reused, time.perf_counter() - started, plot,
                           f"nothing written to {out_dir}: the held-out data contradict the choice of "
-                          f"{chosen.name} (the held-out check above); keep the fine-tuned model")
+                          f"{chosen.name} (the held-out check above); keep the fine-tuned model",
+                          screening_line)
     progress("rebuild", 1, 1, out_dir.name)
     return TuneResult(result, out_dir, work, evaluated, reused, time.perf_counter() - started,
-                      plot, f"wrote {chosen.name} ({result.selected.label}) to {out_dir}")
+                      plot, f"wrote {chosen.name} ({result.selected.label}) to {out_dir}", screening_line)
 
 
 class _Contradicted(Exception):

@@ -14,10 +14,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fapm_merge.evaluation.results import data_digest, file_digest, read_results
-from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings
+from fapm_merge.workflows.tradeoff.screen import SCREEN_SEED
+from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings, screening_off
 
 PLAN_FILE = "tune.json"
 RESULTS_FILE = "results.jsonl"
+"""The records the decision reads: the anchors' and, screened, each survivor's record on
+the whole selection data (combined from its two parts)."""
+
+SCREENING_FILE, REST_FILE = "screening.jsonl", "rest.jsonl"
+"""Screened: the variants' records on the screening share, and the survivors' on the rest."""
+
+SCREENING_REPORT = "screening.json"
+"""Screened: the plan, each variant's verdict and the evaluation it cost, the stages."""
 
 
 def work_folder(out_dir: Path, work_dir=None) -> Path:
@@ -27,11 +36,18 @@ def work_folder(out_dir: Path, work_dir=None) -> Path:
 
 
 def fingerprint(recipe: dict, plan: TunePlan, settings: TuneSettings) -> dict:
-    """What the evaluations depend on; a resumed tune must match it exactly."""
+    """What the evaluations depend on; a resumed tune must match it exactly.
+
+    Screening (its share) is part of it when the tune screens: the survivors' records
+    are built from two evaluations and the others are not evaluated on everything. A
+    tune that does not screen writes no such key, so its earlier work folders still match.
+    """
     evaluation = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings.eval).items()}
     if not settings.eval.lm_eval_tasks:  # a tune without the harness keeps its earlier plan
         evaluation = {k: v for k, v in evaluation.items() if not k.startswith("lm_eval_")}
+    screened = screening_off(settings) is None
     return {
+        **({"screening": {"share": settings.screen_share, "seed": SCREEN_SEED}} if screened else {}),
         "recipe": recipe,
         "variants": [{"name": v.name, "recipe": v.recipe, "seed": v.seed} for v in plan.variants],
         "evaluation": evaluation,
@@ -56,8 +72,10 @@ def open_work(work: Path, fingerprint: dict, restart: bool) -> None:
         except ValueError:
             earlier = None
         if earlier != fingerprint:
-            changed = sorted(k for k in fingerprint if not isinstance(earlier, dict)
-                             or earlier.get(k) != fingerprint[k])
+            # a key either side lacks counts too (screening's is written only when screened)
+            keys = set(fingerprint) | (set(earlier) if isinstance(earlier, dict) else set())
+            changed = sorted(k for k in keys if not isinstance(earlier, dict)
+                             or earlier.get(k) != fingerprint.get(k))
             raise TuneError(
                 f"{work} holds a tune made with other settings (they differ in: "
                 f"{', '.join(changed) or 'the plan file'}); its results would not be comparable. "
@@ -82,4 +100,4 @@ def evaluated_models(results: Path) -> set:
                         "evaluated again) or pass --restart") from None
 
 
-__all__ = ["PLAN_FILE", "RESULTS_FILE", "evaluated_models", "fingerprint", "open_work"]
+__all__ = ["PLAN_FILE", "REST_FILE", "RESULTS_FILE", "SCREENING_FILE", "SCREENING_REPORT", "evaluated_models", "fingerprint", "open_work"]
