@@ -245,7 +245,7 @@ def decision_tables(res: Path) -> str:
         d = json.loads(path.read_text())
         items = d.get("items", {})
         out.append(f"**{name[0].upper() + name[1:]} arm** (selection data: {items.get('prompts', 0)} "
-                   f"validation prompts, {items.get('windows', 0)} Wikipedia documents; rule: {d['rule']}).\n")
+                   f"validation prompts, {items.get('windows', 0)} Wikipedia passages; rule: {d['rule']}).\n")
         out.append("| model | accuracy | Δ accuracy vs fine-tune [95%] | CF% wiki [95%] "
                    "| CF cut, points [95%] | repaired | rule |")
         out.append("|---|---|---|---|---|---|---|")
@@ -280,7 +280,7 @@ def decision_tables(res: Path) -> str:
             out.append("")
             out.append(
                 f"**Held-out check: {confirmation['status']}** ({confirmation['prompts']} test prompts from "
-                f"{confirmation.get('groups') or '?'} movies, {confirmation['windows']} Wikipedia documents "
+                f"{confirmation.get('groups') or '?'} movies, {confirmation['windows']} Wikipedia passages "
                 f"that did not choose the model): {confirmation['selected']} has accuracy "
                 f"{confirmation['accuracy']['selected']:.3f} against the fine-tune's "
                 f"{confirmation['accuracy']['finetuned']:.3f} (difference {_interval(diff['estimate'], diff, 3)}, "
