@@ -157,3 +157,14 @@ def test_screening_defaults_the_betas_to_the_family_and_the_help_says_so():
     assert "--screen / --no-screen" in printed and "--screen-share FLOAT" in printed
     assert "Share of the selection prompts (whole groups) and documents every variant is screened on. [default: 0.3]" in printed
     assert f"default: the family {','.join(f'{b:g}' for b in FAMILY_BETAS)} when screening" in printed
+
+
+def test_a_screen_share_outside_0_1_is_refused_before_anything_runs(tmp_path):
+    # regression: --screen-share 1.5 was reported only once screening began, after the
+    # anchors' evaluation
+    recipe = {"merge_method": "fapm", "base_model": str(tmp_path / "nowhere"),
+              "models": [{"model": str(tmp_path / "nowhere-ft")}]}
+    for share in (0.0, 1.0, 1.5):
+        with pytest.raises(TuneError, match=r"--screen-share must be between 0 and 1.*got " + str(share)):
+            run_tune(recipe, tmp_path / "out", TuneSettings(text=tmp_path / "t.txt", screen_share=share))
+    assert not (tmp_path / "out.tune").exists()

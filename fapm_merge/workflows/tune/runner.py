@@ -359,6 +359,9 @@ def run_tune(
     work = work_folder(out_dir, settings.work_dir)
     if settings.max_on_disk < 1:
         raise TuneError(f"--max-on-disk must be at least 1, got {settings.max_on_disk}")
+    if settings.screen and not 0 < settings.screen_share < 1:  # before anything is evaluated
+        raise TuneError(f"--screen-share must be between 0 and 1 (both excluded), got "
+                        f"{settings.screen_share}; or pass --no-screen")
     settings = settings.resolved()  # first: it says which of --text and --task are needed
     plan = plan_tune(recipe, settings, work)
     check_eval_inputs(plan, settings.eval)
