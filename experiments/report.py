@@ -342,6 +342,7 @@ def family_tables(res: Path, min_retention: float) -> str:
             return f"**{s['label']}**" if s else f"nothing ({decision['outcome']})"
 
         ex, sc = screened["exhaustive"], screened["screened"]
+        labels = {p["name"]: p["label"] for p in family["points"]}  # the replay names picks by folder
         out += [f"**{name} arm** (rule at retention {min_retention}):", "",
                 "| plan | candidates | pick | prompts evaluated | window tokens evaluated |",
                 "|---|---|---|---|---|",
@@ -350,7 +351,7 @@ def family_tables(res: Path, min_retention: float) -> str:
                 f"| the family, exhaustive | {screened['candidates']} | {pick(family)} | "
                 f"{ex['prompts']:,} | {ex['window_tokens']:,} |",
                 f"| the family, screened (replayed) | {screened['candidates']} | "
-                f"{('**' + sc['pick'] + '**') if sc['pick'] else 'nothing (' + sc['outcome'] + ')'} | "
+                f"{('**' + labels.get(sc['pick'], sc['pick']) + '**') if sc['pick'] else 'nothing (' + sc['outcome'] + ')'} | "
                 f"{sc['prompts']:,} | {sc['window_tokens']:,} |", "",
                 f"Screened and exhaustive picks {'agree' if screened['agree'] else 'DIFFER'}; the screening "
                 f"share was {screened['share']['prompts']} prompts and {screened['share']['window_tokens']:,} "
