@@ -270,8 +270,8 @@ def decision_tables(res: Path) -> str:
         if default.exists():
             dd = json.loads(default.read_text())
             out.append("")
-            out.append(f"The default rule ({dd['rule']}) on the same data: "
-                       + ("selects " if dd.get("selected") else "nothing selected, ") + dd["reason"] + ".")
+            out.append(f"The default rule ({dd['rule']}) on the same data, "
+                       + ("selected: " if dd.get("selected") else "nothing selected, ") + dd["reason"] + ".")
         confirmation = d.get("confirmation")
         if confirmation:
             ni, repair = confirmation["noninferiority"], confirmation["repair"]
