@@ -42,7 +42,7 @@ from bench_screening import replay  # noqa: E402
 
 from fapm_merge.evaluation.evaluate import EvalSettings  # noqa: E402
 from fapm_merge.evaluation.results import read_results  # noqa: E402
-from fapm_merge.workflows.demo import DEMO_CONFIG, demo_eval_data, save_pair  # noqa: E402
+from fapm_merge.workflows.demo import DEMO_CONFIG, demo_documents, demo_eval_data, save_pair  # noqa: E402
 from fapm_merge.workflows.tradeoff import Rule  # noqa: E402
 from fapm_merge.workflows.tune import TuneSettings, run_tune  # noqa: E402
 from fapm_merge.workflows.tune.plan import FAMILY_BETAS  # noqa: E402
@@ -95,10 +95,7 @@ def main() -> None:
         save_pair(DEMO_CONFIG, work / "models")
     base, finetuned = work / "models" / "base", work / "models" / "finetuned"
     files = demo_eval_data(base, finetuned, work / "eval", text_tokens=args.text_tokens, items=args.items)
-    lines = files["text"].read_text().splitlines()
-    documents = work / "eval" / "documents.jsonl"
-    documents.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 2])}) + "\n"
-                                 for i in range(0, len(lines), 2)))
+    documents = demo_documents(files["text"], work / "eval" / "documents.jsonl")
     recipe = {"merge_method": "fapm", "base_model": str(base), "dtype": "float32",
               "models": [{"model": str(finetuned), "parameters": {"sparsity": 0.9}}]}
     rule = Rule(min_retention=args.min_retention, min_repair=args.min_repair)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from fapm_merge.cli import main
 from fapm_merge.evaluation.evaluate import EvalSettings
 from fapm_merge.evaluation.results import read_results
-from fapm_merge.workflows.demo import DEMO_CONFIG, demo_eval_data, save_pair
+from fapm_merge.workflows.demo import DEMO_CONFIG, demo_documents, demo_eval_data, save_pair
 from fapm_merge.workflows.tradeoff import Rule
 from fapm_merge.workflows.tune import TuneError, TuneSettings, run_tune
 
@@ -30,10 +30,7 @@ def case(tmp_path_factory):
     root = tmp_path_factory.mktemp("screen-demo")
     base, finetuned = save_pair(DEMO_CONFIG, root / "models")
     files = demo_eval_data(base, finetuned, root / "eval", text_tokens=4096, items=120)
-    lines = files["text"].read_text().splitlines()
-    documents = root / "eval" / "documents.jsonl"
-    documents.write_text("".join(json.dumps({"text": "\n".join(lines[i:i + 2])}) + "\n"
-                                 for i in range(0, len(lines), 2)))
+    documents = demo_documents(files["text"], root / "eval" / "documents.jsonl")
     recipe = {"merge_method": "fapm", "base_model": str(base), "dtype": "float32",
               "models": [{"model": str(finetuned), "parameters": {"sparsity": 0.9}}]}
     return recipe, {"task": files["task"], "text": documents, "plain_text": files["text"]}

@@ -240,6 +240,16 @@ DEMO_TEXT_TOKENS = 4096
 
 
 @torch.inference_mode()
+def demo_documents(text: Path, out: Path, lines_per_document: int = 2) -> Path:
+    """The demo's general text as a ``.jsonl`` of documents, ``lines_per_document``
+    consecutive lines each: tune screens only a text it can share by whole documents
+    (a plain file is one), so screening on the demo pair needs this form. Returns ``out``."""
+    lines = Path(text).read_text().splitlines()
+    Path(out).write_text("".join(json.dumps({"text": "\n".join(lines[i:i + lines_per_document])}) + "\n"
+                                 for i in range(0, len(lines), lines_per_document)))
+    return Path(out)
+
+
 def demo_eval_data(
     base_dir: Path,
     finetuned_dir: Path,
