@@ -47,13 +47,7 @@ from fapm_merge.workflows.tradeoff.screen import (
     screen,
     share_of,
 )
-
-
-def _cost(record: dict) -> Dict[str, int]:
-    """Prompts and window tokens a record's evaluation forwarded."""
-    metrics = record["metrics"]
-    return {"prompts": len(metrics[TASK_METRIC][PER_ITEM]["correct"]),
-            "window_tokens": sum(metrics[TEXT_METRIC][PER_ITEM]["window_tokens"])}
+from fapm_merge.workflows.tune.screening import cost
 
 
 def _add(total: Dict[str, int], cost: Dict[str, int], times: int = 1) -> None:
@@ -103,8 +97,8 @@ def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str
     screened = compute_tradeoff(final, base=exhaustive.base.model,
                                 finetuned=exhaustive.finetuned.model, rule=rule)
 
-    whole_cost = _cost(by_model[exhaustive.finetuned.model])
-    share_cost = _cost(on_share[exhaustive.finetuned.model])
+    whole_cost = cost(by_model[exhaustive.finetuned.model])
+    share_cost = cost(on_share[exhaustive.finetuned.model])
     rest_cost = {key: whole_cost[key] - share_cost[key] for key in whole_cost}
     exhaustive_cost: Dict[str, int] = {}
     _add(exhaustive_cost, whole_cost, len(records))

@@ -34,7 +34,7 @@ of their own: the held-out split replaces ``data/`` whole)."""
 
 def cost(record: dict) -> Dict[str, int]:
     """What an evaluation forwarded: its prompts and its windows' predicted tokens (the
-    records hold no prompt or choice tokens; ``benchmarks/bench_screening.py`` counts alike)."""
+    records hold no prompt or choice tokens; ``benchmarks/bench_screening.py`` counts with it too)."""
     metrics = record["metrics"]
     return {"prompts": len(metrics[TASK_METRIC][PER_ITEM]["correct"]),
             "window_tokens": sum(metrics[TEXT_METRIC][PER_ITEM]["window_tokens"])}
