@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
 from fapm_merge.evaluation.results import append_result, read_results
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
@@ -228,12 +228,12 @@ class _Screened:
 
 def _screen_variants(executor: Executor, plan: TunePlan, work: Path, settings: TuneSettings,
                      copy_tokenizer: bool, recipe: dict, results: Path, progress: Report
-                     ) -> Optional[_Screened]:
+                     ) -> Union[_Screened, str]:
     """Screen the variants on a share of the selection data, stage by stage, evaluate the
     survivors on the rest, and append their records on the whole selection data
     (:func:`~fapm_merge.workflows.tradeoff.screen.combine`) to ``results``, where the
-    anchors' are (:mod:`fapm_merge.workflows.tradeoff.screen`). None (nothing evaluated)
-    when the selection data are too small to share.
+    anchors' are (:mod:`fapm_merge.workflows.tradeoff.screen`). Nothing is evaluated
+    when the selection data are too small to share: then the reason is returned.
 
     The anchors are not evaluated again: their whole records cut to the share
     (:func:`~fapm_merge.workflows.tradeoff.screen.restrict`) are what eval gives on the
@@ -243,8 +243,9 @@ def _screen_variants(executor: Executor, plan: TunePlan, work: Path, settings: T
     anchors = {r["model"]: r for r in read_results(results, with_items=True)}
     base, finetuned = anchors[str(plan.base)], anchors[str(plan.finetuned)]
     share = share_of(finetuned, share=settings.screen_share, seed=SCREEN_SEED)
-    if too_small(share) is not None:
-        return None
+    reason = too_small(share)
+    if reason is not None:
+        return reason
     data = write_share_data(work, settings, share)
     on_share, on_rest = replace(settings, eval=data.share), replace(settings, eval=data.rest)
     base_share, ft_share = (restrict(r, share, screened=True) for r in (base, finetuned))
@@ -401,10 +402,8 @@ def run_tune(
     if skipped is None:
         screened = _screen_variants(executor, plan, work, settings, copy_tokenizer, recipe, results,
                                     progress)
-        if screened is None:  # the selection data are too small to share
-            anchors = {r["model"]: r for r in read_results(results, with_items=True)}
-            skipped = too_small(share_of(anchors[str(plan.finetuned)], share=settings.screen_share,
-                                         seed=SCREEN_SEED))
+        if isinstance(screened, str):  # the selection data are too small to share
+            skipped, screened = screened, None
             more, again = _evaluate_models(executor, plan, work, settings, copy_tokenizer, recipe,
                                            results, evaluated_models(results), progress)
             evaluated, reused = evaluated + more, again - 2  # the anchors were counted once
