@@ -326,6 +326,8 @@ def family_tables(res: Path, min_retention: float) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_screening import replay
 
+    from fapm_merge.workflows.tune.screening import cost
+
     out = []
     for arm, name in (("full", "Full fine-tune"), ("lora", "LoRA fine-tune")):
         paths = [res / f"tradeoff-{arm}-grid.json", res / f"tradeoff-{arm}.json", res / f"{arm}-arm.jsonl"]
@@ -334,8 +336,10 @@ def family_tables(res: Path, min_retention: float) -> str:
         grid, family = (json.loads(p.read_text()) for p in paths[:2])
         screened = replay(paths[2], base=family["base"]["model"], finetuned=family["finetuned"]["model"],
                           min_retention=min_retention)
-        grid_cost = replay(res / f"{arm}-grid.jsonl", base=grid["base"]["model"],
-                           finetuned=grid["finetuned"]["model"], min_retention=min_retention)["exhaustive"]
+        # today's grid, exhaustive: every record of its decision on everything (no replay needed)
+        used = {p["model"] for p in grid["points"]}
+        grid_cost = {key: sum(cost(r)[key] for m, r in last_records(res / f"{arm}-grid.jsonl").items()
+                              if m in used) for key in ("prompts", "window_tokens")}
 
         def pick(decision):
             s = decision.get("selected")
