@@ -10,13 +10,12 @@ is run; the two decisions are replayed from the per-item values:
 
 (a) **exhaustive**: every candidate evaluated on everything, the repair rule decides
     (:func:`fapm_merge.workflows.tradeoff.compute_tradeoff`);
-(b) **screened**: every candidate's record cut to the screening share
-    (:func:`~fapm_merge.workflows.tradeoff.screen.restrict`), screened stage by stage as
-    a runner would (:func:`~fapm_merge.workflows.tradeoff.screen.screen`, then
-    ``next_stage()``, until nothing is pending), the survivors' records on the rest
-    combined with their screening records
-    (:func:`~fapm_merge.workflows.tradeoff.screen.combine`), and the same rule decides
-    on the anchors and the survivors.
+(b) **screened**: tune's own screening run
+    (:func:`~fapm_merge.workflows.tradeoff.screen.run_screening`: stage by stage on the
+    share, the survivors on the rest, the leader checked on everything), where
+    "evaluating" a candidate on a part is cutting its whole record to that part
+    (:func:`~fapm_merge.workflows.tradeoff.screen.restrict`); the same rule decides on
+    the anchors and the survivors' combined records.
 
 It prints, side by side, what each forwards and what each picks, and whether the picks
 agree. **Units**: the records do not hold the tokens of prompts and answer choices, so
@@ -42,9 +41,8 @@ from fapm_merge.workflows.tradeoff.screen import (
     SCREEN_SEED,
     SCREEN_SHARE,
     Candidate,
-    combine,
     restrict,
-    screen,
+    run_screening,
     share_of,
 )
 from fapm_merge.workflows.tune.screening import cost
@@ -70,56 +68,46 @@ def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str
     records = [r for r in records if r["model"] in used]  # those the decision could place
     anchors = {exhaustive.base.model, exhaustive.finetuned.model}
     by_model = {r["model"]: r for r in records}
-    cut = share_of(by_model[exhaustive.finetuned.model], share=share, seed=seed)
+    base_record, ft_record = by_model[exhaustive.base.model], by_model[exhaustive.finetuned.model]
+    cut = share_of(ft_record, share=share, seed=seed)
     plan = [Candidate.of(r["model"], r.get("name", r["model"]), r.get("recipe"))
             for r in records if r["model"] not in anchors]
-    on_share = {r["model"]: restrict(r, cut, screened=True) for r in records}
-
-    evaluated: Dict[str, dict] = {}
-    stages: List[List[str]] = []
-    while True:
-        screening = screen(plan, on_share[exhaustive.base.model],
-                           on_share[exhaustive.finetuned.model], evaluated, min_retention=min_retention)
-        stage = screening.next_stage()
-        if not stage:
-            break
-        stages.append([c.name for c in stage])
-        evaluated.update({c.model: on_share[c.model] for c in stage})
-    survivors = {c.model for c in screening.kept()}
-    final = []
-    for record in records:
-        if record["model"] in anchors or record["model"] in survivors:
-            whole = combine(on_share[record["model"]], restrict(record, cut, screened=False), cut)
-            for metric in (TASK_METRIC, TEXT_METRIC):  # the replay must rebuild what was measured
-                if whole["metrics"][metric][PER_ITEM] != record["metrics"][metric][PER_ITEM]:
-                    raise AssertionError(f"{record['model']}: {metric} not rebuilt from its two parts")
-            final.append(whole)
-    screened = compute_tradeoff(final, base=exhaustive.base.model,
+    # "evaluating" a candidate on a part is cutting its whole record to that part
+    run = run_screening(
+        plan, base_record, ft_record, cut, rule=rule,
+        evaluate_share=lambda stage: {c.model: restrict(by_model[c.model], cut, screened=True) for c in stage},
+        evaluate_rest=lambda stage: {c.model: restrict(by_model[c.model], cut, screened=False) for c in stage})
+    for model, whole in run.whole.items():  # the replay must rebuild what was measured
+        for metric in (TASK_METRIC, TEXT_METRIC):
+            if whole["metrics"][metric][PER_ITEM] != by_model[model]["metrics"][metric][PER_ITEM]:
+                raise AssertionError(f"{model}: {metric} not rebuilt from its two parts")
+    screened = compute_tradeoff([base_record, ft_record, *run.whole.values()], base=exhaustive.base.model,
                                 finetuned=exhaustive.finetuned.model, rule=rule)
 
-    whole_cost = cost(by_model[exhaustive.finetuned.model])
-    share_cost = cost(on_share[exhaustive.finetuned.model])
+    whole_cost = cost(ft_record)
+    share_cost = cost(restrict(ft_record, cut, screened=True))
     rest_cost = {key: whole_cost[key] - share_cost[key] for key in whole_cost}
     exhaustive_cost: Dict[str, int] = {}
     _add(exhaustive_cost, whole_cost, len(records))
     screened_cost: Dict[str, int] = {}
-    _add(screened_cost, whole_cost, 2)  # the anchors: share and rest
-    _add(screened_cost, share_cost, len(evaluated))
-    _add(screened_cost, rest_cost, len(survivors))
+    _add(screened_cost, whole_cost, 2)  # the anchors, on everything either way
+    _add(screened_cost, share_cost, len(run.on_share))
+    _add(screened_cost, rest_cost, len(run.rest))
     return {
         "results": str(results),
         "units": "prompts (prompt and choice tokens are not in the records) and window tokens",
         "candidates": len(plan),
-        "share": {"prompts": share_cost["prompts"], "window_tokens": share_cost["window_tokens"],
-                  "confidence": screening.confidence},
-        "stages": stages,
+        "share": {"share": share, "prompts": share_cost["prompts"],
+                  "window_tokens": share_cost["window_tokens"], "confidence": run.screening.confidence},
+        "stages": run.stages,
+        "rest_rounds": run.rest_rounds,
         "exhaustive": {"pick": _pick(exhaustive), "outcome": exhaustive.outcome,
                        "evaluated": len(plan), **exhaustive_cost},
         "screened": {"pick": _pick(screened), "outcome": screened.outcome,
-                     "evaluated_on_share": len(evaluated), "survivors": len(survivors),
+                     "evaluated_on_share": len(run.on_share), "survivors": len(run.rest),
                      **screened_cost},
         "agree": _pick(exhaustive) == _pick(screened),
-        "screening": screening.to_json(),
+        "screening": run.screening.to_json(),
     }
 
 

@@ -9,37 +9,47 @@ their two records make the record on the whole selection data (:func:`combine`),
 which the repair rule decides as without screening (:mod:`.rules`).
 
 A candidate is declared **out** (:func:`screen`) only when the screening share already
-shows it out, at a stricter level than the decision's:
+shows it out, at a stricter level than the decision's (:data:`SCREEN_CONFIDENCE`):
 
 (a) **accuracy**: it is clearly below the non-inferiority bound: the one-sided upper
     bound of its paired accuracy difference to the fine-tune (Tango's score interval,
     :func:`fapm_merge.evaluation.noninferiority.noninferior`) lies below ``-margin``;
 (b) **repair**: it repairs clearly less than the **leader**: its paired loss difference
     to the leader (:func:`fapm_merge.evaluation.stats.loss_difference`, whole documents
-    resampled) lies above 0. The leader is the candidate with the largest CF cut (the
-    lowest loss on the same windows) among those the screening share *shows* keep the
-    task at the strict level (one-sided lower bound above ``-margin``): a leader that
-    could itself fail the accuracy test on the whole data would take with it every
-    candidate it had dropped, and the exhaustive decision would then pick one of those;
+    resampled) lies above 0. The leader is the candidate with the lowest loss on the
+    share (the largest CF cut) among those the share shows keep the task at the
+    decision's own level (one-sided 95% lower bound above ``-margin``). An out on
+    repair is **provisional**: it holds only once the leader qualifies on the whole
+    selection data. When it does not, the whole-data decision rejects it as leader,
+    the next one leads, and what it no longer shows out goes on to the rest
+    (:func:`run_screening`): a leader that fails would otherwise take with it the
+    candidates it had dropped, among them, possibly, the exhaustive decision's pick;
 (c) **line**: along a monotone line (one method label, growing strength: sparsity up,
     WiSE-FT / LiNeS alpha down; :func:`fapm_merge.workflows.tradeoff.rules.edit_size`),
     once :data:`LINE_STOP` consecutive points are out on (a), the stronger points of
-    that line are out without being evaluated: accuracy only falls as an edit grows.
+    that line are out without being evaluated: accuracy only falls as an edit grows
+    (an assumption about the edits, stated: a line whose accuracy came back would lose
+    its stronger points).
 
-**The stricter level** (:func:`screen_confidence`): a screening "out" cannot be taken
-back, and K candidates are screened at once, so each test is a Bonferroni share of the
-error the decision allows for one: one-sided ``1 - (1 - CONFIDENCE) / max(K, 5)``
-(99% up to 5 candidates, 99.75% for 20, 99.9% for 50). A candidate that truly keeps
-the task and repairs as much as the leader is then dropped with probability at most
-``(1 - CONFIDENCE) / K`` per test, and the chance that any of the K is dropped wrongly
-stays below the 5% the decision itself accepts. The decision's own one-sided 95% (and
-the loss interval's two-sided 95%) stay as they are for the survivors.
+**Why one level per test, and not a Bonferroni share of it over the K candidates.**
+Screening must not change the decision, and the decision over a subset of the
+candidates equals the decision over all of them whenever the subset holds two: the
+exhaustive **leader** (the qualified candidate with the largest CF cut) and the
+exhaustive **pick** (the best of those tied with it: higher accuracy, milder edit,
+plan order). Qualifying is a comparison with the fine-tune alone, so dropping any
+other candidate moves neither. Wrongly dropping *some* qualified candidate is
+harmless; only those two must survive, so the error to control is two candidates'
+(each out on a test at one-sided 99% at most 1% of the time when it truly is not
+out), not K's. The decision keeps its own one-sided 95% (and the loss interval's
+two-sided 95%) for the survivors, on all the selection data.
 
 :func:`screen` is pure and stage-wise: given the plan (in order), the anchors' and the
 evaluated candidates' screening records, it says per candidate ``keep``, ``out`` (with
 the reason) or ``pending`` (not evaluated yet), and :meth:`Screening.next_stage` what
 to evaluate next (the mildest pending point of each line, and every candidate off a
-line), so a runner (or Ray) evaluates stage by stage and calls it again after each.
+line). :func:`run_screening` drives it with two callbacks (evaluate on the share,
+evaluate on the rest) for tune's runner (in process or on Ray) and for the replay
+benchmark alike.
 
 Torch-free (numpy and scipy through the statistics modules).
 """
@@ -50,7 +60,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fapm_merge.evaluation import noninferiority as ni
 from fapm_merge.evaluation import stats
@@ -65,9 +75,9 @@ SCREEN_SHARE = 0.3
 SCREEN_SEED = 0
 """Seed of the shuffle that picks the screening share."""
 
-BONFERRONI_FLOOR = 5
-"""The screening level divides the decision's error by at least this many candidates:
-never less strict than one-sided 99% (:func:`screen_confidence`)."""
+SCREEN_CONFIDENCE = 0.99
+"""One-sided level of every screening test (module docstring: stricter than the
+decision's 95%, and not divided among the candidates)."""
 
 LINE_STOP = 2
 """Consecutive points of a line out on accuracy after which its stronger points are out
@@ -78,14 +88,6 @@ KEEP, OUT, PENDING = "keep", "out", "pending"
 
 ACCURACY, REPAIR, LINE = "accuracy", "repair", "line"
 """Why a candidate is out: rule (a), (b) or (c) of the module docstring."""
-
-
-def screen_confidence(candidates: int) -> float:
-    """The one-sided level of every screening test for a plan of ``candidates``:
-    ``1 - (1 - CONFIDENCE) / max(candidates, BONFERRONI_FLOOR)`` (module docstring)."""
-    if candidates < 1:
-        raise TradeoffError(f"screening needs at least one candidate, got {candidates}")
-    return 1 - (1 - stats.CONFIDENCE) / max(candidates, BONFERRONI_FLOOR)
 
 
 # --------------------------------------------------------------------------- the share
@@ -441,10 +443,13 @@ class Screening:
 
     Attributes:
         verdicts (`Tuple[Verdict, ...]`).
-        confidence (`float`): the one-sided level of the tests (:func:`screen_confidence`).
+        confidence (`float`): the one-sided level of the tests (:data:`SCREEN_CONFIDENCE`).
         margin (`float`): the accuracy points a candidate may lose, from the fine-tune's
             accuracy on the screening share.
         leader (`Candidate`, *optional*): the candidate rule (b) compares with.
+        prompts, windows (`int`): the share's.
+        rejected (`Tuple[str, ...]`): the models the whole-data decision did not qualify,
+            so none of them leads (:func:`run_screening`).
     """
 
     verdicts: Tuple[Verdict, ...]
@@ -453,6 +458,7 @@ class Screening:
     leader: Optional[Candidate] = None
     prompts: int = 0
     windows: int = 0
+    rejected: Tuple[str, ...] = ()
 
     def _with(self, status: str) -> List[Candidate]:
         return [v.candidate for v in self.verdicts if v.status == status]
@@ -491,8 +497,10 @@ class Screening:
         return [c for c in self.pending() if c.model in chosen]
 
     def to_json(self) -> dict:
+        names = {v.candidate.model: v.candidate.name for v in self.verdicts}
         return {"confidence": self.confidence, "margin": self.margin,
                 "leader": self.leader.name if self.leader else None,
+                "rejected_leaders": [names.get(m, m) for m in self.rejected],
                 "prompts": self.prompts, "windows": self.windows,
                 "verdicts": [v.to_json() for v in self.verdicts]}
 
@@ -506,17 +514,18 @@ def _line_order(candidates: Sequence[Candidate]) -> List[Candidate]:
 
 
 def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Mapping[str, dict], *,
-           min_retention: float = MIN_RETENTION) -> Screening:
+           min_retention: float = MIN_RETENTION, rejected: Collection[str] = ()) -> Screening:
     """Each candidate's screening verdict from the records measured on the screening share.
 
     Args:
-        plan (`Sequence[Candidate]`): every candidate of the tune, in plan order (their
-            number sets the level, :func:`screen_confidence`, the same at every stage).
+        plan (`Sequence[Candidate]`): every candidate of the tune, in plan order.
         base, finetuned (`dict`): the anchors' records on the screening share, with
             per-item values (the base is not compared with: only checked to be paired).
         evaluated (`Mapping[str, dict]`): the records on the screening share of the
             candidates evaluated so far, by ``Candidate.model``.
         min_retention (`float`, defaults to 0.99): the repair rule's, which sets the margin.
+        rejected (`Collection[str]`, defaults to none): models the decision on the whole
+            selection data did not qualify; none of them may lead (rule b).
 
     Returns:
         `Screening`: per candidate ``keep``, ``out`` (rule and reason) or ``pending``.
@@ -528,7 +537,7 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
     unknown = sorted(set(evaluated) - set(models))
     if unknown:
         raise TradeoffError(f"records of models that are not in the plan: {', '.join(unknown)}")
-    confidence = screen_confidence(len(plan))
+    confidence = SCREEN_CONFIDENCE
     ft_task, ft_text = _items(finetuned, TASK_METRIC), _items(finetuned, TEXT_METRIC)
     stats.check_paired(_items(base, TEXT_METRIC)["window_loss"], ft_text["window_loss"], "windows")
     correct_ft = [int(c) for c in ft_task["correct"]]
@@ -560,8 +569,11 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
                 f"{check.upper_bound:+.3f} < -{margin:.3f} ({check.difference.n} prompts)",
                 ACCURACY, check.upper_bound)
 
-    # (b): the leader is shown to keep the task at the strict level, and repairs the most
-    shown = [c for c in plan if c.model in checks and checks[c.model].verdict == ni.QUALIFIES]
+    # (b): the leader repairs the most among those the share shows keep the task at the
+    # decision's level; its outs are provisional until it qualifies on everything
+    shown = [c for c in plan if c.model in checks and c.model not in verdicts
+             and c.model not in rejected and _keeps_task(checks[c.model], evaluated[c.model],
+                                                         correct_ft, margin, prompt_groups)]
     leader = min(shown, key=lambda c: _mean_loss(losses[c.model], tokens)) if shown else None
     for candidate in plan:
         if candidate.model not in checks or candidate.model in verdicts:
@@ -577,7 +589,8 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
                     candidate, OUT,
                     f"repair clearly below the leader {leader.name}'s on the screening share: "
                     f"loss difference {between.estimate:+.4f}, one-sided {confidence:.2%} lower "
-                    f"bound {between.low:+.4f} > 0 ({between.units} windows or documents)",
+                    f"bound {between.low:+.4f} > 0 ({between.units} windows or documents); "
+                    f"holds while {leader.name} qualifies on all the selection data",
                     REPAIR, check.upper_bound, between)
                 continue
         verdicts[candidate.model] = Verdict(
@@ -609,7 +622,19 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
         verdicts.setdefault(candidate.model, Verdict(
             candidate, PENDING, "not evaluated on the screening share yet"))
     return Screening(tuple(verdicts[c.model] for c in plan), confidence, margin, leader,
-                     len(correct_ft), len(tokens))
+                     len(correct_ft), len(tokens), tuple(m for m in models if m in set(rejected)))
+
+
+def _keeps_task(check: ni.NonInferiority, record: dict, correct_ft: List[int], margin: float,
+                groups: Optional[Sequence[str]]) -> bool:
+    """Does the share show the candidate keeps the task at the decision's own level
+    (one-sided 95%)? (``check`` is at the stricter screening level: qualifying there is
+    qualifying here.)"""
+    if check.verdict == ni.QUALIFIES:
+        return True
+    correct = [int(c) for c in _items(record, TASK_METRIC)["correct"]]
+    return ni.noninferior(correct, correct_ft, margin, groups=groups,
+                          confidence=stats.CONFIDENCE).verdict == ni.QUALIFIES
 
 
 def _mean_loss(losses: Sequence[float], tokens: Sequence[int]) -> float:
@@ -618,9 +643,100 @@ def _mean_loss(losses: Sequence[float], tokens: Sequence[int]) -> float:
     return math.fsum(losses) / sum(tokens)
 
 
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class ScreeningRun:
+    """What :func:`run_screening` did.
+
+    Attributes:
+        screening (`Screening`): the last verdicts (its ``kept()`` were all evaluated on
+            the rest; ``rejected`` the leaders the whole data did not qualify).
+        stages (`List[List[str]]`): the names evaluated on the share, stage by stage.
+        rest_rounds (`List[List[str]]`): the names evaluated on the rest, round by round
+            (a second round follows a rejected leader).
+        on_share (`Dict[str, dict]`): every record on the share, by model.
+        rest (`Dict[str, dict]`): every record on the rest, by model.
+        whole (`Dict[str, dict]`): every candidate evaluated on the rest, its record on the
+            whole selection data (:func:`combine`), by model, in plan order: with the
+            anchors', what the decision reads.
+    """
+
+    screening: Screening
+    stages: List[List[str]]
+    rest_rounds: List[List[str]]
+    on_share: Dict[str, dict]
+    rest: Dict[str, dict]
+    whole: Dict[str, dict]
+
+
+def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share: ScreeningShare, *,
+                  evaluate_share: Callable[[List[Candidate]], Mapping[str, dict]],
+                  evaluate_rest: Callable[[List[Candidate]], Mapping[str, dict]],
+                  rule: Any = None) -> ScreeningRun:
+    """Screen ``plan`` stage by stage, evaluate the survivors on the rest, and check the
+    leader on the whole selection data, until the leader qualifies there (or there is
+    none): the outs on repair are then final (module docstring, rule b).
+
+    Args:
+        plan (`Sequence[Candidate]`): every candidate, in plan order.
+        base, finetuned (`dict`): the anchors' records on the whole selection data, with
+            per-item values (cut to the share here, :func:`restrict`).
+        share (`ScreeningShare`): the share (:func:`share_of` the fine-tune's record).
+        evaluate_share, evaluate_rest (`Callable`): evaluate these candidates on the
+            share's (the rest's) prompts and documents; their records by model.
+        rule (`Rule`, *optional*): the decision's (the repair rule at its defaults).
+
+    Returns:
+        `ScreeningRun`.
+    """
+    from fapm_merge.workflows.tradeoff.points import compute_tradeoff
+    from fapm_merge.workflows.tradeoff.rules import Rule
+
+    rule = rule if rule is not None else Rule()
+    base_share, ft_share = (restrict(r, share, screened=True) for r in (base, finetuned))
+    files = {metric: {key: finetuned["metrics"][metric].get(key) for key in ("file", "sha256")}
+             for metric in (TASK_METRIC, TEXT_METRIC)}
+    on_share: Dict[str, dict] = {}
+    rest: Dict[str, dict] = {}
+    stages: List[List[str]] = []
+    rest_rounds: List[List[str]] = []
+    rejected: Tuple[str, ...] = ()
+    while True:
+        while True:
+            screening = screen(plan, base_share, ft_share, on_share,
+                               min_retention=rule.min_retention, rejected=rejected)
+            stage = screening.next_stage()
+            if not stage:
+                break
+            stages.append([c.name for c in stage])
+            records = evaluate_share(stage)
+            on_share.update({c.model: records[c.model] for c in stage})
+        todo = [c for c in screening.kept() if c.model not in rest]
+        if todo:
+            rest_rounds.append([c.name for c in todo])
+            records = evaluate_rest(todo)
+            rest.update({c.model: records[c.model] for c in todo})
+        whole = {c.model: combine(on_share[c.model], rest[c.model], share, files=files)
+                 for c in plan if c.model in rest}
+        leader = screening.leader
+        if leader is None:
+            break
+        decision = compute_tradeoff([base, finetuned, *whole.values()], base=base["model"],
+                                    finetuned=finetuned["model"], rule=rule)
+        if not decision.forgetting.significant:  # nothing can qualify: no candidate decides it
+            break
+        failed = tuple(p.model for p in decision.points
+                       if p.model in whole and p.verdict not in ("ok", "selected"))
+        if leader.model not in failed:
+            break
+        rejected = failed
+    return ScreeningRun(screening, stages, rest_rounds, on_share, rest, whole)
+
 __all__ = [
     "ACCURACY",
-    "BONFERRONI_FLOOR",
     "Candidate",
     "KEEP",
     "LINE",
@@ -628,15 +744,17 @@ __all__ = [
     "OUT",
     "PENDING",
     "REPAIR",
+    "SCREEN_CONFIDENCE",
     "SCREEN_SEED",
     "SCREEN_SHARE",
     "Screening",
+    "ScreeningRun",
     "ScreeningShare",
     "Verdict",
     "combine",
     "restrict",
+    "run_screening",
     "screen",
-    "screen_confidence",
     "screened_units",
     "screening_share",
     "share_of",

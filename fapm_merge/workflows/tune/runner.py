@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
 from fapm_merge.evaluation.results import append_result, read_results
-from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.recipe import RECIPE_FILE
 from fapm_merge.workflows.executors import Executor, ExecutorError, RayExecutor, SerialExecutor, TaskFailure
 from fapm_merge.workflows.tradeoff import CONTRADICTED, Tradeoff, compute_tradeoff, confirm
-from fapm_merge.workflows.tradeoff.screen import SCREEN_SEED, Candidate, combine, restrict, screen, share_of
+from fapm_merge.workflows.tradeoff.screen import SCREEN_SEED, Candidate, restrict, run_screening, share_of
 from fapm_merge.workflows.tune.card import model_card
 from fapm_merge.workflows.tune.checks import check_anchors, check_disk, check_eval_inputs
 from fapm_merge.workflows.tune.heldout import CONFIRM_FILE, check_resolvable, split_data
@@ -248,7 +247,7 @@ def _screen_variants(executor: Executor, plan: TunePlan, work: Path, settings: T
         return reason
     data = write_share_data(work, settings, share)
     on_share, on_rest = replace(settings, eval=data.share), replace(settings, eval=data.rest)
-    base_share, ft_share = (restrict(r, share, screened=True) for r in (base, finetuned))
+    ft_share = restrict(finetuned, share, screened=True)
     by_model = {str(variant_dir(work, v)): v for v in plan.variants}
     candidates = [Candidate.of(model, v.name, v.recipe) for model, v in by_model.items()]
     stage = functools.partial(_run_jobs, executor, work=work, plan=plan, copy_tokenizer=copy_tokenizer,
@@ -259,47 +258,38 @@ def _screen_variants(executor: Executor, plan: TunePlan, work: Path, settings: T
                 if file.exists() else {})
 
     share_file, rest_file = work / SCREENING_FILE, work / REST_FILE
-    on_file = stored(share_file)
-    reused, evaluated = len(on_file), 0
-    seen: dict = {}  # the records the stages so far gave: a rerun replays the same stages
-    stages: List[List[str]] = []
-    while True:
-        screening = screen(candidates, base_share, ft_share, seen, min_retention=settings.rule.min_retention)
-        next_stage = screening.next_stage()
-        if not next_stage:
-            break
-        stages.append([c.name for c in next_stage])
-        missing = [by_model[c.model] for c in next_stage if c.model not in on_file]
-        done = len(candidates) - len(screening.pending()) + len(next_stage) - len(missing)
-        for record in stage("screen", _variant_jobs(missing, executor, work, settings), done,
-                            len(candidates), settings=on_share, results=share_file):
-            check_share_record(record, ft_share)
-            on_file[record["model"]] = record
-            evaluated += 1
-        seen.update({c.model: on_file[c.model] for c in next_stage})
-    progress("screen", len(candidates), len(candidates),
-             f"{len(screening.kept())} of {len(candidates)} go on to the rest")
+    on_file, rest_on_file = stored(share_file), stored(rest_file)
+    found = {"screen": set(on_file), "rest": set(rest_on_file)}  # what a rerun finds done
+    counts = {"evaluated": 0, "screen": 0, "rest": 0}
 
-    survivors = [by_model[c.model] for c in screening.kept()]
-    rest = stored(rest_file)
-    reused += sum(str(variant_dir(work, v)) in rest for v in survivors)
-    missing = [v for v in survivors if str(variant_dir(work, v)) not in rest]
-    for record in stage("rest", _variant_jobs(missing, executor, work, settings),
-                        len(survivors) - len(missing), len(survivors), settings=on_rest, results=rest_file):
-        rest[record["model"]] = record
-        evaluated += 1
-    whole = {metric: {key: finetuned["metrics"][metric].get(key) for key in ("file", "sha256")}
-             for metric in (TASK_METRIC, TEXT_METRIC)}
+    def evaluate(part: str, file: Path, known: dict, settings_: TuneSettings, wanted: List[Candidate]) -> dict:
+        """Evaluate what a rerun does not find in ``file`` (the runs replay the same stages)."""
+        missing = [by_model[c.model] for c in wanted if c.model not in known]
+        total = len(candidates) if part == "screen" else counts[part] + len(wanted)
+        for record in stage(part, _variant_jobs(missing, executor, work, settings),
+                            counts[part] + len(wanted) - len(missing), total, settings=settings_, results=file):
+            if part == "screen":
+                check_share_record(record, ft_share)
+            known[record["model"]] = record
+            counts["evaluated"] += 1
+        counts[part] += len(wanted)
+        return {c.model: known[c.model] for c in wanted}
+
+    run = run_screening(candidates, base, finetuned, share, rule=settings.rule,
+                        evaluate_share=functools.partial(evaluate, "screen", share_file, on_file, on_share),
+                        evaluate_rest=functools.partial(evaluate, "rest", rest_file, rest_on_file, on_rest))
+    screening = run.screening
+    progress("screen", len(candidates), len(candidates),
+             f"{len(run.rest)} of {len(candidates)} went on to the rest")
     combined = evaluated_models(results)
-    for variant in survivors:  # the record the decision reads, once (a rerun finds it)
-        model = str(variant_dir(work, variant))
+    for model, record in run.whole.items():  # the record the decision reads, once (a rerun finds it)
         if model not in combined:
-            append_result(results, combine(on_file[model], rest[model], share, files=whole))
-    line = summary_line(screening, settings.screen_share, len(survivors))
-    document = report(screening, settings, data, stages, {m: on_file[m] for m in seen},
-                      {str(variant_dir(work, v)): rest[str(variant_dir(work, v))] for v in survivors},
-                      cost(finetuned), cost(ft_share), line)
-    return _Screened(evaluated, reused, document)
+            append_result(results, record)
+    line = summary_line(screening, settings.screen_share, len(run.rest))
+    document = report(screening, settings, data, run.stages, run.on_share, run.rest,
+                      cost(finetuned), cost(ft_share), line, run.rest_rounds)
+    reused = len(found["screen"] & set(run.on_share)) + len(found["rest"] & set(run.rest))
+    return _Screened(counts["evaluated"], reused, document)
 
 
 def _failed_message(failures: List[str], work: Path, results: Path) -> str:
@@ -416,8 +406,11 @@ def run_tune(
     screening_line = document["summary"] if settings.screen else None
 
     # 3. the decision
-    wanted = {str(plan.base), str(plan.finetuned)} | {str(variant_dir(work, v)) for v in plan.variants}
-    records = [r for r in read_results(results, with_items=True) if r["model"] in wanted]
+    # in plan order, whatever order the records were written in (executor, screening rounds,
+    # a resumed run): the rule's last tie-break is that order
+    wanted = [str(plan.base), str(plan.finetuned), *(str(variant_dir(work, v)) for v in plan.variants)]
+    by_model = {r["model"]: r for r in read_results(results, with_items=True) if r["model"] in wanted}
+    records = [by_model[m] for m in wanted if m in by_model]
     result = compute_tradeoff(records, base=str(plan.base), finetuned=str(plan.finetuned),
                               rule=settings.rule, task_metric=settings.task_metric,
                               text_metric=settings.text_metric)

@@ -107,7 +107,8 @@ def skipped_line(reason: str) -> str:
 
 def report(screening: Screening, settings: TuneSettings, data: ShareData, stages: List[List[str]],
            share_records: Mapping[str, dict], rest_records: Mapping[str, dict],
-           anchor_cost: Mapping[str, int], share_cost: Mapping[str, int], line: str) -> dict:
+           anchor_cost: Mapping[str, int], share_cost: Mapping[str, int], line: str,
+           rest_rounds: List[List[str]]) -> dict:
     """``screening.json``: the plan with each candidate's verdict and cost, the stages,
     the level, and the evaluation screened against what every candidate on everything
     would have forwarded (the anchors, evaluated on everything either way, counted in both)."""
@@ -126,6 +127,7 @@ def report(screening: Screening, settings: TuneSettings, data: ShareData, stages
             for part, evaluation in (("share", data.share), ("rest", data.rest))}},
         **screening.to_json(),
         "stages": stages,
+        "rest_rounds": rest_rounds,
         "kept": [c.name for c in screening.kept()],
         "candidates": candidates,
         "cost": {"units": "prompts and window tokens forwarded (base and fine-tune included)",
@@ -145,9 +147,13 @@ def card_lines(document: Optional[dict]) -> List[str]:
     spent, whole = document["cost"]["screened"], document["cost"]["exhaustive"]
     return ["## Screening", "",
             f"{document['summary'][0].upper()}{document['summary'][1:]}. A candidate was dropped "
-            f"only when the share already showed it out at one-sided {document['confidence']:.2%} "
-            "(Bonferroni over the candidates): its accuracy clearly below the margin, its repair "
-            "clearly below the leader's, or beyond two such points on its line. The survivors' "
+            f"only when the share already showed it out at one-sided {document['confidence']:.2%}: "
+            "its accuracy clearly below the margin, its repair clearly below the leader's (the "
+            "candidate with the most repair the share shows keeps the task, an out that held only "
+            "once the leader qualified on all the selection data"
+            + (f"; rejected as leader there: {', '.join(document['rejected_leaders'])}"
+               if document.get("rejected_leaders") else "")
+            + "), or beyond two such points on its line. The survivors' "
             "records on the rest and on the share make their records on the whole selection data, "
             "on which the rule decided.", "",
             f"Evaluation forwarded: {spent['prompts']} prompts and {spent['window_tokens']} window "
