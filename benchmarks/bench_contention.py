@@ -7,7 +7,10 @@ and task) and on the pair's base model (a short text and task, byte tokens), eac
 quiet and then busy, interleaved (the order rotates every repetition), and prints
 each slowdown (busy / quiet, medians) and fapm's and eval's slowdown relative to
 task_arithmetic's. Targets: fapm's (issue 15) and eval's (issue 22) slowdown at
-most 1.3x task_arithmetic's, and no run more than 4x its quiet time.
+most 1.3x task_arithmetic's, and no run more than 4x its quiet time. Beside them, the
+fair-share reference (:data:`PARALLEL_COMPUTE`, plain torch matmuls on every core):
+eval's slowdown over that job's says whether eval loses more than its fair share
+(``mergekit-yaml`` mostly runs one thread, so its slowdown is smaller by nature).
 
 The neighbours: ``--neighbours`` processes (default: one per core) that busy-loop
 in pure Python, started right before a busy run and killed right after it. Where
@@ -114,6 +117,19 @@ def recipes(base: Path, finetuned: Path, adapter: Path) -> Dict[str, Dict]:
     }
 
 
+PARALLEL_COMPUTE = "parallel_compute"
+"""The fair-share reference: fixed torch work (float32 matmuls) on all torch's threads,
+nothing else. Its busy slowdown is what fair scheduling gives any command that
+computes on every core when quiet; a parallel evaluation cannot do better without
+taking more than its share (more threads than cores)."""
+
+PARALLEL_COMPUTE_CODE = """
+import torch
+a = torch.randn(1024, 1024)
+for _ in range(400):
+    a = torch.tanh(a @ a / 32)
+"""
+
 EVALS = ("eval_demo", "eval_pair")
 """The ``fapm-merge eval`` runs: the demo pair's base model on the demo's text and
 task, and the pair's base model on the demo's first text tokens and task items."""
@@ -156,7 +172,7 @@ def main() -> None:
                         help="size of the pair written when --pair is missing")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--methods", nargs="+",
-                        default=["task_arithmetic", "fapm", "fapm_lora", *EVALS])
+                        default=["task_arithmetic", "fapm", "fapm_lora", *EVALS, PARALLEL_COMPUTE])
     parser.add_argument("--demo", type=Path, default=HERE / "data" / "demo",
                         help="the demo pair and its eval data (written when missing)")
     parser.add_argument("--neighbours", type=int, default=os.cpu_count() or 2)
@@ -194,6 +210,8 @@ def main() -> None:
     if wanted_evals:
         evals = eval_commands(demo_eval_inputs(args.demo.resolve()), base, work)
         commands.update({name: evals[name] for name in wanted_evals})
+    if PARALLEL_COMPUTE in args.methods:
+        commands[PARALLEL_COMPUTE] = [sys.executable, "-c", PARALLEL_COMPUTE_CODE]
     envs = {method: env for method in commands}
     if args.baseline_src:
         for name in ("fapm", *EVALS):
@@ -247,11 +265,21 @@ def main() -> None:
         worst = max(worst, *(row[state]["worst_run_over_quiet"] for row in summary.values()))
     if "busy" in verdict:
         print("\ntargets, neighbours in this session: slowdown / task_arithmetic's <= 1.3: "
-              + ", ".join(f"{m} {v:.2f}" for m, v in verdict["busy"].items()))
+              + ", ".join(f"{m} {v:.2f}" for m, v in verdict["busy"].items() if m != PARALLEL_COMPUTE))
+    fair: Dict[str, Dict[str, float]] = {}
+    for state in states[1:]:
+        reference = summary.get(PARALLEL_COMPUTE, {}).get(state, {}).get("slowdown")
+        if reference:
+            fair[state] = {m: summary[m][state]["slowdown"] / reference for m in summary
+                           if m.startswith("eval")}
+            print(f"{state}: eval's slowdown / a parallel compute job's ({reference:.2f}x, its fair "
+                  "share; <= 1: no worse than fair): "
+                  + ", ".join(f"{m} {v:.2f}" for m, v in fair[state].items()))
     print(f"worst busy run / its quiet median: {worst:.2f}x (target <= 4)")
     print(f"total {time.perf_counter() - started:.0f} s, {args.neighbours} neighbours")
     report = {"machine": machine(), "pair": str(pair), "neighbours": args.neighbours,
               "reps": args.reps, "summary": summary, "relative_slowdown": verdict,
+              "relative_to_parallel_compute": fair,
               "runs": runs}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
