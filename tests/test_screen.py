@@ -414,3 +414,48 @@ def test_a_leader_that_fails_on_the_whole_data_gives_back_the_candidates_it_drop
     for model, record_ in run.whole.items():
         assert record_["metrics"]["task"][PER_ITEM] == whole[model]["metrics"]["task"][PER_ITEM]
     assert (run.screening.verdict("/m/weak").status, run.screening.verdict("/m/weak").rule) == (OUT, REPAIR)
+
+
+def test_a_line_stops_on_the_whole_data_after_two_points_not_shown_to_keep_the_task():
+    """The share (60 prompts) cannot show a loss of 10-13 accuracy points out at 99%; the
+    whole selection data cannot show the first two such points keep the task, so the
+    stronger points of their line are not evaluated on the rest."""
+    base, ft = (record(BASE, "0" * 200, BASE_LOSSES, TOKENS, DOCUMENTS),
+                record(FT, PROMPTS_FT, FT_LOSSES, TOKENS, DOCUMENTS))
+    cut = share_of(ft)
+    correct = [i for i, c in enumerate(PROMPTS_FT) if c == "1"]
+
+    def spread_losing(n):  # n correct answers lost, spread over the share and the rest
+        gone = set(correct[::len(correct) // n][:n])
+        return "".join("0" if i in gone else c for i, c in enumerate(PROMPTS_FT))
+
+    lost = {0.1: 0, 0.3: 20, 0.5: 22, 0.7: 24, 0.9: 26}
+    whole = {f"/m/fapm-s{s}": record(f"/m/fapm-s{s}", spread_losing(n) if n else PROMPTS_FT,
+                                     [v - 10 for v in FT_LOSSES], TOKENS, DOCUMENTS, recipe=fapm(s))
+             for s, n in lost.items()}
+    plan = [Candidate.of(m, r["name"], r["recipe"]) for m, r in whole.items()]
+    on_share = {m: restrict(r, cut, screened=True) for m, r in whole.items()}
+    share_only = screen(plan, restrict(base, cut, screened=True), restrict(ft, cut, screened=True),
+                        on_share, min_retention=0.9)
+    assert [v.status for v in share_only.verdicts] == [KEEP] * 5  # the share alone drops nothing
+
+    from fapm_merge.workflows.tradeoff import Rule, compute_tradeoff
+    from fapm_merge.workflows.tradeoff.screen import run_screening
+
+    rule = Rule(min_retention=0.9)
+    run = run_screening(plan, base, ft, cut, rule=rule,
+                        evaluate_share=lambda stage: {c.model: on_share[c.model] for c in stage},
+                        evaluate_rest=lambda stage: {c.model: restrict(whole[c.model], cut, screened=False)
+                                                     for c in stage})
+    assert run.rest_rounds == [["fapm-s0.1"], ["fapm-s0.3"], ["fapm-s0.5"]]
+    exhaustive = compute_tradeoff([base, ft, *whole.values()], base=BASE, finetuned=FT, rule=rule)
+    verdicts = {p.name: p.noninferiority.verdict for p in exhaustive.points if p.noninferiority}
+    assert verdicts["fapm-s0.1"] == ni.QUALIFIES
+    assert verdicts["fapm-s0.3"] != ni.QUALIFIES and verdicts["fapm-s0.5"] != ni.QUALIFIES
+    for name in ("fapm-s0.7", "fapm-s0.9"):
+        verdict = run.screening.verdict(f"/m/{name}")
+        assert (verdict.status, verdict.rule) == (OUT, LINE)
+        assert verdict.reason.startswith("beyond fapm-s0.3 and fapm-s0.5 on its line (fapm), neither "
+                                         "shown to keep the task on all the selection data")
+    screened = compute_tradeoff([base, ft, *run.whole.values()], base=BASE, finetuned=FT, rule=rule)
+    assert exhaustive.selected.name == screened.selected.name == "fapm-s0.1"

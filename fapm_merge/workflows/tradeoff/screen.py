@@ -29,7 +29,13 @@ shows it out, at a stricter level than the decision's (:data:`SCREEN_CONFIDENCE`
     once :data:`LINE_STOP` consecutive points are out on (a), the stronger points of
     that line are out without being evaluated: accuracy only falls as an edit grows
     (an assumption about the edits, stated: a line whose accuracy came back would lose
-    its stronger points).
+    its stronger points). The survivors of a line go on to the rest one at a time,
+    mildest first, and the same holds on all the selection data: once
+    :data:`LINE_STOP` consecutive points of a line are not shown to keep the task there
+    (the decision's own accuracy test fails or cannot decide; points out on (a) count,
+    points out on (b) are skipped), its stronger survivors are out without the rest.
+    The pick must be shown to keep the task, so it can be lost this way only if it did
+    where two milder points of its own line could not.
 
 **Why one level per test, and not a Bonferroni share of it over the K candidates.**
 Screening must not change the decision, and the decision over a subset of the
@@ -49,7 +55,9 @@ the reason) or ``pending`` (not evaluated yet), and :meth:`Screening.next_stage`
 to evaluate next (the mildest pending point of each line, and every candidate off a
 line). :func:`run_screening` drives it with two callbacks (evaluate on the share,
 evaluate on the rest) for tune's runner (in process or on Ray) and for the replay
-benchmark alike.
+benchmark alike: the share's stages, then the rest's rounds (every survivor off a
+line and the mildest of each line's; after each round the whole-data accuracy tests
+stop lines), then the leader's check on everything.
 
 Torch-free (numpy and scipy through the statistics modules).
 """
@@ -59,7 +67,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fapm_merge.evaluation import noninferiority as ni
@@ -714,26 +722,86 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
             stages.append([c.name for c in stage])
             records = evaluate_share(stage)
             on_share.update({c.model: records[c.model] for c in stage})
-        todo = [c for c in screening.kept() if c.model not in rest]
-        if todo:
+        while True:  # the rest, round by round, each line mildest first
+            whole = {c.model: combine(on_share[c.model], rest[c.model], share, files=files)
+                     for c in plan if c.model in rest}
+            shown = _shown_on_whole(base, finetuned, whole, rule)
+            screening = _stop_lines_on_whole(screening, shown)
+            todo = _rest_round(screening, rest)
+            if not todo:
+                break
             rest_rounds.append([c.name for c in todo])
             records = evaluate_rest(todo)
             rest.update({c.model: records[c.model] for c in todo})
-        whole = {c.model: combine(on_share[c.model], rest[c.model], share, files=files)
-                 for c in plan if c.model in rest}
         leader = screening.leader
         if leader is None:
             break
         decision = compute_tradeoff([base, finetuned, *whole.values()], base=base["model"],
                                     finetuned=finetuned["model"], rule=rule)
+        if leader.model not in whole:  # stopped on its line: it cannot qualify either
+            rejected = tuple(sorted({*rejected, leader.model}))
+            continue
         if not decision.forgetting.significant:  # nothing can qualify: no candidate decides it
             break
         failed = tuple(p.model for p in decision.points
                        if p.model in whole and p.verdict not in ("ok", "selected"))
         if leader.model not in failed:
             break
-        rejected = failed
+        rejected = tuple(sorted({*rejected, *failed}))
     return ScreeningRun(screening, stages, rest_rounds, on_share, rest, whole)
+
+
+def _shown_on_whole(base: dict, finetuned: dict, whole: Mapping[str, dict], rule: Any) -> Dict[str, bool]:
+    """Per candidate evaluated on everything: is it shown to keep the task there (the
+    decision's own non-inferiority test)?"""
+    if not whole:
+        return {}
+    from fapm_merge.workflows.tradeoff.points import compute_tradeoff
+
+    decision = compute_tradeoff([base, finetuned, *whole.values()], base=base["model"],
+                                finetuned=finetuned["model"], rule=rule)
+    return {p.model: p.noninferiority is not None and p.noninferiority.verdict == ni.QUALIFIES
+            for p in decision.points if p.model in whole}
+
+
+def _stop_lines_on_whole(screening: Screening, shown: Mapping[str, bool]) -> Screening:
+    """``screening`` with the survivors beyond :data:`LINE_STOP` consecutive points of
+    their line not shown to keep the task (on everything, or out on accuracy on the
+    share) out, unless already evaluated on the rest (module docstring, rule c)."""
+    verdicts = {v.candidate.model: v for v in screening.verdicts}
+    lines: Dict[str, List[Candidate]] = {}
+    for candidate in _line_order([v.candidate for v in screening.verdicts if v.candidate.on_line]):
+        lines.setdefault(candidate.method, []).append(candidate)
+    for method, points in lines.items():
+        run: List[Candidate] = []
+        for candidate in points:
+            verdict = verdicts[candidate.model]
+            if len(run) >= LINE_STOP and verdict.status == KEEP and candidate.model not in shown:
+                verdicts[candidate.model] = Verdict(
+                    candidate, OUT,
+                    f"beyond {run[-2].name} and {run[-1].name} on its line ({method}), neither "
+                    "shown to keep the task on all the selection data, and accuracy only falls as "
+                    "the edit grows; not evaluated on the rest", LINE, verdict.upper_bound,
+                    verdict.loss_vs_leader)
+                continue
+            if verdict.rule == ACCURACY or shown.get(candidate.model) is False:
+                run.append(candidate)
+            elif candidate.model in shown:
+                run = []
+    return replace(screening, verdicts=tuple(verdicts[v.candidate.model] for v in screening.verdicts))
+
+
+def _rest_round(screening: Screening, rest: Mapping[str, dict]) -> List[Candidate]:
+    """The next survivors to evaluate on the rest, in plan order: every one off a line,
+    and the mildest of each line's not evaluated there yet."""
+    chosen, lines = set(), set()
+    for candidate in _line_order([c for c in screening.kept() if c.model not in rest]):
+        if candidate.on_line and candidate.method in lines:
+            continue
+        chosen.add(candidate.model)
+        if candidate.on_line:
+            lines.add(candidate.method)
+    return [c for c in screening.kept() if c.model in chosen]
 
 __all__ = [
     "ACCURACY",
