@@ -101,6 +101,7 @@ def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str
                   "window_tokens": share_cost["window_tokens"], "confidence": run.screening.confidence},
         "stages": run.stages,
         "rest_rounds": run.rest_rounds,
+        "rejected_leaders": run.rejected_leaders,
         "exhaustive": {"pick": _pick(exhaustive), "outcome": exhaustive.outcome,
                        "evaluated": len(plan), **exhaustive_cost},
         "screened": {"pick": _pick(screened), "outcome": screened.outcome,

@@ -368,9 +368,9 @@ def test_a_candidate_shown_to_keep_the_task_only_at_the_decisions_level_can_lead
     assert (result.verdicts[1].status, result.verdicts[1].rule) == (OUT, REPAIR)
     assert "holds while lead qualifies on all the selection data" in result.verdicts[1].reason
     # rejected by the whole-data decision, it leads no more: weak does, and nothing is out
-    again = screen(plan, *anchors(), evaluated, min_retention=0.9, rejected=["/m/lead"])
+    again = screen(plan, *anchors(), evaluated, min_retention=0.9, not_qualified=["/m/lead"])
     assert again.leader == plan[1] and [v.status for v in again.verdicts] == [KEEP, KEEP]
-    assert again.to_json()["rejected_leaders"] == ["lead"]
+    assert again.to_json()["not_qualified_on_whole"] == ["lead"]
 
 
 def test_a_leader_that_fails_on_the_whole_data_gives_back_the_candidates_it_dropped():
@@ -406,7 +406,8 @@ def test_a_leader_that_fails_on_the_whole_data_gives_back_the_candidates_it_drop
     rule = Rule(min_retention=0.9)
     run = run_screening(plan, base, ft, cut, rule=rule, evaluate_share=part(True), evaluate_rest=part(False))
     assert run.rest_rounds == [["flaky"], ["good"]]
-    assert run.screening.rejected == ("/m/flaky",) and run.screening.leader.name == "good"
+    assert run.rejected_leaders == ["flaky"] and run.screening.leader.name == "good"
+    assert run.screening.not_qualified == ("/m/flaky",)
     assert calls[-2:] == [("rest", ["flaky"]), ("rest", ["good"])]
     exhaustive = compute_tradeoff([base, ft, *whole.values()], base=BASE, finetuned=FT, rule=rule)
     screened = compute_tradeoff([base, ft, *run.whole.values()], base=BASE, finetuned=FT, rule=rule)

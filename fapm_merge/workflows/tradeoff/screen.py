@@ -456,8 +456,8 @@ class Screening:
             accuracy on the screening share.
         leader (`Candidate`, *optional*): the candidate rule (b) compares with.
         prompts, windows (`int`): the share's.
-        rejected (`Tuple[str, ...]`): the models the whole-data decision did not qualify,
-            so none of them leads (:func:`run_screening`).
+        not_qualified (`Tuple[str, ...]`): the models the whole-data decision did not
+            qualify, so none of them leads (:func:`run_screening`).
     """
 
     verdicts: Tuple[Verdict, ...]
@@ -466,7 +466,7 @@ class Screening:
     leader: Optional[Candidate] = None
     prompts: int = 0
     windows: int = 0
-    rejected: Tuple[str, ...] = ()
+    not_qualified: Tuple[str, ...] = ()
 
     def _with(self, status: str) -> List[Candidate]:
         return [v.candidate for v in self.verdicts if v.status == status]
@@ -508,7 +508,7 @@ class Screening:
         names = {v.candidate.model: v.candidate.name for v in self.verdicts}
         return {"confidence": self.confidence, "margin": self.margin,
                 "leader": self.leader.name if self.leader else None,
-                "rejected_leaders": [names.get(m, m) for m in self.rejected],
+                "not_qualified_on_whole": [names.get(m, m) for m in self.not_qualified],
                 "prompts": self.prompts, "windows": self.windows,
                 "verdicts": [v.to_json() for v in self.verdicts]}
 
@@ -522,7 +522,7 @@ def _line_order(candidates: Sequence[Candidate]) -> List[Candidate]:
 
 
 def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Mapping[str, dict], *,
-           min_retention: float = MIN_RETENTION, rejected: Collection[str] = ()) -> Screening:
+           min_retention: float = MIN_RETENTION, not_qualified: Collection[str] = ()) -> Screening:
     """Each candidate's screening verdict from the records measured on the screening share.
 
     Args:
@@ -532,8 +532,8 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
         evaluated (`Mapping[str, dict]`): the records on the screening share of the
             candidates evaluated so far, by ``Candidate.model``.
         min_retention (`float`, defaults to 0.99): the repair rule's, which sets the margin.
-        rejected (`Collection[str]`, defaults to none): models the decision on the whole
-            selection data did not qualify; none of them may lead (rule b).
+        not_qualified (`Collection[str]`, defaults to none): models the decision on the
+            whole selection data did not qualify; none of them may lead (rule b).
 
     Returns:
         `Screening`: per candidate ``keep``, ``out`` (rule and reason) or ``pending``.
@@ -580,7 +580,7 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
     # (b): the leader repairs the most among those the share shows keep the task at the
     # decision's level; its outs are provisional until it qualifies on everything
     shown = [c for c in plan if c.model in checks and c.model not in verdicts
-             and c.model not in rejected and _keeps_task(checks[c.model], evaluated[c.model],
+             and c.model not in not_qualified and _keeps_task(checks[c.model], evaluated[c.model],
                                                          correct_ft, margin, prompt_groups)]
     leader = min(shown, key=lambda c: _mean_loss(losses[c.model], tokens)) if shown else None
     for candidate in plan:
@@ -630,7 +630,7 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
         verdicts.setdefault(candidate.model, Verdict(
             candidate, PENDING, "not evaluated on the screening share yet"))
     return Screening(tuple(verdicts[c.model] for c in plan), confidence, margin, leader,
-                     len(correct_ft), len(tokens), tuple(m for m in models if m in set(rejected)))
+                     len(correct_ft), len(tokens), tuple(m for m in models if m in set(not_qualified)))
 
 
 def _keeps_task(check: ni.NonInferiority, record: dict, correct_ft: List[int], margin: float,
@@ -661,10 +661,12 @@ class ScreeningRun:
 
     Attributes:
         screening (`Screening`): the last verdicts (its ``kept()`` were all evaluated on
-            the rest; ``rejected`` the leaders the whole data did not qualify).
+            the rest; ``not_qualified`` those the whole data did not qualify).
         stages (`List[List[str]]`): the names evaluated on the share, stage by stage.
         rest_rounds (`List[List[str]]`): the names evaluated on the rest, round by round
-            (a second round follows a rejected leader).
+            (each line's survivors one round at a time; more follow a rejected leader).
+        rejected_leaders (`List[str]`): the leaders that did not qualify on the whole
+            selection data (or were stopped on their line there), in order.
         on_share (`Dict[str, dict]`): every record on the share, by model.
         rest (`Dict[str, dict]`): every record on the rest, by model.
         whole (`Dict[str, dict]`): every candidate evaluated on the rest, its record on the
@@ -675,6 +677,7 @@ class ScreeningRun:
     screening: Screening
     stages: List[List[str]]
     rest_rounds: List[List[str]]
+    rejected_leaders: List[str]
     on_share: Dict[str, dict]
     rest: Dict[str, dict]
     whole: Dict[str, dict]
@@ -711,11 +714,12 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
     rest: Dict[str, dict] = {}
     stages: List[List[str]] = []
     rest_rounds: List[List[str]] = []
-    rejected: Tuple[str, ...] = ()
+    not_qualified: Tuple[str, ...] = ()
+    rejected_leaders: List[str] = []
     while True:
         while True:
             screening = screen(plan, base_share, ft_share, on_share,
-                               min_retention=rule.min_retention, rejected=rejected)
+                               min_retention=rule.min_retention, not_qualified=not_qualified)
             stage = screening.next_stage()
             if not stage:
                 break
@@ -739,7 +743,8 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
         decision = compute_tradeoff([base, finetuned, *whole.values()], base=base["model"],
                                     finetuned=finetuned["model"], rule=rule)
         if leader.model not in whole:  # stopped on its line: it cannot qualify either
-            rejected = tuple(sorted({*rejected, leader.model}))
+            rejected_leaders.append(leader.name)
+            not_qualified = tuple(sorted({*not_qualified, leader.model}))
             continue
         if not decision.forgetting.significant:  # nothing can qualify: no candidate decides it
             break
@@ -747,8 +752,9 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
                        if p.model in whole and p.verdict not in ("ok", "selected"))
         if leader.model not in failed:
             break
-        rejected = tuple(sorted({*rejected, *failed}))
-    return ScreeningRun(screening, stages, rest_rounds, on_share, rest, whole)
+        rejected_leaders.append(leader.name)
+        not_qualified = tuple(sorted({*not_qualified, *failed}))
+    return ScreeningRun(screening, stages, rest_rounds, rejected_leaders, on_share, rest, whole)
 
 
 def _shown_on_whole(base: dict, finetuned: dict, whole: Mapping[str, dict], rule: Any) -> Dict[str, bool]:

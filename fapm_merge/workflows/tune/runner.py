@@ -287,7 +287,8 @@ def _screen_variants(executor: Executor, plan: TunePlan, work: Path, settings: T
             append_result(results, record)
     line = summary_line(screening, settings.screen_share, len(run.rest))
     document = report(screening, settings, data, run.stages, run.on_share, run.rest,
-                      cost(finetuned), cost(ft_share), line, run.rest_rounds)
+                      cost(finetuned), cost(ft_share), line, run.rest_rounds,
+                      run.rejected_leaders)
     reused = len(found["screen"] & set(run.on_share)) + len(found["rest"] & set(run.rest))
     return _Screened(counts["evaluated"], reused, document)
 

@@ -17,7 +17,6 @@ from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC, EvalSetting
 from fapm_merge.evaluation.split import write_screening_split
 from fapm_merge.workflows.tradeoff.screen import (
     ACCURACY,
-    KEEP,
     LINE,
     OUT,
     REPAIR,
@@ -108,7 +107,7 @@ def skipped_line(reason: str) -> str:
 def report(screening: Screening, settings: TuneSettings, data: ShareData, stages: List[List[str]],
            share_records: Mapping[str, dict], rest_records: Mapping[str, dict],
            anchor_cost: Mapping[str, int], share_cost: Mapping[str, int], line: str,
-           rest_rounds: List[List[str]]) -> dict:
+           rest_rounds: List[List[str]], rejected_leaders: List[str]) -> dict:
     """``screening.json``: the plan with each candidate's verdict and cost, the stages,
     the level, and the evaluation screened against what every candidate on everything
     would have forwarded (the anchors, evaluated on everything either way, counted in both)."""
@@ -128,6 +127,7 @@ def report(screening: Screening, settings: TuneSettings, data: ShareData, stages
         **screening.to_json(),
         "stages": stages,
         "rest_rounds": rest_rounds,
+        "rejected_leaders": rejected_leaders,
         "kept": [c.name for c in screening.kept()],
         "candidates": candidates,
         "cost": {"units": "prompts and window tokens forwarded (base and fine-tune included)",
