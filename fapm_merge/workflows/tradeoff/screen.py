@@ -729,8 +729,11 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
         while True:  # the rest, round by round, each line mildest first
             whole = {c.model: combine(on_share[c.model], rest[c.model], share, files=files)
                      for c in plan if c.model in rest}
-            shown = _shown_on_whole(base, finetuned, whole, rule)
-            screening = _stop_lines_on_whole(screening, shown)
+            decision = compute_tradeoff([base, finetuned, *whole.values()], base=base["model"],
+                                        finetuned=finetuned["model"], rule=rule)
+            screening = _stop_lines_on_whole(screening, {
+                p.model: p.noninferiority is not None and p.noninferiority.verdict == ni.QUALIFIES
+                for p in decision.points if p.model in whole})
             todo = _rest_round(screening, rest)
             if not todo:
                 break
@@ -740,8 +743,6 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
         leader = screening.leader
         if leader is None:
             break
-        decision = compute_tradeoff([base, finetuned, *whole.values()], base=base["model"],
-                                    finetuned=finetuned["model"], rule=rule)
         if leader.model not in whole:  # stopped on its line: it cannot qualify either
             rejected_leaders.append(leader.name)
             not_qualified = tuple(sorted({*not_qualified, leader.model}))
@@ -757,23 +758,12 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
     return ScreeningRun(screening, stages, rest_rounds, rejected_leaders, on_share, rest, whole)
 
 
-def _shown_on_whole(base: dict, finetuned: dict, whole: Mapping[str, dict], rule: Any) -> Dict[str, bool]:
-    """Per candidate evaluated on everything: is it shown to keep the task there (the
-    decision's own non-inferiority test)?"""
-    if not whole:
-        return {}
-    from fapm_merge.workflows.tradeoff.points import compute_tradeoff
-
-    decision = compute_tradeoff([base, finetuned, *whole.values()], base=base["model"],
-                                finetuned=finetuned["model"], rule=rule)
-    return {p.model: p.noninferiority is not None and p.noninferiority.verdict == ni.QUALIFIES
-            for p in decision.points if p.model in whole}
-
-
 def _stop_lines_on_whole(screening: Screening, shown: Mapping[str, bool]) -> Screening:
     """``screening`` with the survivors beyond :data:`LINE_STOP` consecutive points of
     their line not shown to keep the task (on everything, or out on accuracy on the
-    share) out, unless already evaluated on the rest (module docstring, rule c)."""
+    share) out, unless already evaluated on the rest (module docstring, rule c).
+    ``shown``: per candidate evaluated on everything, whether the decision's own
+    non-inferiority test shows it keeps the task there."""
     verdicts = {v.candidate.model: v for v in screening.verdicts}
     lines: Dict[str, List[Candidate]] = {}
     for candidate in _line_order([v.candidate for v in screening.verdicts if v.candidate.on_line]):
@@ -786,8 +776,9 @@ def _stop_lines_on_whole(screening: Screening, shown: Mapping[str, bool]) -> Scr
                 verdicts[candidate.model] = Verdict(
                     candidate, OUT,
                     f"beyond {run[-2].name} and {run[-1].name} on its line ({method}), neither "
-                    "shown to keep the task on all the selection data, and accuracy only falls as "
-                    "the edit grows; not evaluated on the rest", LINE, verdict.upper_bound,
+                    "shown to keep the task on all the selection data (or clearly below the "
+                    "margin on the share), and accuracy only falls as the edit grows; not "
+                    "evaluated on the rest", LINE, verdict.upper_bound,
                     verdict.loss_vs_leader)
                 continue
             if verdict.rule == ACCURACY or shown.get(candidate.model) is False:
@@ -808,6 +799,7 @@ def _rest_round(screening: Screening, rest: Mapping[str, dict]) -> List[Candidat
         if candidate.on_line:
             lines.add(candidate.method)
     return [c for c in screening.kept() if c.model in chosen]
+
 
 __all__ = [
     "ACCURACY",
