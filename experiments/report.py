@@ -360,8 +360,12 @@ def family_tables(res: Path, min_retention: float) -> str:
                 f"Screened and exhaustive picks {'agree' if screened['agree'] else 'DIFFER'}; the screening "
                 f"share was {screened['share']['prompts']} prompts and {screened['share']['window_tokens']:,} "
                 f"window tokens, {sc['evaluated_on_share']} candidates were screened on it and "
-                f"{sc['survivors']} evaluated on the rest (one-sided level "
-                f"{screened['share']['confidence']:.4f}).", ""]
+                f"{sc['survivors']} evaluated on the rest in {len(screened['rest_rounds'])} rounds "
+                f"(one-sided {screened['share']['confidence']:.0%} per test"
+                + (f"; leaders that did not qualify on everything: {', '.join(screened['rejected_leaders'])}"
+                   if screened["rejected_leaders"] else "") + "); against today's grid: "
+                f"{sc['prompts'] / grid_cost['prompts']:.2f}x its prompts, "
+                f"{sc['window_tokens'] / grid_cost['window_tokens']:.2f}x its window tokens.", ""]
         # the best qualifying point of each method (the rule's own order: largest CF cut)
         best = {}
         for p in family["points"]:
