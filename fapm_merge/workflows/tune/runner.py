@@ -262,12 +262,12 @@ def _screen_variants(executor: Executor, plan: TunePlan, work: Path, settings: T
     found = {"screen": set(on_file), "rest": set(rest_on_file)}  # what a rerun finds done
     counts = {"evaluated": 0, "screen": 0, "rest": 0}
 
-    def evaluate(part: str, file: Path, known: dict, settings_: TuneSettings, wanted: List[Candidate]) -> dict:
+    def evaluate(part: str, file: Path, known: dict, part_settings: TuneSettings, wanted: List[Candidate]) -> dict:
         """Evaluate what a rerun does not find in ``file`` (the runs replay the same stages)."""
         missing = [by_model[c.model] for c in wanted if c.model not in known]
         total = len(candidates) if part == "screen" else counts[part] + len(wanted)
         for record in stage(part, _variant_jobs(missing, executor, work, settings),
-                            counts[part] + len(wanted) - len(missing), total, settings=settings_, results=file):
+                            counts[part] + len(wanted) - len(missing), total, settings=part_settings, results=file):
             if part == "screen":
                 check_share_record(record, ft_share)
             known[record["model"]] = record
