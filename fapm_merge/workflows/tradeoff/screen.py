@@ -712,6 +712,7 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
              for metric in (TASK_METRIC, TEXT_METRIC)}
     on_share: Dict[str, dict] = {}
     rest: Dict[str, dict] = {}
+    combined: Dict[str, dict] = {}
     stages: List[List[str]] = []
     rest_rounds: List[List[str]] = []
     not_qualified: Tuple[str, ...] = ()
@@ -727,8 +728,9 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
             records = evaluate_share(stage)
             on_share.update({c.model: records[c.model] for c in stage})
         while True:  # the rest, round by round, each line mildest first
-            whole = {c.model: combine(on_share[c.model], rest[c.model], share, files=files)
-                     for c in plan if c.model in rest}
+            combined.update({m: combine(on_share[m], rest[m], share, files=files)
+                             for m in rest if m not in combined})  # each once, as it arrives
+            whole = {c.model: combined[c.model] for c in plan if c.model in combined}  # plan order
             decision = compute_tradeoff([base, finetuned, *whole.values()], base=base["model"],
                                         finetuned=finetuned["model"], rule=rule)
             screening = _stop_lines_on_whole(screening, {

@@ -410,7 +410,8 @@ def run_tune(
     # in plan order, whatever order the records were written in (executor, screening rounds,
     # a resumed run): the rule's last tie-break is that order
     wanted = [str(plan.base), str(plan.finetuned), *(str(variant_dir(work, v)) for v in plan.variants)]
-    by_model = {r["model"]: r for r in read_results(results, with_items=True) if r["model"] in wanted}
+    known = set(wanted)
+    by_model = {r["model"]: r for r in read_results(results, with_items=True) if r["model"] in known}
     records = [by_model[m] for m in wanted if m in by_model]
     result = compute_tradeoff(records, base=str(plan.base), finetuned=str(plan.finetuned),
                               rule=settings.rule, task_metric=settings.task_metric,
