@@ -17,25 +17,28 @@ shows it out, at a stricter level than the decision's (:data:`SCREEN_CONFIDENCE`
 (b) **repair**: it repairs clearly less than the **leader**: its paired loss difference
     to the leader (:func:`fapm_merge.evaluation.stats.loss_difference`, whole documents
     resampled) lies above 0. The leader is the candidate with the lowest loss on the
-    share (the largest CF cut) among those the share shows keep the task at the
-    decision's own level (one-sided 95% lower bound above ``-margin``). An out on
-    repair is **provisional**: it holds only once the leader qualifies on the whole
-    selection data. When it does not, the whole-data decision rejects it as leader,
-    the next one leads, and what it no longer shows out goes on to the rest
-    (:func:`run_screening`): a leader that fails would otherwise take with it the
-    candidates it had dropped, among them, possibly, the exhaustive decision's pick;
+    share (the largest CF cut) among those shown to keep the task at the decision's own
+    level (one-sided 95% lower bound above ``-margin``): on all the selection data when
+    it was evaluated there, else on the share. An out on repair is **provisional**: it
+    holds only once the leader qualifies on the whole selection data. When it does
+    not, it may no longer lead, the next one leads, and what it alone showed out goes
+    on to the rest (:func:`run_screening`): a leader that fails would otherwise take
+    with it the candidates it had dropped, among them, possibly, the exhaustive
+    decision's pick;
 (c) **line**: along a monotone line (one method label, growing strength: sparsity up,
     WiSE-FT / LiNeS alpha down; :func:`fapm_merge.workflows.tradeoff.rules.edit_size`),
-    once :data:`LINE_STOP` consecutive points are out on (a), the stronger points of
-    that line are out without being evaluated: accuracy only falls as an edit grows
-    (an assumption about the edits, stated: a line whose accuracy came back would lose
-    its stronger points). The survivors of a line go on to the rest one at a time,
-    mildest first, and the same holds on all the selection data: once
-    :data:`LINE_STOP` consecutive points of a line are not shown to keep the task there
-    (the decision's own accuracy test fails or cannot decide; points out on (a) count,
-    points out on (b) are skipped), its stronger survivors are out without the rest.
-    The pick must be shown to keep the task, so it can be lost this way only if it did
-    where two milder points of its own line could not.
+    once :data:`LINE_STOP` consecutive points are not shown to keep the task, the
+    stronger points of that line are out without being evaluated further: accuracy
+    only falls as an edit grows (an assumption about the edits, stated: a line whose
+    accuracy came back would lose its stronger points). A point counts when the share
+    shows it out on (a), or when the decision's own accuracy test on all the selection
+    data fails or cannot decide; a point the share keeps and whose verdict on
+    everything is still to come breaks the run. A line is therefore evaluated **one
+    point at a time, mildest first, the share and then the rest**: its next point
+    waits until the survivor before it has its verdict on everything, so the strong
+    end of a line that loses the task costs nothing. The pick must be shown to keep
+    the task, so it can be lost this way only if it did where two milder points of its
+    own line could not.
 
 **Why one level per test, and not a Bonferroni share of it over the K candidates.**
 Screening must not change the decision, and the decision over a subset of the
@@ -49,15 +52,13 @@ harmless; only those two must survive, so the error to control is two candidates
 out), not K's. The decision keeps its own one-sided 95% (and the loss interval's
 two-sided 95%) for the survivors, on all the selection data.
 
-:func:`screen` is pure and stage-wise: given the plan (in order), the anchors' and the
-evaluated candidates' screening records, it says per candidate ``keep``, ``out`` (with
-the reason) or ``pending`` (not evaluated yet), and :meth:`Screening.next_stage` what
-to evaluate next (the mildest pending point of each line, and every candidate off a
-line). :func:`run_screening` drives it with two callbacks (evaluate on the share,
-evaluate on the rest) for tune's runner (in process or on Ray) and for the replay
-benchmark alike: the share's stages, then the rest's rounds (every survivor off a
-line and the mildest of each line's; after each round the whole-data accuracy tests
-stop lines), then the leader's check on everything.
+:func:`screen` is pure: given the plan (in order), the anchors' and the evaluated
+candidates' screening records and the decision's word on those evaluated on everything,
+it says per candidate ``keep``, ``out`` (with the reason) or ``pending`` (not evaluated
+yet), and :meth:`Screening.next_stage` and :meth:`Screening.rest_stage` what to evaluate
+next on the share and on the rest. :func:`run_screening` drives it round by round with
+two callbacks (evaluate on the share, evaluate on the rest) for tune's runner (in
+process or on Ray) and for the replay benchmark alike.
 
 Torch-free (numpy and scipy through the statistics modules).
 """
@@ -67,7 +68,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fapm_merge.evaluation import noninferiority as ni
@@ -90,6 +91,13 @@ decision's 95%, and not divided among the candidates)."""
 LINE_STOP = 2
 """Consecutive points of a line out on accuracy after which its stronger points are out
 unevaluated: one could be bad luck on the share, two in a row of a monotone edit are not."""
+
+LOOKAHEAD = 0
+"""How many points of a line are screened on the share beyond the survivor waiting for
+the rest. More lets a stronger point show a milder one out on repair before the rest
+is spent on it, but every point ahead costs its share even where the line then stops:
+1 cost more than 0 on the demo pair and on the replication's full arm
+(docs/performance.md), so a line waits for each survivor's verdict on everything."""
 
 KEEP, OUT, PENDING = "keep", "out", "pending"
 """A candidate's screening status."""
@@ -458,6 +466,9 @@ class Screening:
         prompts, windows (`int`): the share's.
         not_qualified (`Tuple[str, ...]`): the models the whole-data decision did not
             qualify, so none of them leads (:func:`run_screening`).
+        on_whole (`Tuple[str, ...]`): the models evaluated on all the selection data.
+        lookahead (`int`, defaults to :data:`LOOKAHEAD`): how far a line's share runs
+            ahead of its survivors' verdicts on everything.
     """
 
     verdicts: Tuple[Verdict, ...]
@@ -467,6 +478,8 @@ class Screening:
     prompts: int = 0
     windows: int = 0
     not_qualified: Tuple[str, ...] = ()
+    on_whole: Tuple[str, ...] = ()
+    lookahead: int = LOOKAHEAD
 
     def _with(self, status: str) -> List[Candidate]:
         return [v.candidate for v in self.verdicts if v.status == status]
@@ -482,27 +495,59 @@ class Screening:
         """Neither evaluated on the share nor out by their line."""
         return self._with(PENDING)
 
+    def waiting(self) -> List[Candidate]:
+        """Kept on the share and not evaluated on the rest yet."""
+        whole = set(self.on_whole)
+        return [c for c in self.kept() if c.model not in whole]
+
     @property
     def finished(self) -> bool:
-        """Nothing left to screen: the survivors (:meth:`kept`) go on to the rest."""
-        return not self.pending()
+        """Nothing left to evaluate: every survivor (:meth:`kept`) is on everything."""
+        return not self.next_stage() and not self.rest_stage()
 
     def verdict(self, model: str) -> Verdict:
         return next(v for v in self.verdicts if v.candidate.model == model)
 
-    def next_stage(self, per_line: int = 1) -> List[Candidate]:
+    def next_stage(self) -> List[Candidate]:
         """What to evaluate on the screening share next, in plan order: every pending
-        candidate off a line, and the ``per_line`` mildest pending points of each line
-        (so that the line rule can spare the stronger ones)."""
-        taken: Dict[str, int] = {}
-        chosen = set()
-        for candidate in _line_order(self.pending()):
+        candidate off a line, and the mildest pending point of each line whose share runs
+        at most :attr:`lookahead` points ahead of its survivors' verdicts on everything (so
+        that the line rule, on the share and then on everything, can spare the stronger
+        ones)."""
+        waiting: Dict[str, int] = {}
+        for candidate in self.waiting():
+            waiting[candidate.method] = waiting.get(candidate.method, 0) + 1
+        return self._first_per_line([c for c in self.pending()
+                                     if not c.on_line or waiting.get(c.method, 0) <= self.lookahead])
+
+    def rest_stage(self) -> List[Candidate]:
+        """What to evaluate on the rest next, in plan order: every survivor off a line
+        waiting for it, and the mildest waiting survivor of each line once the
+        :attr:`lookahead` points after it were screened (a stronger point may yet show it
+        out on repair)."""
+        status = {v.candidate.model: v.status for v in self.verdicts}
+        lines: Dict[str, List[Candidate]] = {}
+        for candidate in _line_order([v.candidate for v in self.verdicts if v.candidate.on_line]):
+            lines.setdefault(candidate.method, []).append(candidate)
+
+        def screened_ahead(candidate: Candidate) -> bool:
             if not candidate.on_line:
-                chosen.add(candidate.model)
-            elif taken.get(candidate.method, 0) < per_line:
-                taken[candidate.method] = taken.get(candidate.method, 0) + 1
-                chosen.add(candidate.model)
-        return [c for c in self.pending() if c.model in chosen]
+                return True
+            points = lines[candidate.method]
+            after = points[points.index(candidate) + 1:][:self.lookahead]
+            return all(status[c.model] != PENDING for c in after)
+
+        return self._first_per_line([c for c in self.waiting() if screened_ahead(c)])
+
+    def _first_per_line(self, candidates: List[Candidate]) -> List[Candidate]:
+        chosen, lines = set(), set()
+        for candidate in _line_order(candidates):
+            if candidate.on_line and candidate.method in lines:
+                continue
+            chosen.add(candidate.model)
+            if candidate.on_line:
+                lines.add(candidate.method)
+        return [c for c in candidates if c.model in chosen]
 
     def to_json(self) -> dict:
         names = {v.candidate.model: v.candidate.name for v in self.verdicts}
@@ -522,8 +567,10 @@ def _line_order(candidates: Sequence[Candidate]) -> List[Candidate]:
 
 
 def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Mapping[str, dict], *,
-           min_retention: float = MIN_RETENTION, not_qualified: Collection[str] = ()) -> Screening:
-    """Each candidate's screening verdict from the records measured on the screening share.
+           min_retention: float = MIN_RETENTION, on_whole: Mapping[str, bool] = {},
+           not_qualified: Collection[str] = (), lookahead: int = LOOKAHEAD) -> Screening:
+    """Each candidate's screening verdict from the records measured on the screening share
+    and what the decision on all the selection data says of those evaluated there.
 
     Args:
         plan (`Sequence[Candidate]`): every candidate of the tune, in plan order.
@@ -532,8 +579,14 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
         evaluated (`Mapping[str, dict]`): the records on the screening share of the
             candidates evaluated so far, by ``Candidate.model``.
         min_retention (`float`, defaults to 0.99): the repair rule's, which sets the margin.
+        on_whole (`Mapping[str, bool]`, defaults to none): the candidates evaluated on all
+            the selection data (share and rest), by model: whether the decision's own
+            non-inferiority test shows there that it keeps the task (rule c; one shown
+            there may lead, rule b).
         not_qualified (`Collection[str]`, defaults to none): models the decision on the
             whole selection data did not qualify; none of them may lead (rule b).
+        lookahead (`int`, defaults to :data:`LOOKAHEAD`): how far a line's share may run
+            ahead of its survivors' verdicts on everything (:meth:`Screening.next_stage`).
 
     Returns:
         `Screening`: per candidate ``keep``, ``out`` (rule and reason) or ``pending``.
@@ -577,11 +630,33 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
                 f"{check.upper_bound:+.3f} < -{margin:.3f} ({check.difference.n} prompts)",
                 ACCURACY, check.upper_bound)
 
-    # (b): the leader repairs the most among those the share shows keep the task at the
-    # decision's level; its outs are provisional until it qualifies on everything
+    # (c): along each line, LINE_STOP consecutive points not shown to keep the task (out
+    # on accuracy on the share, or not shown on everything) stop it. A point evaluated on
+    # the share alone and not out breaks the run: its verdict on everything is to come.
+    lines: Dict[str, List[Candidate]] = {}
+    for candidate in _line_order([c for c in plan if c.on_line]):
+        lines.setdefault(candidate.method, []).append(candidate)
+    for method, points in lines.items():
+        run: List[Candidate] = []
+        for candidate in points:
+            if len(run) >= LINE_STOP:
+                if candidate.model not in verdicts and candidate.model not in on_whole:
+                    verdicts[candidate.model] = _beyond(candidate, run, checks.get(candidate.model),
+                                                        on_whole)
+                continue
+            verdict = verdicts.get(candidate.model)
+            if (verdict is not None and verdict.rule == ACCURACY) or on_whole.get(candidate.model) is False:
+                run.append(candidate)
+            elif candidate.model in checks:
+                run = []
+
+    # (b): the leader repairs the most among those shown to keep the task, at the
+    # decision's level, on everything or on the share; outs on repair are provisional
+    # until it qualifies on everything
     shown = [c for c in plan if c.model in checks and c.model not in verdicts
-             and c.model not in not_qualified and _keeps_task(checks[c.model], evaluated[c.model],
-                                                         correct_ft, margin, prompt_groups)]
+             and c.model not in not_qualified
+             and (on_whole[c.model] if c.model in on_whole else
+                  _keeps_task(checks[c.model], evaluated[c.model], correct_ft, margin, prompt_groups))]
     leader = min(shown, key=lambda c: _mean_loss(losses[c.model], tokens)) if shown else None
     for candidate in plan:
         if candidate.model not in checks or candidate.model in verdicts:
@@ -592,7 +667,7 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
             # the two-sided interval at 2c - 1 has the one-sided bounds at c
             between = stats.loss_difference(losses[candidate.model], losses[leader.model], tokens,
                                             groups=window_groups, confidence=2 * confidence - 1)
-            if between.low > 0:
+            if between.low > 0 and candidate.model not in on_whole:
                 verdicts[candidate.model] = Verdict(
                     candidate, OUT,
                     f"repair clearly below the leader {leader.name}'s on the screening share: "
@@ -601,36 +676,39 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
                     f"holds while {leader.name} qualifies on all the selection data",
                     REPAIR, check.upper_bound, between)
                 continue
+        if candidate.model in on_whole:  # the decision rules on it; the share's word is moot
+            reason = ("evaluated on all the selection data, where the decision "
+                      + ("shows it keeps the task" if on_whole[candidate.model] else
+                         "does not show it keeps the task"))
+        else:
+            reason = (f"not shown out at one-sided {confidence:.2%}: accuracy upper bound "
+                      f"{check.upper_bound:+.3f} >= -{margin:.3f}"
+                      + ("" if between is None else f", loss vs the leader {leader.name} low end "
+                         f"{between.low:+.4f} <= 0"))
         verdicts[candidate.model] = Verdict(
-            candidate, KEEP,
-            f"not shown out at one-sided {confidence:.2%}: accuracy upper bound "
-            f"{check.upper_bound:+.3f} >= -{margin:.3f}"
-            + ("" if between is None else f", loss vs the leader {leader.name} low end "
-               f"{between.low:+.4f} <= 0") + (" (the leader)" if candidate is leader else ""),
+            candidate, KEEP, reason + (" (the leader)" if candidate is leader else ""),
             None, check.upper_bound, between)
-
-    # (c): along each line, LINE_STOP consecutive points out on accuracy stop it
-    lines: Dict[str, List[Candidate]] = {}
-    for candidate in _line_order([c for c in plan if c.on_line]):
-        lines.setdefault(candidate.method, []).append(candidate)
-    for method, points in lines.items():
-        run: List[Candidate] = []
-        for candidate in points:
-            if len(run) >= LINE_STOP:
-                if candidate.model not in verdicts:
-                    verdicts[candidate.model] = Verdict(
-                        candidate, OUT,
-                        f"beyond {run[-2].name} and {run[-1].name} on its line ({method}): both "
-                        "clearly below the accuracy margin, and accuracy only falls as the edit "
-                        "grows; not evaluated", LINE)
-                continue
-            verdict = verdicts.get(candidate.model)
-            run = run + [candidate] if verdict is not None and verdict.rule == ACCURACY else []
     for candidate in plan:
         verdicts.setdefault(candidate.model, Verdict(
             candidate, PENDING, "not evaluated on the screening share yet"))
     return Screening(tuple(verdicts[c.model] for c in plan), confidence, margin, leader,
-                     len(correct_ft), len(tokens), tuple(m for m in models if m in set(not_qualified)))
+                     len(correct_ft), len(tokens), tuple(m for m in models if m in set(not_qualified)),
+                     tuple(m for m in models if m in on_whole), lookahead)
+
+
+def _beyond(candidate: Candidate, run: List[Candidate], check: Optional[ni.NonInferiority],
+            on_whole: Mapping[str, bool]) -> Verdict:
+    """Rule (c)'s verdict on a point beyond ``run``, the points that stopped its line."""
+    first, last = run[-2], run[-1]
+    on_share_only = all(c.model not in on_whole for c in run[-2:])
+    why = ("both clearly below the accuracy margin on the screening share" if on_share_only else
+           "neither shown to keep the task on all the selection data (or clearly below the margin "
+           "on the share)")
+    return Verdict(candidate, OUT,
+                   f"beyond {first.name} and {last.name} on its line ({candidate.method}), {why}, "
+                   "and accuracy only falls as the edit grows; "
+                   + ("not evaluated" if check is None else "not evaluated on the rest"),
+                   LINE, None if check is None else check.upper_bound)
 
 
 def _keeps_task(check: ni.NonInferiority, record: dict, correct_ft: List[int], margin: float,
@@ -686,10 +764,15 @@ class ScreeningRun:
 def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share: ScreeningShare, *,
                   evaluate_share: Callable[[List[Candidate]], Mapping[str, dict]],
                   evaluate_rest: Callable[[List[Candidate]], Mapping[str, dict]],
-                  rule: Any = None) -> ScreeningRun:
-    """Screen ``plan`` stage by stage, evaluate the survivors on the rest, and check the
-    leader on the whole selection data, until the leader qualifies there (or there is
-    none): the outs on repair are then final (module docstring, rule b).
+                  rule: Any = None, lookahead: int = LOOKAHEAD) -> ScreeningRun:
+    """Screen ``plan`` round by round until nothing is left to evaluate: each round
+    evaluates on the share what :meth:`Screening.next_stage` names and on the rest what
+    :meth:`Screening.rest_stage` names, then the decision on all the selection data says
+    which survivors keep the task and qualify there, and :func:`screen` rules again with
+    that. So a line is evaluated one point at a time, the share then the rest, and stops
+    where two consecutive points are not shown to keep the task, before its stronger
+    points cost anything; a leader that does not qualify on everything stops leading, and
+    what it alone showed out is kept again (module docstring, rules b and c).
 
     Args:
         plan (`Sequence[Candidate]`): every candidate, in plan order.
@@ -699,6 +782,7 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
         evaluate_share, evaluate_rest (`Callable`): evaluate these candidates on the
             share's (the rest's) prompts and documents; their records by model.
         rule (`Rule`, *optional*): the decision's (the repair rule at its defaults).
+        lookahead (`int`, defaults to :data:`LOOKAHEAD`): as :func:`screen`'s.
 
     Returns:
         `ScreeningRun`.
@@ -712,95 +796,46 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
              for metric in (TASK_METRIC, TEXT_METRIC)}
     on_share: Dict[str, dict] = {}
     rest: Dict[str, dict] = {}
-    combined: Dict[str, dict] = {}
+    whole: Dict[str, dict] = {}
     stages: List[List[str]] = []
     rest_rounds: List[List[str]] = []
+    on_whole: Dict[str, bool] = {}
     not_qualified: Tuple[str, ...] = ()
-    rejected_leaders: List[str] = []
+    leaders: List[Candidate] = []
     while True:
-        while True:
-            screening = screen(plan, base_share, ft_share, on_share,
-                               min_retention=rule.min_retention, not_qualified=not_qualified)
-            stage = screening.next_stage()
-            if not stage:
-                break
-            stages.append([c.name for c in stage])
-            records = evaluate_share(stage)
-            on_share.update({c.model: records[c.model] for c in stage})
-        while True:  # the rest, round by round, each line mildest first
-            combined.update({m: combine(on_share[m], rest[m], share, files=files)
-                             for m in rest if m not in combined})  # each once, as it arrives
-            whole = {c.model: combined[c.model] for c in plan if c.model in combined}  # plan order
+        screening = screen(plan, base_share, ft_share, on_share, min_retention=rule.min_retention,
+                           on_whole=on_whole, not_qualified=not_qualified, lookahead=lookahead)
+        if screening.leader is not None and screening.leader not in leaders:
+            leaders.append(screening.leader)
+        to_share, to_rest = screening.next_stage(), screening.rest_stage()
+        if not to_share and not to_rest:
+            break
+        if to_share:
+            stages.append([c.name for c in to_share])
+            records = evaluate_share(to_share)
+            on_share.update({c.model: records[c.model] for c in to_share})
+        if to_rest:
+            rest_rounds.append([c.name for c in to_rest])
+            records = evaluate_rest(to_rest)
+            for c in to_rest:  # each combined once, as its rest arrives
+                rest[c.model] = records[c.model]
+                whole[c.model] = combine(on_share[c.model], rest[c.model], share, files=files)
+            whole = {c.model: whole[c.model] for c in plan if c.model in whole}  # plan order
             decision = compute_tradeoff([base, finetuned, *whole.values()], base=base["model"],
                                         finetuned=finetuned["model"], rule=rule)
-            screening = _stop_lines_on_whole(screening, {
-                p.model: p.noninferiority is not None and p.noninferiority.verdict == ni.QUALIFIES
-                for p in decision.points if p.model in whole})
-            todo = _rest_round(screening, rest)
-            if not todo:
-                break
-            rest_rounds.append([c.name for c in todo])
-            records = evaluate_rest(todo)
-            rest.update({c.model: records[c.model] for c in todo})
-        leader = screening.leader
-        if leader is None:
-            break
-        if leader.model not in whole:  # stopped on its line: it cannot qualify either
-            rejected_leaders.append(leader.name)
-            not_qualified = tuple(sorted({*not_qualified, leader.model}))
-            continue
-        if not decision.forgetting.significant:  # nothing can qualify: no candidate decides it
-            break
-        failed = tuple(p.model for p in decision.points
-                       if p.model in whole and p.verdict not in ("ok", "selected"))
-        if leader.model not in failed:
-            break
-        rejected_leaders.append(leader.name)
-        not_qualified = tuple(sorted({*not_qualified, *failed}))
-    return ScreeningRun(screening, stages, rest_rounds, rejected_leaders, on_share, rest, whole)
+            points = [p for p in decision.points if p.model in whole]
+            on_whole = {p.model: p.noninferiority is not None and p.noninferiority.verdict == ni.QUALIFIES
+                        for p in points}
+            # without a significant forgetting nothing qualifies, whoever leads: leaders stand
+            not_qualified = (tuple(p.model for p in points if p.verdict not in ("ok", "selected"))
+                             if decision.forgetting.significant else ())
+    rejected = [c.name for c in leaders if c.model in set(not_qualified) or c.model in _stopped(screening)]
+    return ScreeningRun(screening, stages, rest_rounds, rejected, on_share, rest, whole)
 
 
-def _stop_lines_on_whole(screening: Screening, shown: Mapping[str, bool]) -> Screening:
-    """``screening`` with the survivors beyond :data:`LINE_STOP` consecutive points of
-    their line not shown to keep the task (on everything, or out on accuracy on the
-    share) out, unless already evaluated on the rest (module docstring, rule c).
-    ``shown``: per candidate evaluated on everything, whether the decision's own
-    non-inferiority test shows it keeps the task there."""
-    verdicts = {v.candidate.model: v for v in screening.verdicts}
-    lines: Dict[str, List[Candidate]] = {}
-    for candidate in _line_order([v.candidate for v in screening.verdicts if v.candidate.on_line]):
-        lines.setdefault(candidate.method, []).append(candidate)
-    for method, points in lines.items():
-        run: List[Candidate] = []
-        for candidate in points:
-            verdict = verdicts[candidate.model]
-            if len(run) >= LINE_STOP and verdict.status == KEEP and candidate.model not in shown:
-                verdicts[candidate.model] = Verdict(
-                    candidate, OUT,
-                    f"beyond {run[-2].name} and {run[-1].name} on its line ({method}), neither "
-                    "shown to keep the task on all the selection data (or clearly below the "
-                    "margin on the share), and accuracy only falls as the edit grows; not "
-                    "evaluated on the rest", LINE, verdict.upper_bound,
-                    verdict.loss_vs_leader)
-                continue
-            if verdict.rule == ACCURACY or shown.get(candidate.model) is False:
-                run.append(candidate)
-            elif candidate.model in shown:
-                run = []
-    return replace(screening, verdicts=tuple(verdicts[v.candidate.model] for v in screening.verdicts))
-
-
-def _rest_round(screening: Screening, rest: Mapping[str, dict]) -> List[Candidate]:
-    """The next survivors to evaluate on the rest, in plan order: every one off a line,
-    and the mildest of each line's not evaluated there yet."""
-    chosen, lines = set(), set()
-    for candidate in _line_order([c for c in screening.kept() if c.model not in rest]):
-        if candidate.on_line and candidate.method in lines:
-            continue
-        chosen.add(candidate.model)
-        if candidate.on_line:
-            lines.add(candidate.method)
-    return [c for c in screening.kept() if c.model in chosen]
+def _stopped(screening: Screening) -> set:
+    """The models out on their line (rule c)."""
+    return {v.candidate.model for v in screening.verdicts if v.rule == LINE}
 
 
 __all__ = [
@@ -809,6 +844,7 @@ __all__ = [
     "KEEP",
     "LINE",
     "LINE_STOP",
+    "LOOKAHEAD",
     "OUT",
     "PENDING",
     "REPAIR",

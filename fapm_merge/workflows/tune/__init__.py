@@ -12,7 +12,8 @@ LoRA adapter), :func:`run_tune`:
    records it, and deletes its weights: at 8B parameters a 20-variant sweep would
    otherwise need 320 GB;
    screening (default, ``screen``) evaluates each variant on a seeded share of the
-   selection data first, stage by stage, and only the survivors on the rest; their two
+   selection data first, and only the survivors on the rest, in rounds (each line one
+   point at a time, mildest first, the share then the rest); their two
    records make the record on the whole data (:mod:`fapm_merge.workflows.tradeoff.screen`);
 4. applies the selection rule to the paired results
    (:mod:`fapm_merge.workflows.tradeoff`);

@@ -228,8 +228,8 @@ class _Screened:
 def _screen_variants(executor: Executor, plan: TunePlan, work: Path, settings: TuneSettings,
                      copy_tokenizer: bool, recipe: dict, results: Path, progress: Report
                      ) -> Union[_Screened, str]:
-    """Screen the variants on a share of the selection data, stage by stage, evaluate the
-    survivors on the rest, and append their records on the whole selection data
+    """Screen the variants on a share of the selection data and evaluate the survivors on
+    the rest, round by round, and append their records on the whole selection data
     (:func:`~fapm_merge.workflows.tradeoff.screen.combine`) to ``results``, where the
     anchors' are (:mod:`fapm_merge.workflows.tradeoff.screen`). Nothing is evaluated
     when the selection data are too small to share: then the reason is returned.

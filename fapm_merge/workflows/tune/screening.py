@@ -147,13 +147,14 @@ def card_lines(document: Optional[dict]) -> List[str]:
     spent, whole = document["cost"]["screened"], document["cost"]["exhaustive"]
     return ["## Screening", "",
             f"{document['summary'][0].upper()}{document['summary'][1:]}. A candidate was dropped "
-            f"only when the share already showed it out at one-sided {document['confidence']:.2%}: "
-            "its accuracy clearly below the margin, its repair clearly below the leader's (the "
-            "candidate with the most repair the share shows keeps the task, an out that held only "
-            "once the leader qualified on all the selection data"
+            f"only when the evidence already showed it out at one-sided {document['confidence']:.2%}: "
+            "its accuracy clearly below the margin on the share, its repair clearly below the "
+            "leader's there (the candidate with the most repair shown to keep the task, an out that "
+            "held only once the leader qualified on all the selection data"
             + (f"; rejected as leader there: {', '.join(document['rejected_leaders'])}"
                if document.get("rejected_leaders") else "")
-            + "), or beyond two such points on its line. The survivors' "
+            + "), or beyond two points of its line not shown to keep the task (each line was "
+            "evaluated one point at a time, mildest first, the share then the rest). The survivors' "
             "records on the rest and on the share make their records on the whole selection data, "
             "on which the rule decided.", "",
             f"Evaluation forwarded: {spent['prompts']} prompts and {spent['window_tokens']} window "
