@@ -526,9 +526,7 @@ class Screening:
         :attr:`lookahead` points after it were screened (a stronger point may yet show it
         out on repair)."""
         status = {v.candidate.model: v.status for v in self.verdicts}
-        lines: Dict[str, List[Candidate]] = {}
-        for candidate in _line_order([v.candidate for v in self.verdicts if v.candidate.on_line]):
-            lines.setdefault(candidate.method, []).append(candidate)
+        lines = _lines([v.candidate for v in self.verdicts])
 
         def screened_ahead(candidate: Candidate) -> bool:
             if not candidate.on_line:
@@ -566,8 +564,16 @@ def _line_order(candidates: Sequence[Candidate]) -> List[Candidate]:
     return sorted(candidates, key=lambda c: (first[c.method], edit_size(c) if c.on_line else 0.0))
 
 
+def _lines(candidates: Sequence[Candidate]) -> Dict[str, List[Candidate]]:
+    """The candidates on a line, by line (method), each mildest first."""
+    lines: Dict[str, List[Candidate]] = {}
+    for candidate in _line_order([c for c in candidates if c.on_line]):
+        lines.setdefault(candidate.method, []).append(candidate)
+    return lines
+
+
 def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Mapping[str, dict], *,
-           min_retention: float = MIN_RETENTION, on_whole: Mapping[str, bool] = {},
+           min_retention: float = MIN_RETENTION, on_whole: Optional[Mapping[str, bool]] = None,
            not_qualified: Collection[str] = (), lookahead: int = LOOKAHEAD) -> Screening:
     """Each candidate's screening verdict from the records measured on the screening share
     and what the decision on all the selection data says of those evaluated there.
@@ -591,6 +597,7 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
     Returns:
         `Screening`: per candidate ``keep``, ``out`` (rule and reason) or ``pending``.
     """
+    on_whole = on_whole or {}
     models = [c.model for c in plan]
     if len(set(models)) != len(models):
         raise TradeoffError("a candidate is planned twice: " +
@@ -633,10 +640,7 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
     # (c): along each line, LINE_STOP consecutive points not shown to keep the task (out
     # on accuracy on the share, or not shown on everything) stop it. A point evaluated on
     # the share alone and not out breaks the run: its verdict on everything is to come.
-    lines: Dict[str, List[Candidate]] = {}
-    for candidate in _line_order([c for c in plan if c.on_line]):
-        lines.setdefault(candidate.method, []).append(candidate)
-    for method, points in lines.items():
+    for points in _lines(plan).values():
         run: List[Candidate] = []
         for candidate in points:
             if len(run) >= LINE_STOP:
@@ -829,13 +833,9 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
             # without a significant forgetting nothing qualifies, whoever leads: leaders stand
             not_qualified = (tuple(p.model for p in points if p.verdict not in ("ok", "selected"))
                              if decision.forgetting.significant else ())
-    rejected = [c.name for c in leaders if c.model in set(not_qualified) or c.model in _stopped(screening)]
+    # leaders that failed on everything, or were stopped on their line before reaching it
+    rejected = [c.name for c in leaders if c.model in set(not_qualified) or screening.verdict(c.model).rule == LINE]
     return ScreeningRun(screening, stages, rest_rounds, rejected, on_share, rest, whole)
-
-
-def _stopped(screening: Screening) -> set:
-    """The models out on their line (rule c)."""
-    return {v.candidate.model for v in screening.verdicts if v.rule == LINE}
 
 
 __all__ = [
