@@ -1,7 +1,7 @@
 """Screened vs exhaustive decisions, replayed from stored per-item results: cost and agreement.
 
     python benchmarks/bench_screening.py RESULTS [--base PATH] [--finetuned PATH]
-        [--min-retention 0.99] [--min-repair 0.1] [--share 0.3] [--seed 0] [--lookahead 0]
+        [--min-retention 0.99] [--min-repair 0.1] [--share 0.3] [--seed 0]
         [--json FILE]
 
 RESULTS is a results file of ``fapm-merge eval`` with its items file beside it (e.g. the
@@ -39,7 +39,6 @@ from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.workflows.tradeoff import Rule, compute_tradeoff, read_results
 from fapm_merge.workflows.tradeoff.rules import MIN_REPAIR, MIN_RETENTION
 from fapm_merge.workflows.tradeoff.screen import (
-    LOOKAHEAD,
     SCREEN_SEED,
     SCREEN_SHARE,
     Candidate,
@@ -61,7 +60,7 @@ def _pick(result) -> Optional[str]:
 
 def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str] = None,
            min_retention: float = MIN_RETENTION, min_repair: float = MIN_REPAIR,
-           share: float = SCREEN_SHARE, seed: int = SCREEN_SEED, lookahead: int = LOOKAHEAD) -> dict:
+           share: float = SCREEN_SHARE, seed: int = SCREEN_SEED) -> dict:
     """Both decisions and their cost (module docstring); a JSON-ready dict."""
     records = read_results(results)
     rule = Rule(min_retention=min_retention, min_repair=min_repair)
@@ -76,7 +75,7 @@ def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str
             for r in records if r["model"] not in anchors]
     # "evaluating" a candidate on a part is cutting its whole record to that part
     run = run_screening(
-        plan, base_record, ft_record, cut, rule=rule, lookahead=lookahead,
+        plan, base_record, ft_record, cut, rule=rule,
         evaluate_share=lambda stage: {c.model: restrict(by_model[c.model], cut, screened=True) for c in stage},
         evaluate_rest=lambda stage: {c.model: restrict(by_model[c.model], cut, screened=False) for c in stage})
     for model, whole in run.whole.items():  # the replay must rebuild what was measured
@@ -145,13 +144,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--min-repair", type=float, default=MIN_REPAIR)
     parser.add_argument("--share", type=float, default=SCREEN_SHARE, help="the screening share")
     parser.add_argument("--seed", type=int, default=SCREEN_SEED, help="the screening share's seed")
-    parser.add_argument("--lookahead", type=int, default=LOOKAHEAD,
-                        help="how far a line's share runs ahead of its survivors' verdicts on everything")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args(argv)
     summary = replay(args.results, base=args.base, finetuned=args.finetuned,
                      min_retention=args.min_retention, min_repair=args.min_repair,
-                     share=args.share, seed=args.seed, lookahead=args.lookahead)
+                     share=args.share, seed=args.seed)
     print(table(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

@@ -184,10 +184,12 @@ def test_a_line_stops_after_two_consecutive_points_out_on_accuracy_stage_by_stag
         evaluated.update({c.model: on_share(c.name, losing(lost.get(c.name, 0))) for c in stage})
         on_whole.update({c.model: True for c in rest})  # every survivor keeps the task on everything
     # the mildest pending point of each line first (WiSE-FT: the highest alpha), off-line ones at
-    # once; a line's next point waits for the rest of the survivor before it
-    assert stages == [["fapm-s0.1", "wiseft-a0.9", "fapm-depth"], ["wiseft-a0.7"], ["fapm-s0.3"],
-                      ["wiseft-a0.5"], ["fapm-s0.5", "wiseft-a0.3"], ["fapm-s0.7"]]
-    assert rests == [[], ["fapm-s0.1", "fapm-depth"], ["wiseft-a0.7"], ["fapm-s0.3"], [], []]
+    # once; a line screens on while fewer than two points before its next one may end up not
+    # shown to keep the task (waiting ones included), then sends its strongest survivor to the
+    # rest; fapm-s0.1 waits until its line has nothing left to screen
+    assert stages == [["fapm-s0.1", "wiseft-a0.9", "fapm-depth"], ["fapm-s0.3", "wiseft-a0.7"], [],
+                      ["fapm-s0.5", "wiseft-a0.5"], ["fapm-s0.7", "wiseft-a0.3"], []]
+    assert rests == [[], ["fapm-depth"], ["fapm-s0.3", "wiseft-a0.7"], [], [], ["fapm-s0.1"]]
     verdicts = {v.candidate.name: v for v in result.verdicts}
     for name in ("fapm-s0.9", "fapm-s0.95"):
         assert (verdicts[name].status, verdicts[name].rule) == (OUT, LINE)
@@ -331,35 +333,24 @@ def test_the_benchmark_replays_both_decisions_from_a_results_file(tmp_path):
     assert summary["exhaustive"]["pick"] == summary["screened"]["pick"] == "fapm-s0.5"
     assert summary["agree"] and "agree: yes" in run.stdout
     verdicts = {v["name"]: v for v in summary["screening"]["verdicts"]}
-    # each line one point at a time, the share then the rest: the mild points, which keep the
-    # task, are evaluated on everything before a stronger one could lead
+    # the fapm line screens on while its survivors wait: fapm-s0.3, then fapm-s0.5, each shown
+    # to keep the task on the share, leads there and puts the milder ones out on repair before
+    # their rest is spent; magnitude, its line's only point, goes to the rest at once
     assert {n: (v["status"], v["rule"]) for n, v in verdicts.items()} == {
-        "fapm-s0.1": (KEEP, None), "fapm-s0.3": (KEEP, None), "fapm-s0.5": (KEEP, None),
+        "fapm-s0.1": (OUT, REPAIR), "fapm-s0.3": (OUT, REPAIR), "fapm-s0.5": (KEEP, None),
         "fapm-s0.7": (OUT, ACCURACY), "fapm-s0.9": (OUT, ACCURACY), "fapm-s0.95": (OUT, LINE),
         "magnitude-s0.5": (KEEP, None)}
     assert summary["stages"] == [["fapm-s0.1", "magnitude-s0.5"], ["fapm-s0.3"], ["fapm-s0.5"],
                                  ["fapm-s0.7"], ["fapm-s0.9"]]
-    assert summary["rest_rounds"] == [["fapm-s0.1", "magnitude-s0.5"], ["fapm-s0.3"], ["fapm-s0.5"]]
+    assert summary["rest_rounds"] == [["magnitude-s0.5"], ["fapm-s0.5"]]
     assert summary["screening"]["leader"] == "fapm-s0.5"
     share = summary["share"]
     assert (share["prompts"], share["window_tokens"]) == (180, 36 * 50)
     assert summary["exhaustive"]["prompts"] == 9 * 600
-    # anchors on everything, 6 candidates on the share, 4 survivors on the rest
-    assert summary["screened"]["prompts"] == 2 * 600 + 6 * 180 + 4 * 420
-    assert summary["screened"]["window_tokens"] == 2 * 6000 + 6 * 1800 + 4 * 4200
+    # anchors on everything, 6 candidates on the share, 2 survivors on the rest
+    assert summary["screened"]["prompts"] == 2 * 600 + 6 * 180 + 2 * 420
+    assert summary["screened"]["window_tokens"] == 2 * 6000 + 6 * 1800 + 2 * 4200
     assert "prompts (prompt and choice tokens are not in the records)" in run.stdout
-    # one point ahead: fapm-s0.3 on the share shows fapm-s0.1 out on repair before its rest,
-    # and fapm-s0.5 then fapm-s0.3 (and magnitude, its line's only point, goes at once)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_screening import replay
-
-    ahead = replay(results, min_retention=0.9, lookahead=1)
-    assert ahead["screened"]["pick"] == "fapm-s0.5"
-    assert ahead["stages"] == [["fapm-s0.1", "magnitude-s0.5"], ["fapm-s0.3"], ["fapm-s0.5"],
-                               ["fapm-s0.7"], ["fapm-s0.9"]]
-    assert ahead["rest_rounds"] == [["magnitude-s0.5"], ["fapm-s0.5"]]
-    assert {v["name"]: v["rule"] for v in ahead["screening"]["verdicts"]}["fapm-s0.1"] == REPAIR
-    assert ahead["screened"]["prompts"] == 2 * 600 + 6 * 180 + 2 * 420
 
 
 def test_records_of_an_older_eval_without_documents_round_trip_as_one_text():
@@ -474,7 +465,9 @@ def test_a_line_stops_on_the_whole_data_after_two_points_not_shown_to_keep_the_t
                         evaluate_share=lambda stage: {c.model: on_share[c.model] for c in stage},
                         evaluate_rest=lambda stage: {c.model: restrict(whole[c.model], cut, screened=False)
                                                      for c in stage})
-    assert run.rest_rounds == [["fapm-s0.1"], ["fapm-s0.3"], ["fapm-s0.5"]]
+    # the line screens fapm-s0.3 while fapm-s0.1 waits, then sends its strongest survivor to the
+    # rest first; fapm-s0.3 fails there, so fapm-s0.1 is needed, and then fapm-s0.5
+    assert run.rest_rounds == [["fapm-s0.3"], ["fapm-s0.1"], ["fapm-s0.5"]]
     # Regression (issue 23): the share was spent on every point before any was evaluated on
     # everything (1.16x today's grid on the replication's full arm); now a line waits for each
     # survivor's verdict there, and its strong end costs nothing
@@ -491,3 +484,62 @@ def test_a_line_stops_on_the_whole_data_after_two_points_not_shown_to_keep_the_t
                                          "shown to keep the task on all the selection data")
     screened = compute_tradeoff([base, ft, *run.whole.values()], base=BASE, finetuned=FT, rule=rule)
     assert exhaustive.selected.name == screened.selected.name == "fapm-s0.1"
+
+
+def test_the_strongest_survivor_goes_to_the_rest_first_and_spares_the_milder_ones_theirs():
+    """fapm-s0.3 repairs the most, but loses a few answers on the share, which therefore cannot
+    show it keeps the task: it cannot lead there. fapm-s0.1 and depth (off its line) keep the
+    task and repair less. Regression (issue 23): each line waited for its mildest survivor's
+    verdict on everything before screening on, so fapm-s0.1 (and depth, at once) paid their
+    rest before fapm-s0.3 could lead; on the replication's LoRA arm the mild points of four
+    FAPM lines did (9,980 prompts, 1.25x the grid; now 8,675). Now the line screens on while
+    fapm-s0.1 waits, sends its strongest survivor first, and of the two proposals the one with
+    the lowest loss on the share goes alone: it qualifies on everything, leads, and the
+    others are out on repair without their rest."""
+    base, ft = (record(BASE, "0" * 200, BASE_LOSSES, TOKENS, DOCUMENTS),
+                record(FT, PROMPTS_FT, FT_LOSSES, TOKENS, DOCUMENTS))
+    cut = share_of(ft)
+    share_prompts = set(cut.part(True)[0])
+    on_share_correct = [i for i, c in enumerate(PROMPTS_FT) if c == "1" and i in share_prompts]
+
+    def losing_on_share(n):
+        gone = set(on_share_correct[:n])
+        return "".join("0" if i in gone else c for i, c in enumerate(PROMPTS_FT))
+
+    whole = {
+        "/m/fapm-s0.1": (PROMPTS_FT, 10, fapm(0.1)),
+        "/m/fapm-s0.3": (losing_on_share(6), 14, fapm(0.3)),
+        "/m/fapm-s0.5": (losing(60), 16, fapm(0.5)),
+        "/m/fapm-s0.7": (losing(80), 17, fapm(0.7)),
+        "/m/fapm-s0.9": (losing(100), 18, fapm(0.9)),
+        "/m/fapm-b0.25-s0.1": (PROMPTS_FT, None, fapm(0.1, beta=0.25)),
+        "/m/fapm-b0.25-s0.3": (losing(60), 12, fapm(0.3, beta=0.25)),
+        "/m/fapm-b0.25-s0.5": (losing(80), 13, fapm(0.5, beta=0.25)),
+    }
+    near = [v - 10 + random.Random(i).uniform(-0.5, 0.6) for i, v in enumerate(FT_LOSSES)]
+    whole = {m: record(m, correct, near if cut_ is None else [v - cut_ for v in FT_LOSSES], TOKENS,
+                       DOCUMENTS, recipe=recipe)
+             for m, (correct, cut_, recipe) in whole.items()}
+    plan = [Candidate.of(m, r["name"], r["recipe"]) for m, r in whole.items()]
+
+    from fapm_merge.workflows.tradeoff import Rule, compute_tradeoff
+    from fapm_merge.workflows.tradeoff.screen import run_screening
+
+    rule = Rule(min_retention=0.9)
+    run = run_screening(plan, base, ft, cut, rule=rule,
+                        evaluate_share=lambda stage: {c.model: restrict(whole[c.model], cut, screened=True)
+                                                      for c in stage},
+                        evaluate_rest=lambda stage: {c.model: restrict(whole[c.model], cut, screened=False)
+                                                     for c in stage})
+    assert run.stages == [["fapm-s0.1", "fapm-b0.25-s0.1"], ["fapm-s0.3", "fapm-b0.25-s0.3"],
+                          ["fapm-s0.5", "fapm-b0.25-s0.5"], ["fapm-s0.7"]]
+    assert run.rest_rounds == [["fapm-s0.3"]]  # fapm-b0.25-s0.1 was proposed with it, and waited
+    for name in ("fapm-s0.1", "fapm-b0.25-s0.1"):
+        verdict = run.screening.verdict(f"/m/{name}")
+        assert (verdict.status, verdict.rule) == (OUT, REPAIR)
+        assert verdict.reason.startswith("repair clearly below the leader fapm-s0.3's on the screening share")
+        assert f"/m/{name}" not in run.rest
+    assert run.screening.leader.name == "fapm-s0.3"
+    exhaustive = compute_tradeoff([base, ft, *whole.values()], base=BASE, finetuned=FT, rule=rule)
+    screened = compute_tradeoff([base, ft, *run.whole.values()], base=BASE, finetuned=FT, rule=rule)
+    assert exhaustive.selected.name == screened.selected.name == "fapm-s0.3"

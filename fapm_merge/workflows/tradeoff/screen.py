@@ -33,12 +33,23 @@ shows it out, at a stricter level than the decision's (:data:`SCREEN_CONFIDENCE`
     accuracy came back would lose its stronger points). A point counts when the share
     shows it out on (a), or when the decision's own accuracy test on all the selection
     data fails or cannot decide; a point the share keeps and whose verdict on
-    everything is still to come breaks the run. A line is therefore evaluated **one
-    point at a time, mildest first, the share and then the rest**: its next point
-    waits until the survivor before it has its verdict on everything, so the strong
-    end of a line that loses the task costs nothing. The pick must be shown to keep
-    the task, so it can be lost this way only if it did where two milder points of its
+    everything is still to come breaks the run. The pick must be shown to keep the
+    task, so it can be lost this way only if it did where two milder points of its
     own line could not.
+
+**The order of evaluation** (:meth:`Screening.next_stage`, :meth:`Screening.rest_stage`)
+changes no rule above, only which records exist when they are applied, and so what
+the rules can spare. A line is screened mildest first, **as far as rule (c) lets it**:
+its next point goes on the share as soon as fewer than :data:`LINE_STOP` points right
+before it are out on accuracy, not shown to keep the task on everything, or still
+waiting for that verdict (its share is then spent whatever those verdicts say), so the
+strong end of a line that loses the task is never screened. A line that can screen no
+further sends its **strongest** waiting survivor to the rest: should it keep the task
+on everything it may lead, and its milder survivors, repairing less, may go out on
+repair (b) before their rest is spent. And of the survivors proposed for the rest in a
+round, the one with the lowest loss on the share goes first, with those the share does
+not show repairing clearly less than it; the others wait for its verdict, which may
+make it the leader that puts them out.
 
 **Why one level per test, and not a Bonferroni share of it over the K candidates.**
 Screening must not change the decision, and the decision over a subset of the
@@ -68,7 +79,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fapm_merge.evaluation import noninferiority as ni
@@ -91,13 +102,6 @@ decision's 95%, and not divided among the candidates)."""
 LINE_STOP = 2
 """Consecutive points of a line out on accuracy after which its stronger points are out
 unevaluated: one could be bad luck on the share, two in a row of a monotone edit are not."""
-
-LOOKAHEAD = 0
-"""How many points of a line are screened on the share beyond the survivor waiting for
-the rest. More lets a stronger point show a milder one out on repair before the rest
-is spent on it, but every point ahead costs its share even where the line then stops:
-1 cost more than 0 on the demo pair and on the replication's full arm
-(docs/performance.md), so a line waits for each survivor's verdict on everything."""
 
 KEEP, OUT, PENDING = "keep", "out", "pending"
 """A candidate's screening status."""
@@ -467,8 +471,12 @@ class Screening:
         not_qualified (`Tuple[str, ...]`): the models the whole-data decision did not
             qualify, so none of them leads (:func:`run_screening`).
         on_whole (`Tuple[str, ...]`): the models evaluated on all the selection data.
-        lookahead (`int`, defaults to :data:`LOOKAHEAD`): how far a line's share runs
-            ahead of its survivors' verdicts on everything.
+        kept_on_whole (`Tuple[str, ...]`): those of them the decision's own test there
+            shows keep the task.
+        share_losses (`Mapping[str, List[float]]`, *optional*), share_tokens (`List[int]`,
+            *optional*), share_documents (`List[int]`, *optional*): the evaluated
+            candidates' window losses on the share by model, the windows' tokens and
+            documents (None: one document), for :meth:`rest_stage`'s comparisons.
     """
 
     verdicts: Tuple[Verdict, ...]
@@ -479,7 +487,10 @@ class Screening:
     windows: int = 0
     not_qualified: Tuple[str, ...] = ()
     on_whole: Tuple[str, ...] = ()
-    lookahead: int = LOOKAHEAD
+    kept_on_whole: Tuple[str, ...] = ()
+    share_losses: Optional[Mapping[str, List[float]]] = field(default=None, repr=False, compare=False)
+    share_tokens: Optional[List[int]] = field(default=None, repr=False, compare=False)
+    share_documents: Optional[List[int]] = field(default=None, repr=False, compare=False)
 
     def _with(self, status: str) -> List[Candidate]:
         return [v.candidate for v in self.verdicts if v.status == status]
@@ -510,42 +521,58 @@ class Screening:
 
     def next_stage(self) -> List[Candidate]:
         """What to evaluate on the screening share next, in plan order: every pending
-        candidate off a line, and the mildest pending point of each line whose share runs
-        at most :attr:`lookahead` points ahead of its survivors' verdicts on everything (so
-        that the line rule, on the share and then on everything, can spare the stronger
-        ones)."""
-        waiting: Dict[str, int] = {}
-        for candidate in self.waiting():
-            waiting[candidate.method] = waiting.get(candidate.method, 0) + 1
-        return self._first_per_line([c for c in self.pending()
-                                     if not c.on_line or waiting.get(c.method, 0) <= self.lookahead])
+        candidate off a line and the mildest pending point of each line, once no verdict
+        still to come could stop the line before it (:meth:`_open_run`): its share is then
+        spent whatever those verdicts say, and it may show a milder point out on repair
+        before that one's rest is spent."""
+        verdicts = {v.candidate.model: v for v in self.verdicts}
+        chosen = set()
+        for points in _lines([v.candidate for v in self.verdicts]).values():
+            pending = [c for c in points if verdicts[c.model].status == PENDING]
+            if pending and self._open_run(points[:points.index(pending[0])]) < LINE_STOP:
+                chosen.add(pending[0].model)
+        return [c for c in self.pending() if not c.on_line or c.model in chosen]
 
     def rest_stage(self) -> List[Candidate]:
-        """What to evaluate on the rest next, in plan order: every survivor off a line
-        waiting for it, and the mildest waiting survivor of each line once the
-        :attr:`lookahead` points after it were screened (a stronger point may yet show it
-        out on repair)."""
-        status = {v.candidate.model: v.status for v in self.verdicts}
-        lines = _lines([v.candidate for v in self.verdicts])
+        """What to evaluate on the rest next, in plan order. The proposals: every survivor
+        off a line waiting for it and, of each line with nothing to screen this round
+        (:meth:`next_stage`), its strongest waiting survivor (should it keep the task on
+        everything, it may lead and show the milder ones out on repair before their rest
+        is spent; should it not, the milder one is proposed next). Of those, the one with
+        the lowest loss on the share goes, with every other the share does not show
+        repairing clearly less than it (rule b's test, as if it led): should it qualify
+        on everything, it leads and they are out; should it not, they are proposed again."""
+        to_share = {c.model for c in self.next_stage()}
+        waiting = self.waiting()
+        proposals = {c.model for c in waiting if not c.on_line}
+        for points in _lines([v.candidate for v in self.verdicts]).values():
+            if not any(c.model in to_share for c in points):
+                survivors = [c for c in points if c in waiting]
+                if survivors:
+                    proposals.add(survivors[-1].model)
+        ordered = [v.candidate.model for v in self.verdicts if v.candidate.model in proposals]
+        if len(ordered) > 1 and self.share_losses is not None:
+            losses, tokens = self.share_losses, self.share_tokens
+            best = min(ordered, key=lambda m: _mean_loss(losses[m], tokens))  # ties: plan order
+            ordered = [m for m in ordered if m == best or not stats.loss_difference(
+                losses[m], losses[best], tokens, groups=self.share_documents,
+                confidence=2 * self.confidence - 1).low > 0]
+        return [v.candidate for v in self.verdicts if v.candidate.model in set(ordered)]
 
-        def screened_ahead(candidate: Candidate) -> bool:
-            if not candidate.on_line:
-                return True
-            points = lines[candidate.method]
-            after = points[points.index(candidate) + 1:][:self.lookahead]
-            return all(status[c.model] != PENDING for c in after)
-
-        return self._first_per_line([c for c in self.waiting() if screened_ahead(c)])
-
-    def _first_per_line(self, candidates: List[Candidate]) -> List[Candidate]:
-        chosen, lines = set(), set()
-        for candidate in _line_order(candidates):
-            if candidate.on_line and candidate.method in lines:
-                continue
-            chosen.add(candidate.model)
-            if candidate.on_line:
-                lines.add(candidate.method)
-        return [c for c in candidates if c.model in chosen]
+    def _open_run(self, milder: Sequence[Candidate]) -> int:
+        """How many of a line's ``milder`` points (all screened, mildest first) right
+        before its next one may end up not shown to keep the task, which rule (c) counts:
+        out on accuracy on the share, not shown to keep it on everything, or still
+        waiting for that verdict."""
+        verdicts = {v.candidate.model: v for v in self.verdicts}
+        shown = set(self.kept_on_whole)
+        run = 0
+        for candidate in reversed(milder):
+            verdict = verdicts[candidate.model]
+            if not (verdict.rule == ACCURACY or (verdict.status == KEEP and candidate.model not in shown)):
+                break
+            run += 1
+        return run
 
     def to_json(self) -> dict:
         names = {v.candidate.model: v.candidate.name for v in self.verdicts}
@@ -574,7 +601,7 @@ def _lines(candidates: Sequence[Candidate]) -> Dict[str, List[Candidate]]:
 
 def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Mapping[str, dict], *,
            min_retention: float = MIN_RETENTION, on_whole: Optional[Mapping[str, bool]] = None,
-           not_qualified: Collection[str] = (), lookahead: int = LOOKAHEAD) -> Screening:
+           not_qualified: Collection[str] = ()) -> Screening:
     """Each candidate's screening verdict from the records measured on the screening share
     and what the decision on all the selection data says of those evaluated there.
 
@@ -591,8 +618,6 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
             there may lead, rule b).
         not_qualified (`Collection[str]`, defaults to none): models the decision on the
             whole selection data did not qualify; none of them may lead (rule b).
-        lookahead (`int`, defaults to :data:`LOOKAHEAD`): how far a line's share may run
-            ahead of its survivors' verdicts on everything (:meth:`Screening.next_stage`).
 
     Returns:
         `Screening`: per candidate ``keep``, ``out`` (rule and reason) or ``pending``.
@@ -697,7 +722,8 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
             candidate, PENDING, "not evaluated on the screening share yet"))
     return Screening(tuple(verdicts[c.model] for c in plan), confidence, margin, leader,
                      len(correct_ft), len(tokens), tuple(m for m in models if m in set(not_qualified)),
-                     tuple(m for m in models if m in on_whole), lookahead)
+                     tuple(m for m in models if m in on_whole),
+                     tuple(m for m in models if on_whole.get(m)), losses, list(tokens), window_groups)
 
 
 def _beyond(candidate: Candidate, run: List[Candidate], check: Optional[ni.NonInferiority],
@@ -768,7 +794,7 @@ class ScreeningRun:
 def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share: ScreeningShare, *,
                   evaluate_share: Callable[[List[Candidate]], Mapping[str, dict]],
                   evaluate_rest: Callable[[List[Candidate]], Mapping[str, dict]],
-                  rule: Any = None, lookahead: int = LOOKAHEAD) -> ScreeningRun:
+                  rule: Any = None) -> ScreeningRun:
     """Screen ``plan`` round by round until nothing is left to evaluate: each round
     evaluates on the share what :meth:`Screening.next_stage` names and on the rest what
     :meth:`Screening.rest_stage` names, then the decision on all the selection data says
@@ -786,7 +812,6 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
         evaluate_share, evaluate_rest (`Callable`): evaluate these candidates on the
             share's (the rest's) prompts and documents; their records by model.
         rule (`Rule`, *optional*): the decision's (the repair rule at its defaults).
-        lookahead (`int`, defaults to :data:`LOOKAHEAD`): as :func:`screen`'s.
 
     Returns:
         `ScreeningRun`.
@@ -808,7 +833,7 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
     leaders: List[Candidate] = []
     while True:
         screening = screen(plan, base_share, ft_share, on_share, min_retention=rule.min_retention,
-                           on_whole=on_whole, not_qualified=not_qualified, lookahead=lookahead)
+                           on_whole=on_whole, not_qualified=not_qualified)
         if screening.leader is not None and screening.leader not in leaders:
             leaders.append(screening.leader)
         to_share, to_rest = screening.next_stage(), screening.rest_stage()
@@ -844,7 +869,6 @@ __all__ = [
     "KEEP",
     "LINE",
     "LINE_STOP",
-    "LOOKAHEAD",
     "OUT",
     "PENDING",
     "REPAIR",

@@ -12,8 +12,9 @@ LoRA adapter), :func:`run_tune`:
    records it, and deletes its weights: at 8B parameters a 20-variant sweep would
    otherwise need 320 GB;
    screening (default, ``screen``) evaluates each variant on a seeded share of the
-   selection data first, and only the survivors on the rest, in rounds (each line one
-   point at a time, mildest first, the share then the rest); their two
+   selection data first, and only the survivors on the rest, in rounds (each line
+   screened mildest first as far as its line rule allows, its strongest survivor
+   first to the rest, the likeliest leader before the others); their two
    records make the record on the whole data (:mod:`fapm_merge.workflows.tradeoff.screen`);
 4. applies the selection rule to the paired results
    (:mod:`fapm_merge.workflows.tradeoff`);

@@ -154,7 +154,8 @@ def card_lines(document: Optional[dict]) -> List[str]:
             + (f"; rejected as leader there: {', '.join(document['rejected_leaders'])}"
                if document.get("rejected_leaders") else "")
             + "), or beyond two points of its line not shown to keep the task (each line was "
-            "evaluated one point at a time, mildest first, the share then the rest). The survivors' "
+            "screened mildest first as far as that rule allowed, and its strongest survivor went to "
+            "the rest first, the likeliest leader before the others). The survivors' "
             "records on the rest and on the share make their records on the whole selection data, "
             "on which the rule decided.", "",
             f"Evaluation forwarded: {spent['prompts']} prompts and {spent['window_tokens']} window "
