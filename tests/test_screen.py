@@ -156,6 +156,12 @@ def test_the_leader_rule_drops_clearly_worse_repair_and_the_leader_must_keep_the
     assert verdicts["near"].status == KEEP and verdicts["near"].loss_vs_leader.low <= 0
     assert (verdicts["weak"].status, verdicts["weak"].rule) == (OUT, REPAIR)
     assert verdicts["weak"].loss_vs_leader.low > 0
+    # the studentized interval over documents (few on a share: the percentile bootstrap is
+    # too narrow there, tests/test_stats.py), at the screening level
+    from fapm_merge.evaluation import stats
+    assert verdicts["weak"].loss_vs_leader == stats.loss_difference(
+        evaluated["/m/weak"]["metrics"]["text"][PER_ITEM]["window_loss"], lead, TOKENS, groups=DOCUMENTS,
+        confidence=2 * SCREEN_CONFIDENCE - 1, method="t")
     assert verdicts["weak"].reason.startswith("repair clearly below the leader lead's on the "
                                               "screening share: loss difference +0.1")
     assert verdicts["strong"].status == KEEP

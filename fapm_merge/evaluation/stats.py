@@ -8,7 +8,7 @@ values ``fapm-merge eval`` keeps (per prompt: correct or not; per window: summed
 negative log-likelihood and token count).
 
 * :func:`loss_difference`: ``L(model) - L(reference)`` (mean token loss) with a
-  95% paired bootstrap interval over windows.
+  95% paired bootstrap interval over windows (or a studentized one, for few units).
 * :func:`cf_reduction`, :func:`repair`, :func:`forgetting`: the repair as a finite
   paired reduction of CF in CF points, whether it is significant, and whether the
   fine-tune's forgetting is.
@@ -139,7 +139,7 @@ def loss_difference(
     reference_losses: Sequence[float],
     tokens: Sequence[int],
     *, groups: Optional[Sequence] = None, seed: int = SEED, resamples: int = RESAMPLES,
-    confidence: float = CONFIDENCE,
+    confidence: float = CONFIDENCE, method: str = "bootstrap",
 ) -> Interval:
     """``L(model) - L(reference)``, mean token losses on the same windows, with a
     paired interval (windows resampled, the same draw for both models).
@@ -152,11 +152,19 @@ def loss_difference(
         confidence (`float`, defaults to 0.95): the two-sided interval's level (tune's
             screening asks for a stricter one than the decision,
             :mod:`fapm_merge.workflows.tradeoff.screen`).
+        method (`str`, defaults to "bootstrap"): ``"bootstrap"`` (the paired percentile
+            bootstrap, seeded) or ``"t"`` (a studentized interval over the units,
+            :func:`_loss_difference_t`), for few units, where the percentile bootstrap
+            is too narrow: the screening share's documents.
     """
     a, b, t = _as_array(model_losses), _as_array(reference_losses), _as_array(tokens)
     check_paired(a, b, "windows")
     check_paired(a, t, "windows")
     estimate = float(_mean_loss(a, t) - _mean_loss(b, t))
+    if method == "t":
+        return _loss_difference_t(estimate, a, b, t, groups=groups, confidence=confidence)
+    if method != "bootstrap":
+        raise ValueError(f"method must be 'bootstrap' or 't', got {method!r}")
     return _loss_bootstrap(
         estimate, (a, b, t), lambda x, y, n, axis=-1: _mean_loss(x, n, axis) - _mean_loss(y, n, axis),
         same=(a == b).all(), groups=groups, seed=seed, resamples=resamples, confidence=confidence)
@@ -287,6 +295,33 @@ def _degenerate(estimate: float, n: int, clusters: Optional[int]) -> Interval:
     if units < 2:
         return Interval(estimate, -math.inf, math.inf, n, clusters)
     return Interval(estimate, estimate, estimate, n, clusters)
+
+
+def _loss_difference_t(estimate: float, a, b, t, *, groups: Optional[Sequence],
+                       confidence: float) -> Interval:
+    """``loss_difference``'s ``method="t"``: the studentized interval of the ratio
+    ``sum(a - b) / sum(t)`` over units (documents with ``groups``, else windows), from
+    its linearization: per unit ``r_i = (a_i - b_i) - estimate * t_i``, standard error
+    ``sqrt(n / (n - 1) * sum(r_i^2)) / sum(t)``, Student's t with ``n - 1`` degrees of
+    freedom (W. G. Cochran, *Sampling Techniques*, 3rd ed., 1977, sec. 6.4). Unlike the
+    percentile bootstrap it widens as the units get few: with the screening share's
+    ~11 documents the percentile cluster bootstrap's 99% one-sided bound was crossed
+    about 2% of the time under no difference (tests/test_stats.py)."""
+    import numpy as np
+    from scipy import stats as scipy_stats
+
+    n, clusters = len(a), None
+    columns = (a, b, t)
+    if groups is not None:
+        columns, clusters = cluster_sums(groups, a, b, t)
+    units = len(columns[0])
+    if units < 2 or (a == b).all():
+        return _degenerate(estimate, n, clusters)
+    summed_a, summed_b, summed_t = columns
+    residuals = (summed_a - summed_b) - estimate * summed_t
+    error = math.sqrt(units / (units - 1) * float(np.sum(residuals ** 2))) / float(np.sum(summed_t))
+    quantile = float(scipy_stats.t.ppf(0.5 + confidence / 2, units - 1))
+    return Interval(estimate, estimate - quantile * error, estimate + quantile * error, n, clusters)
 
 
 def _loss_bootstrap(estimate: float, columns: tuple, statistic, *, same: bool,
