@@ -494,14 +494,14 @@ def test_a_line_stops_on_the_whole_data_after_two_points_not_shown_to_keep_the_t
 
 def test_the_strongest_survivor_goes_to_the_rest_first_and_spares_the_milder_ones_theirs():
     """fapm-s0.3 repairs the most, but loses a few answers on the share, which therefore cannot
-    show it keeps the task: it cannot lead there. fapm-s0.1 and depth (off its line) keep the
-    task and repair less. Regression (issue 23): each line waited for its mildest survivor's
-    verdict on everything before screening on, so fapm-s0.1 (and depth, at once) paid their
-    rest before fapm-s0.3 could lead; on the replication's LoRA arm the mild points of four
-    FAPM lines did (9,980 prompts, 1.25x the grid; now 8,675). Now the line screens on while
-    fapm-s0.1 waits, sends its strongest survivor first, and of the two proposals the one with
-    the lowest loss on the share goes alone: it qualifies on everything, leads, and the
-    others are out on repair without their rest."""
+    show it keeps the task: it cannot lead there. fapm-s0.1 and fapm-b0.25-s0.1 (another
+    line) keep the task and repair less. Regression (issue 23): each line waited for its
+    mildest survivor's verdict on everything before screening on, so fapm-s0.1 and
+    fapm-b0.25-s0.1 paid their rest before fapm-s0.3 could lead; on the replication's LoRA arm the mild points of
+    several FAPM lines did (10,485 prompts with the studentized test, 1.31x the grid; now
+    9,702). Now the line screens on while fapm-s0.1 waits, sends its strongest survivor
+    first, and of the two proposals the one with the lowest loss on the share goes alone:
+    it qualifies on everything, leads, and the others are out on repair without their rest."""
     base, ft = (record(BASE, "0" * 200, BASE_LOSSES, TOKENS, DOCUMENTS),
                 record(FT, PROMPTS_FT, FT_LOSSES, TOKENS, DOCUMENTS))
     cut = share_of(ft)
