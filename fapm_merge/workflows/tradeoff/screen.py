@@ -17,10 +17,10 @@ shows it out, at a stricter level than the decision's (:data:`SCREEN_CONFIDENCE`
 (b) **repair**: it repairs clearly less than the **leader**: the one-sided lower bound
     of its paired loss difference to the leader lies above 0
     (:func:`fapm_merge.evaluation.stats.loss_difference`, a studentized interval over
-    whole documents: :data:`SCREEN_INTERVAL`). The leader is the candidate with the lowest loss on the
-    share (the largest CF cut) among those shown to keep the task at the decision's own
-    level (one-sided 95% lower bound above ``-margin``): on all the selection data when
-    it was evaluated there, else on the share. An out on repair is **provisional**: it
+    whole documents: :data:`SCREEN_INTERVAL`). The leader is the candidate with the
+    lowest loss on the share (the largest CF cut) among those shown to keep the task at
+    the decision's own level (one-sided 95% lower bound above ``-margin``): on all the
+    selection data when it was evaluated there, else on the share. An out on repair is **provisional**: it
     holds only once the leader qualifies on the whole selection data. When it does
     not, it may no longer lead, the next one leads, and what it alone showed out goes
     on to the rest (:func:`run_screening`): a leader that fails would otherwise take
@@ -808,10 +808,10 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
     evaluates on the share what :meth:`Screening.next_stage` names and on the rest what
     :meth:`Screening.rest_stage` names, then the decision on all the selection data says
     which survivors keep the task and qualify there, and :func:`screen` rules again with
-    that. So a line is evaluated one point at a time, the share then the rest, and stops
-    where two consecutive points are not shown to keep the task, before its stronger
-    points cost anything; a leader that does not qualify on everything stops leading, and
-    what it alone showed out is kept again (module docstring, rules b and c).
+    that. So a line stops where two consecutive points are not shown to keep the task,
+    before its stronger points cost anything; a leader that does not qualify on
+    everything stops leading, and what it alone showed out is kept again (module
+    docstring, rules b and c, and the order of evaluation).
 
     Args:
         plan (`Sequence[Candidate]`): every candidate, in plan order.
