@@ -1,8 +1,7 @@
 """Screened vs exhaustive decisions, replayed from stored per-item results: cost and agreement.
 
     python benchmarks/bench_screening.py RESULTS [--base PATH] [--finetuned PATH]
-        [--min-retention 0.99] [--min-repair 0.1] [--share 0.3] [--seed 0]
-        [--json FILE]
+        [--min-retention 0.99] [--min-repair 0.1] [--share 0.3] [--seed 0] [--json FILE]
 
 RESULTS is a results file of ``fapm-merge eval`` with its items file beside it (e.g. the
 replication's ``experiments/work/results/main.jsonl`` or a tune work folder's

@@ -154,7 +154,7 @@ def loss_difference(
             :mod:`fapm_merge.workflows.tradeoff.screen`).
         method (`str`, defaults to "bootstrap"): ``"bootstrap"`` (the paired percentile
             bootstrap, seeded) or ``"t"`` (a studentized interval over the units,
-            :func:`_loss_difference_t`), for few units, where the percentile bootstrap
+            :func:`_studentized_bounds`), for few units, where the percentile bootstrap
             is too narrow: the screening share's documents.
     """
     a, b, t = _as_array(model_losses), _as_array(reference_losses), _as_array(tokens)
@@ -162,7 +162,8 @@ def loss_difference(
     check_paired(a, t, "windows")
     estimate = float(_mean_loss(a, t) - _mean_loss(b, t))
     if method == "t":
-        return _loss_difference_t(estimate, a, b, t, groups=groups, confidence=confidence)
+        return _unit_interval(estimate, (a, b, t), lambda units: _studentized_bounds(
+            estimate, *units, confidence=confidence), same=(a == b).all(), groups=groups)
     if method != "bootstrap":
         raise ValueError(f"method must be 'bootstrap' or 't', got {method!r}")
     return _loss_bootstrap(
@@ -297,10 +298,9 @@ def _degenerate(estimate: float, n: int, clusters: Optional[int]) -> Interval:
     return Interval(estimate, estimate, estimate, n, clusters)
 
 
-def _loss_difference_t(estimate: float, a, b, t, *, groups: Optional[Sequence],
-                       confidence: float) -> Interval:
-    """``loss_difference``'s ``method="t"``: the studentized interval of the ratio
-    ``sum(a - b) / sum(t)`` over units (documents with ``groups``, else windows), from
+def _studentized_bounds(estimate: float, a, b, t, *, confidence: float) -> tuple:
+    """``loss_difference``'s ``method="t"`` on per-unit sums (documents with ``groups``,
+    else windows): the studentized interval of the ratio ``sum(a - b) / sum(t)`` from
     its linearization: per unit ``r_i = (a_i - b_i) - estimate * t_i``, standard error
     ``sqrt(n / (n - 1) * sum(r_i^2)) / sum(t)``, Student's t with ``n - 1`` degrees of
     freedom (W. G. Cochran, *Sampling Techniques*, 3rd ed., 1977, sec. 6.4). Unlike the
@@ -310,34 +310,35 @@ def _loss_difference_t(estimate: float, a, b, t, *, groups: Optional[Sequence],
     import numpy as np
     from scipy import stats as scipy_stats
 
-    n, clusters = len(a), None
-    columns = (a, b, t)
-    if groups is not None:
-        columns, clusters = cluster_sums(groups, a, b, t)
-    units = len(columns[0])
-    if units < 2 or (a == b).all():
-        return _degenerate(estimate, n, clusters)
-    summed_a, summed_b, summed_t = columns
-    residuals = (summed_a - summed_b) - estimate * summed_t
-    error = math.sqrt(units / (units - 1) * float(np.sum(residuals ** 2))) / float(np.sum(summed_t))
+    units = len(a)
+    residuals = (a - b) - estimate * t
+    error = math.sqrt(units / (units - 1) * float(np.sum(residuals ** 2))) / float(np.sum(t))
     quantile = float(scipy_stats.t.ppf(0.5 + confidence / 2, units - 1))
-    return Interval(estimate, estimate - quantile * error, estimate + quantile * error, n, clusters)
+    return estimate - quantile * error, estimate + quantile * error
 
 
-def _loss_bootstrap(estimate: float, columns: tuple, statistic, *, same: bool,
-                    groups: Optional[Sequence], seed: int, resamples: int,
-                    confidence: float = CONFIDENCE) -> Interval:
-    """The paired bootstrap of a statistic of summed window losses and tokens: windows
-    resampled, or whole documents (the columns summed per document first: a sum of
-    sums over resampled documents is the sum over their windows)."""
+def _unit_interval(estimate: float, columns: tuple, bounds, *, same: bool,
+                   groups: Optional[Sequence]) -> Interval:
+    """An interval of a statistic of summed window losses and tokens from ``bounds`` of
+    the per-unit columns: windows, or whole documents (the columns summed per document
+    first: a sum of sums over documents is the sum over their windows)."""
     n, clusters = len(columns[0]), None
     if groups is not None:
         columns, clusters = cluster_sums(groups, *columns)
     if len(columns[0]) < 2 or same:
         return _degenerate(estimate, n, clusters)
-    low, high = _bootstrap(tuple(columns), statistic, seed=seed, resamples=resamples,
-                           confidence=confidence)
+    low, high = bounds(tuple(columns))
     return Interval(estimate, low, high, n, clusters)
+
+
+def _loss_bootstrap(estimate: float, columns: tuple, statistic, *, same: bool,
+                    groups: Optional[Sequence], seed: int, resamples: int,
+                    confidence: float = CONFIDENCE) -> Interval:
+    """The paired bootstrap of a statistic of summed window losses and tokens, windows
+    or whole documents resampled (:func:`_unit_interval`)."""
+    return _unit_interval(estimate, columns, lambda units: _bootstrap(
+        units, statistic, seed=seed, resamples=resamples, confidence=confidence),
+        same=same, groups=groups)
 
 
 def cluster_count(groups: Sequence) -> tuple:
