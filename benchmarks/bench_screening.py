@@ -41,6 +41,7 @@ from fapm_merge.workflows.tradeoff.screen import (
     SCREEN_SEED,
     SCREEN_SHARE,
     Candidate,
+    one_metric,
     restrict,
     run_screening,
     share_of,
@@ -75,8 +76,10 @@ def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str
     # "evaluating" a candidate on a part is cutting its whole record to that part
     run = run_screening(
         plan, base_record, ft_record, cut, rule=rule,
-        evaluate_share=lambda stage: {c.model: restrict(by_model[c.model], cut, screened=True) for c in stage},
-        evaluate_rest=lambda stage: {c.model: restrict(by_model[c.model], cut, screened=False) for c in stage})
+        evaluate_share=lambda stage, metric: {
+            c.model: one_metric(restrict(by_model[c.model], cut, screened=True), metric) for c in stage},
+        evaluate_rest=lambda stage, metric: {
+            c.model: one_metric(restrict(by_model[c.model], cut, screened=False), metric) for c in stage})
     for model, whole in run.whole.items():  # the replay must rebuild what was measured
         for metric in (TASK_METRIC, TEXT_METRIC):
             if whole["metrics"][metric][PER_ITEM] != by_model[model]["metrics"][metric][PER_ITEM]:
@@ -86,13 +89,12 @@ def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str
 
     whole_cost = cost(ft_record)
     share_cost = cost(restrict(ft_record, cut, screened=True))
-    rest_cost = {key: whole_cost[key] - share_cost[key] for key in whole_cost}
     exhaustive_cost: Dict[str, int] = {}
     _add(exhaustive_cost, whole_cost, len(records))
     screened_cost: Dict[str, int] = {}
     _add(screened_cost, whole_cost, 2)  # the anchors, on everything either way
-    _add(screened_cost, share_cost, len(run.on_share))
-    _add(screened_cost, rest_cost, len(run.rest))
+    for record in [*run.on_share.values(), *run.rest.values()]:  # each holds what was forwarded
+        _add(screened_cost, cost(record))
     return {
         "results": str(results),
         "units": "prompts (prompt and choice tokens are not in the records) and window tokens",
@@ -100,7 +102,9 @@ def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str
         "share": {"share": share, "prompts": share_cost["prompts"],
                   "window_tokens": share_cost["window_tokens"], "confidence": run.screening.confidence},
         "stages": run.stages,
+        "prompt_stages": run.prompt_stages,
         "rest_rounds": run.rest_rounds,
+        "text_rounds": run.text_rounds,
         "rejected_leaders": run.rejected_leaders,
         "exhaustive": {"pick": _pick(exhaustive), "outcome": exhaustive.outcome,
                        "evaluated": len(plan), **exhaustive_cost},

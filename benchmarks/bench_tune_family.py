@@ -47,7 +47,7 @@ from fapm_merge.workflows.tradeoff import Rule  # noqa: E402
 from fapm_merge.workflows.tune import TuneSettings, run_tune  # noqa: E402
 from fapm_merge.workflows.tune.plan import FAMILY_BETAS  # noqa: E402
 from fapm_merge.workflows.tune.screening import cost  # noqa: E402
-from fapm_merge.workflows.tune.workdir import REST_FILE, RESULTS_FILE, SCREENING_FILE  # noqa: E402
+from fapm_merge.workflows.tune.workdir import RESULTS_FILE, SCREENING_FILES  # noqa: E402
 
 PLANS = {
     "today's grid (beta 1, no screening)": {"betas": [1.0], "screen": False},
@@ -60,12 +60,12 @@ def forwarded(work: Path) -> Dict[str, int]:
     """Prompts and window tokens of every evaluation a tune's work folder records.
 
     results.jsonl holds the anchors and (no screening) every variant, or (screening) the
-    survivors' records COMBINED from their share and rest records, which are counted in
-    screening.jsonl and rest.jsonl instead."""
+    survivors' records COMBINED from their parts' records, which are counted in the
+    screening files instead (a part's text and prompts, each a record of its own)."""
     total = {"prompts": 0, "window_tokens": 0, "evaluations": 0}
     candidates = set()
-    screened = (work / SCREENING_FILE).exists()
-    for name in (RESULTS_FILE, SCREENING_FILE, REST_FILE):
+    screened = any((work / name).exists() for name in SCREENING_FILES.values())
+    for name in (RESULTS_FILE, *SCREENING_FILES.values()):
         file = work / name
         if not file.exists():
             continue

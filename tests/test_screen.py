@@ -24,7 +24,9 @@ from fapm_merge.workflows.tradeoff.screen import (
     REPAIR,
     Candidate,
     combine,
+    one_metric,
     restrict,
+    with_part,
     screen,
     SCREEN_CONFIDENCE,
     screening_share,
@@ -97,6 +99,14 @@ def losing(prompts):
     return "0" * prompts + PROMPTS_FT[prompts:]
 
 
+def spread_losing(n):
+    """The fine-tune's outcomes with ``n`` of its correct answers lost, spread evenly over
+    the prompts (so over the share and the rest alike)."""
+    correct = [i for i, c in enumerate(PROMPTS_FT) if c == "1"]
+    gone = set(correct[::len(correct) // n][:n])
+    return "".join("0" if i in gone else c for i, c in enumerate(PROMPTS_FT))
+
+
 def anchors():
     return (record(BASE, "0" * 200, BASE_LOSSES, TOKENS, DOCUMENTS),
             record(FT, PROMPTS_FT, FT_LOSSES, TOKENS, DOCUMENTS))
@@ -104,6 +114,17 @@ def anchors():
 
 def on_share(name, correct=PROMPTS_FT, losses=FT_LOSSES):
     return record(f"/m/{name}", correct, losses, TOKENS, DOCUMENTS)
+
+
+def evaluating(whole, cut, screened, calls=None):
+    """An evaluation callback for run_screening: each candidate's whole record cut to the
+    share (or the rest) and to the metric asked for, as eval gives it on that file alone;
+    ``calls`` logs (part, metric, names)."""
+    def evaluate(stage, metric):
+        if calls is not None:
+            calls.append(("share" if screened else "rest", metric, [c.name for c in stage]))
+        return {c.model: one_metric(restrict(whole[c.model], cut, screened=screened), metric) for c in stage}
+    return evaluate
 
 
 def test_the_screening_level_is_stricter_than_the_decision_and_not_divided_by_the_plan_size():
@@ -294,6 +315,27 @@ def test_combining_records_that_do_not_belong_together_is_refused():
     with pytest.raises(TradeoffError, match="prompts in the two parts"):
         combine(restrict(record("/m/v", CORRECT, LOSSES, WINDOW_TOKENS, WINDOW_DOCS), share,
                          screened=True), short, share)
+    rest = restrict(whole, share, screened=False)
+    with pytest.raises(TradeoffError, match="its two parts hold other metrics"):
+        combine(one_metric(screened, "text"), rest, share)  # the text of one, both of the other
+    with pytest.raises(TradeoffError, match="two records of the same metric"):
+        with_part(one_metric(screened, "text"), one_metric(screened, "text"))
+
+
+def test_the_text_and_the_prompts_evaluated_apart_make_the_same_records():
+    """Screening evaluates a part's text and prompts apart (the text first); put together
+    they are the part's record, and each metric's parts combine to the whole's."""
+    whole = whole_record()
+    share = share_of(whole)
+    for screened in (True, False):
+        cut = restrict(whole, share, screened=screened)
+        both = with_part(one_metric(cut, "text"), one_metric(cut, "task"))
+        assert both["metrics"] == cut["metrics"] and both["seconds"] == 2 * cut["seconds"]
+    parts = [restrict(whole, share, screened=s) for s in (True, False)]
+    for metric in ("text", "task"):
+        alone = combine(*(one_metric(p, metric) for p in parts), share)
+        assert set(alone["metrics"]) == {metric}
+        assert alone["metrics"][metric] == combine(*parts, share)["metrics"][metric]
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -399,7 +441,9 @@ def test_a_candidate_shown_to_keep_the_task_only_at_the_decisions_level_can_lead
 def test_a_leader_that_fails_on_the_whole_data_gives_back_the_candidates_it_dropped():
     """The share shows "flaky" keeps the task (it loses its answers only on the rest's prompts)
     and repairs the most, so "good" is out on repair against it; on everything flaky fails,
-    and good, the exhaustive pick, must be evaluated on the rest in a second round."""
+    and good, the exhaustive pick, must be evaluated on the rest in a second round. Each
+    part's text comes before its prompts: the share's prompts go to the likeliest leader
+    first, the rest's text only to what all the prompts show keeps the task."""
     base, ft = (record(BASE, "0" * 200, BASE_LOSSES, TOKENS, DOCUMENTS),
                 record(FT, PROMPTS_FT, FT_LOSSES, TOKENS, DOCUMENTS))
     cut = share_of(ft)
@@ -416,28 +460,66 @@ def test_a_leader_that_fails_on_the_whole_data_gives_back_the_candidates_it_drop
     }
     plan = [Candidate.of(m, r["name"], r["recipe"]) for m, r in whole.items()]
     calls = []
-
-    def part(screened):
-        def evaluate(stage):
-            calls.append(("share" if screened else "rest", [c.name for c in stage]))
-            return {c.model: restrict(whole[c.model], cut, screened=screened) for c in stage}
-        return evaluate
-
     from fapm_merge.workflows.tradeoff import Rule, compute_tradeoff
     from fapm_merge.workflows.tradeoff.screen import run_screening
 
     rule = Rule(min_retention=0.9)
-    run = run_screening(plan, base, ft, cut, rule=rule, evaluate_share=part(True), evaluate_rest=part(False))
-    assert run.rest_rounds == [["flaky"], ["good"]]
+    run = run_screening(plan, base, ft, cut, rule=rule, evaluate_share=evaluating(whole, cut, True, calls),
+                        evaluate_rest=evaluating(whole, cut, False, calls))
+    assert calls == [("share", "text", ["flaky", "good", "weak"]),
+                     ("share", "task", ["flaky"]),  # good and weak clearly repair less: they wait
+                     ("rest", "task", ["flaky"]),   # flaky led; on all the prompts it fails
+                     ("share", "task", ["good"]),
+                     ("rest", "task", ["good"]),
+                     ("rest", "text", ["good"])]
+    assert (run.prompt_stages, run.rest_rounds, run.text_rounds) == ([["flaky"], ["good"]],
+                                                                     [["flaky"], ["good"]], [["good"]])
     assert run.rejected_leaders == ["flaky"] and run.screening.leader.name == "good"
-    assert run.screening.not_qualified == ("/m/flaky",)
-    assert calls[-2:] == [("rest", ["flaky"]), ("rest", ["good"])]
+    flaky = run.screening.verdict("/m/flaky")
+    assert (flaky.status, flaky.rule) == (OUT, ACCURACY)
+    assert flaky.reason.startswith("not shown to keep the task on all the selection prompts")
+    assert "/m/flaky" not in run.whole and set(run.rest["/m/flaky"]["metrics"]) == {"task"}
+    assert set(run.on_share["/m/weak"]["metrics"]) == {"text"}  # out on repair without its prompts
     exhaustive = compute_tradeoff([base, ft, *whole.values()], base=BASE, finetuned=FT, rule=rule)
     screened = compute_tradeoff([base, ft, *run.whole.values()], base=BASE, finetuned=FT, rule=rule)
     assert exhaustive.selected.name == screened.selected.name == "good"
     for model, record_ in run.whole.items():
         assert record_["metrics"]["task"][PER_ITEM] == whole[model]["metrics"]["task"][PER_ITEM]
     assert (run.screening.verdict("/m/weak").status, run.screening.verdict("/m/weak").rule) == (OUT, REPAIR)
+
+
+def test_when_nothing_qualifies_the_survivors_left_undecided_get_their_text_and_the_outcome_is_kept():
+    """A survivor the decision's accuracy test on all the prompts does not show keeps the
+    task cannot qualify, so the rest's text is not spent on it; but when nothing qualifies,
+    the decision tells *undecided* (only the prompts are missing) from *no variant
+    qualifies*, which needs the repair of those the prompts left undecided: they get their
+    text then, and the outcome is the exhaustive one. One the prompts show clearly worse
+    than the margin never does."""
+    base, ft = anchors()
+    cut = share_of(ft)
+    whole = {"/m/close": record("/m/close", spread_losing(14), [v - 10 for v in FT_LOSSES], TOKENS,
+                                DOCUMENTS, recipe=fapm(0.5)),
+             "/m/bad": record("/m/bad", spread_losing(40), [v - 12 for v in FT_LOSSES], TOKENS,
+                              DOCUMENTS, recipe=fapm(0.5, beta=0.0))}
+    plan = [Candidate.of(m, r["name"], r["recipe"]) for m, r in whole.items()]
+
+    from fapm_merge.workflows.tradeoff import Rule, compute_tradeoff
+    from fapm_merge.workflows.tradeoff.rules import UNDECIDED
+    from fapm_merge.workflows.tradeoff.screen import run_screening
+
+    rule = Rule(min_retention=0.9)
+    exhaustive = compute_tradeoff([base, ft, *whole.values()], base=BASE, finetuned=FT, rule=rule)
+    assert exhaustive.outcome == UNDECIDED
+    assert {p.name: p.noninferiority.verdict for p in exhaustive.points if p.name in ("close", "bad")} == {
+        "close": ni.UNDECIDED, "bad": ni.FAILS}
+    calls = []
+    run = run_screening(plan, base, ft, cut, rule=rule, evaluate_share=evaluating(whole, cut, True, calls),
+                        evaluate_rest=evaluating(whole, cut, False, calls))
+    assert run.text_rounds == [["close"]] and calls[-1] == ("rest", "text", ["close"])
+    assert "/m/bad" not in run.whole
+    screened = compute_tradeoff([base, ft, *run.whole.values()], base=BASE, finetuned=FT, rule=rule)
+    assert screened.outcome == UNDECIDED
+    assert [p.name for p in screened.closest] == [p.name for p in exhaustive.closest] == ["close"]
 
 
 def test_a_line_stops_on_the_whole_data_after_two_points_not_shown_to_keep_the_task():
@@ -447,12 +529,6 @@ def test_a_line_stops_on_the_whole_data_after_two_points_not_shown_to_keep_the_t
     base, ft = (record(BASE, "0" * 200, BASE_LOSSES, TOKENS, DOCUMENTS),
                 record(FT, PROMPTS_FT, FT_LOSSES, TOKENS, DOCUMENTS))
     cut = share_of(ft)
-    correct = [i for i, c in enumerate(PROMPTS_FT) if c == "1"]
-
-    def spread_losing(n):  # n correct answers lost, spread over the share and the rest
-        gone = set(correct[::len(correct) // n][:n])
-        return "".join("0" if i in gone else c for i, c in enumerate(PROMPTS_FT))
-
     lost = {0.1: 0, 0.3: 20, 0.5: 22, 0.7: 24, 0.9: 26}
     whole = {f"/m/fapm-s{s}": record(f"/m/fapm-s{s}", spread_losing(n) if n else PROMPTS_FT,
                                      [v - 10 for v in FT_LOSSES], TOKENS, DOCUMENTS, recipe=fapm(s))
@@ -467,10 +543,8 @@ def test_a_line_stops_on_the_whole_data_after_two_points_not_shown_to_keep_the_t
     from fapm_merge.workflows.tradeoff.screen import run_screening
 
     rule = Rule(min_retention=0.9)
-    run = run_screening(plan, base, ft, cut, rule=rule,
-                        evaluate_share=lambda stage: {c.model: on_share[c.model] for c in stage},
-                        evaluate_rest=lambda stage: {c.model: restrict(whole[c.model], cut, screened=False)
-                                                     for c in stage})
+    run = run_screening(plan, base, ft, cut, rule=rule, evaluate_share=evaluating(whole, cut, True),
+                        evaluate_rest=evaluating(whole, cut, False))
     # the line screens fapm-s0.3 while fapm-s0.1 waits, then sends its strongest survivor to the
     # rest first; fapm-s0.3 fails there, so fapm-s0.1 is needed, and then fapm-s0.5
     assert run.rest_rounds == [["fapm-s0.3"], ["fapm-s0.1"], ["fapm-s0.5"]]
@@ -532,11 +606,8 @@ def test_the_strongest_survivor_goes_to_the_rest_first_and_spares_the_milder_one
     from fapm_merge.workflows.tradeoff.screen import run_screening
 
     rule = Rule(min_retention=0.9)
-    run = run_screening(plan, base, ft, cut, rule=rule,
-                        evaluate_share=lambda stage: {c.model: restrict(whole[c.model], cut, screened=True)
-                                                      for c in stage},
-                        evaluate_rest=lambda stage: {c.model: restrict(whole[c.model], cut, screened=False)
-                                                     for c in stage})
+    run = run_screening(plan, base, ft, cut, rule=rule, evaluate_share=evaluating(whole, cut, True),
+                        evaluate_rest=evaluating(whole, cut, False))
     assert run.stages == [["fapm-s0.1", "fapm-b0.25-s0.1"], ["fapm-s0.3", "fapm-b0.25-s0.3"],
                           ["fapm-s0.5", "fapm-b0.25-s0.5"], ["fapm-s0.7"]]
     assert run.rest_rounds == [["fapm-s0.3"]]  # fapm-b0.25-s0.1 was proposed with it, and waited

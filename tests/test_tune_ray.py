@@ -19,6 +19,7 @@ from fapm_merge.evaluation.evaluate import EvalSettings  # noqa: E402
 from fapm_merge.evaluation.results import read_results  # noqa: E402
 from fapm_merge.workflows.demo import DEMO_CONFIG, demo_eval_data, save_pair  # noqa: E402
 from fapm_merge.workflows.tradeoff import Rule  # noqa: E402
+from fapm_merge.workflows.tune.workdir import SCREENING_FILES  # noqa: E402
 from fapm_merge.workflows.tune import TuneError, TuneSettings, run_tune  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
@@ -253,6 +254,6 @@ def test_a_screened_tune_on_ray_gives_the_serial_verdicts_and_records(local_ray,
         assert report["screened"] is True and result.screening == report["summary"]
         runs[name] = (_same_paths(report, work), _records(work),
                       [_same_paths({k: v for k, v in r.items() if k not in TIMING}, work)
-                       for file in ("screening.jsonl", "rest.jsonl")
+                       for file in SCREENING_FILES.values() if (work / file).exists()
                        for r in read_results(work / file, with_items=True)])
     assert runs["ray"] == runs["serial"]

@@ -18,6 +18,7 @@ from fapm_merge.evaluation.results import read_results
 from fapm_merge.workflows.demo import DEMO_CONFIG, demo_documents, demo_eval_data, save_pair
 from fapm_merge.workflows.tradeoff import Rule
 from fapm_merge.workflows.tune import TuneError, TuneSettings, run_tune
+from fapm_merge.workflows.tune.workdir import SCREENING_FILES
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,12 @@ def _prompts_forwarded(*results_files):
     return sum(len(r["metrics"]["task"]["per_item"]["correct"])
                for file in results_files if file.exists()
                for r in read_results(file, with_items=True)
-               if Path(r["model"]).parent.name == "variants")
+               if Path(r["model"]).parent.name == "variants" and "task" in r["metrics"])
+
+
+def _names(work, part, metric):
+    file = work / SCREENING_FILES[part, metric]
+    return {Path(r["model"]).name for r in read_results(file)} if file.exists() else set()
 
 
 def test_the_screened_tune_picks_the_exhaustive_pick_and_forwards_fewer_prompts(runs):
@@ -65,9 +71,10 @@ def test_the_screened_tune_picks_the_exhaustive_pick_and_forwards_fewer_prompts(
     assert screened.tradeoff.selected.name == exhaustive.tradeoff.selected.name
     assert exhaustive.screening is None  # --no-screen: today's path, no screening line
     work, all_work = root / "screened.tune", root / "exhaustive.tune"
-    assert not (all_work / "screening.json").exists() and not (all_work / "screening.jsonl").exists()
+    assert not (all_work / "screening.json").exists()
+    assert not any((all_work / name).exists() for name in SCREENING_FILES.values())
     # prompts x candidates: share + rest against everything on everything
-    spent = _prompts_forwarded(work / "screening.jsonl", work / "rest.jsonl")
+    spent = _prompts_forwarded(*(work / name for name in SCREENING_FILES.values()))
     assert spent < _prompts_forwarded(all_work / "results.jsonl")
     # a survivor's record on the whole data, rebuilt from its two parts, is what
     # evaluating it on everything gives, value for value
@@ -89,21 +96,28 @@ def test_screening_json_gives_every_candidate_a_verdict_and_its_cost(runs):
     document = json.loads((work / "screening.json").read_text())
     names = ["magnitude-s0.7", "magnitude-s0.9", "fapm-s0.7", "fapm-s0.9", "wiseft-a0.5"]
     assert sorted(c["name"] for c in document["candidates"]) == sorted(names)
-    rest = {Path(r["model"]).name for r in read_results(work / "rest.jsonl")}
-    on_share = {Path(r["model"]).name for r in read_results(work / "screening.jsonl")}
+    rest = _names(work, "rest", "task")
     outs = [c for c in document["candidates"] if c["status"] == "out"]
     assert outs, "the share shows nothing out: the test would not test screening"
+    share_data = document["share_data"]
     for candidate in document["candidates"]:
-        assert candidate["status"] in ("keep", "out") and candidate["reason"]
+        name, status, rule = candidate["name"], candidate["status"], candidate["rule"]
+        assert status in ("keep", "out") and candidate["reason"]
         share_cost, rest_cost = candidate["cost"]["share"], candidate["cost"]["rest"]
-        if candidate["status"] == "out":
-            assert candidate["rule"] in ("accuracy", "repair", "line")
-            assert candidate["name"] not in rest and rest_cost is None  # never on the rest
-        else:
-            assert candidate["name"] in rest and rest_cost["prompts"] > 0
-        if candidate["rule"] != "line":
-            assert candidate["name"] in on_share and share_cost["prompts"] == document["share_data"]["prompts"]
-    assert rest == set(document["kept"])
+        # each part's text first; its prompts where the text did not show it out (a part's
+        # record cost holds what it forwarded)
+        if rule != "line":
+            assert name in _names(work, "screen", "text") and share_cost["window_tokens"] == share_data["window_tokens"]
+        on_share_prompts = name in _names(work, "screen", "task")
+        assert share_cost is None or share_cost["prompts"] == (share_data["prompts"] if on_share_prompts else 0)
+        if status == "keep":  # shown to keep the task on all the prompts: its text's rest too
+            assert name in rest and name in _names(work, "rest", "text") and rest_cost["prompts"] > 0
+            assert rest_cost["window_tokens"] > 0
+        elif rule == "accuracy" and name in rest:  # not shown to keep it on all of them
+            assert candidate["reason"].startswith("not shown to keep the task on all the selection prompts")
+        else:  # never on the rest
+            assert name not in rest and rest_cost is None
+    assert set(document["kept"]) == _names(work, "rest", "text")
     assert 0 < document["confidence"] < 1 and document["stages"]
     assert document["cost"]["screened"]["prompts"] < document["cost"]["exhaustive"]["prompts"]
     assert screened.screening == document["summary"]
@@ -117,10 +131,12 @@ def test_a_screened_tune_run_again_evaluates_nothing(runs, case, tmp_path):
     root, _, _ = runs
     recipe, files = case
     work = root / "screened.tune"
-    before = {name: (work / name).read_text() for name in ("screening.jsonl", "rest.jsonl", "results.jsonl")}
+    names = [name for name in [*SCREENING_FILES.values(), "results.jsonl"] if (work / name).exists()]
+    before = {name: (work / name).read_text() for name in names}
     again = run_tune(recipe, tmp_path / "again", settings(files, work_dir=work))
-    assert again.evaluated == 0 and again.reused == 2 + 5 + len(json.loads(
-        (work / "screening.json").read_text())["kept"])
+    evaluations = sum(len(read_results(work / name)) for name in SCREENING_FILES.values()
+                      if (work / name).exists())
+    assert again.evaluated == 0 and again.reused == 2 + evaluations
     assert {name: (work / name).read_text() for name in before} == before
     # the switch decides what was evaluated: the other one is another tune
     with pytest.raises(TuneError, match="they differ in: .*screening"):
@@ -143,7 +159,7 @@ def test_a_one_document_text_skips_screening_and_says_why(case, tmp_path):
     assert json.loads((work / "screening.json").read_text())["screened"] is False
     assert sorted(Path(r["model"]).name for r in read_results(work / "results.jsonl")) == \
         ["base", "fapm-s0.9", "finetuned"]
-    assert not (work / "screening.jsonl").exists()
+    assert not any((work / name).exists() for name in SCREENING_FILES.values())
 
 
 def test_screening_defaults_the_betas_to_the_family_and_the_help_says_so():

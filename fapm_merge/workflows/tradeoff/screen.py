@@ -14,6 +14,9 @@ shows it out, at a stricter level than the decision's (:data:`SCREEN_CONFIDENCE`
 (a) **accuracy**: it is clearly below the non-inferiority bound: the one-sided upper
     bound of its paired accuracy difference to the fine-tune (Tango's score interval,
     :func:`fapm_merge.evaluation.noninferiority.noninferior`) lies below ``-margin``;
+    or, once evaluated on all the selection prompts, the decision's own test there does
+    not show it keeps the task: then it cannot qualify whatever its repair (an exact
+    consequence, no error), and the rest of the text is not spent on it;
 (b) **repair**: it repairs clearly less than the **leader**: the one-sided lower bound
     of its paired loss difference to the leader lies above 0
     (:func:`fapm_merge.evaluation.stats.loss_difference`, a studentized interval over
@@ -38,19 +41,28 @@ shows it out, at a stricter level than the decision's (:data:`SCREEN_CONFIDENCE`
     task, so it can be lost this way only if it did where two milder points of its
     own line could not.
 
-**The order of evaluation** (:meth:`Screening.next_stage`, :meth:`Screening.rest_stage`)
-changes no rule above, only which records exist when they are applied, and so what
-the rules can spare. A line is screened mildest first, **as far as rule (c) lets it**:
-its next point goes on the share as soon as fewer than :data:`LINE_STOP` points right
-before it are out on accuracy, not shown to keep the task on everything, or still
-waiting for that verdict (its share is then spent whatever those verdicts say), so the
-strong end of a line that loses the task is never screened. A line that can screen no
-further sends its **strongest** waiting survivor to the rest: should it keep the task
-on everything it may lead, and its milder survivors, repairing less, may go out on
-repair (b) before their rest is spent. And of the survivors proposed for the rest in a
-round, the one with the lowest loss on the share goes first, with those the share does
-not show repairing clearly less than it; the others wait for its verdict, which may
-make it the leader that puts them out.
+**The order of evaluation** (:meth:`Screening.next_stage`, :meth:`Screening.task_stage`,
+:meth:`Screening.rest_stage`) changes no rule above, only which records exist when they
+are applied, and so what the rules can spare. **On each part the text comes first and
+the prompts second**, because each rule reads one of them: rule (b) the text, rules (a)
+and (c) the prompts. So a candidate its text shows out on repair is never evaluated on
+the share's prompts (of the candidates its text does not show out, the one with the
+lowest loss gets its prompts first, with those not clearly repairing less than it:
+should it be shown to keep the task, it leads and puts them out); and a survivor is
+evaluated on the rest's text only when all the selection prompts show it keeps the task.
+A line is screened mildest first, **as far as rule (c) lets it**: its next point goes on
+the share as soon as fewer than :data:`LINE_STOP` points right before it are out on
+accuracy, not shown to keep the task on everything, or still waiting for that verdict
+(its share is then spent whatever those verdicts say), so the strong end of a line that
+loses the task is never screened. A line that can screen no further sends its
+**strongest** waiting survivor to the rest: should it keep the task on everything it may
+lead, and its milder survivors, repairing less, may go out on repair (b) before their
+rest is spent. And of the survivors proposed for the rest in a round, the one with the
+lowest loss on the share goes first, with those the share does not show repairing
+clearly less than it; the others wait for its verdict, which may make it the leader that
+puts them out. Should nothing qualify in the end, the survivors the prompts left
+undecided get the rest's text too, so the decision tells *undecided* from *no variant
+qualifies* as it would without screening.
 
 **Why one level per test, and not a Bonferroni share of it over the K candidates.**
 Screening must not change the decision, and the decision over a subset of the
@@ -271,8 +283,15 @@ def _renumbered(documents: Sequence[int]) -> List[int]:
     return [numbers[d] for d in documents]
 
 
-def _check_metrics(record: dict, task_metric: str, text_metric: str) -> None:
-    extra = sorted(set(record.get("metrics") or {}) - {task_metric, text_metric})
+def _check_metrics(record: dict, task_metric: str, text_metric: str, *, partial: bool = False) -> None:
+    """Screening splits the --task and --text files only; ``partial``: a record may hold
+    one of the two (screening evaluates them apart)."""
+    held = set(record.get("metrics") or {})
+    extra = sorted(held - {task_metric, text_metric})
+    missing = not held if partial else {task_metric, text_metric} - held
+    if missing:
+        raise TradeoffError(f"{record.get('model')}: no {text_metric!r} or {task_metric!r} metric "
+                            "in its record; screening needs them")
     if extra or task_metric != TASK_METRIC or text_metric != TEXT_METRIC:
         raise TradeoffError(f"{record.get('model')}: screening splits the --task and --text "
                             f"files only; this record has {', '.join(extra) or 'other axes'}")
@@ -332,7 +351,8 @@ def combine(screening: dict, rest: dict, share: ScreeningShare, *,
     """A candidate's record on the whole selection data from its records on the
     screening share and on the rest: the per-item values put back in the original order,
     the aggregates recomputed from them exactly as eval computes them, so a survivor is
-    evaluated on the rest only.
+    evaluated on the rest only. Of the metrics both parts hold (the two, or the same one:
+    the prompts alone, whose verdict decides whether the rest's text is needed).
 
     Args:
         screening, rest (`dict`): the same model's records (with per-item values) on the
@@ -348,13 +368,17 @@ def combine(screening: dict, rest: dict, share: ScreeningShare, *,
         ``items`` pointer (:func:`fapm_merge.evaluation.results.append_result` writes one).
     """
     for record in (screening, rest):
-        _check_metrics(record, task_metric, text_metric)
+        _check_metrics(record, task_metric, text_metric, partial=True)
     if screening.get("model") != rest.get("model"):
         raise TradeoffError(f"combining the records of two models: {screening.get('model')} "
                             f"and {rest.get('model')}")
     metrics = {}
     parts = (screening["metrics"], rest["metrics"])
-    for metric in (task_metric, text_metric):
+    both = [m for m in (task_metric, text_metric) if m in parts[0] and m in parts[1]]
+    if not both or any(set(p) != set(both) for p in parts):
+        raise TradeoffError(f"{rest.get('model')}: its two parts hold other metrics "
+                            f"({', '.join(sorted(parts[0]))} and {', '.join(sorted(parts[1]))})")
+    for metric in both:
         settings = [_settings(p[metric]) for p in parts]
         if settings[0] != settings[1]:
             raise TradeoffError(f"{rest.get('model')}: the two parts of {metric!r} were measured "
@@ -373,26 +397,30 @@ def combine(screening: dict, rest: dict, share: ScreeningShare, *,
                 whole[index] = value
         return whole
 
-    has_groups = "group" in _items(rest, task_metric)
-    groups = merged("group", task_metric, "prompts") if has_groups else None
-    if groups is not None and share.prompt_groups is not None and tuple(groups) != share.prompt_groups:
-        raise TradeoffError(f"{rest.get('model')}: its prompt groups are not those of the share")
-    task = _task_values("".join(merged("correct", task_metric, "prompts")), groups)
-    with_documents = "window_document" in _items(rest, text_metric)
-    for part, indices in ((screening, screened["windows"]), (rest, remaining["windows"])):
-        expected = _renumbered([share.window_documents[i] for i in indices])
-        if with_documents and list(_items(part, text_metric)["window_document"]) != expected:
-            raise TradeoffError(f"{part.get('model')}: its windows' documents are not those of "
-                                "the share; was it measured on the share's text?")
-    text = _text_values(merged("window_loss", text_metric, "windows"),
-                        merged("window_tokens", text_metric, "windows"),
-                        list(share.window_documents) if with_documents else None)
-    kinds = [p[task_metric].get("by_kind") for p in parts]
-    if all(isinstance(k, dict) for k in kinds):
-        task["by_kind"] = {kind: {key: sum(k.get(kind, {}).get(key, 0) for k in kinds)
-                                  for key in ("examples", "correct")}
-                           for kind in dict.fromkeys([*kinds[0], *kinds[1]])}
-    for metric, values in ((task_metric, task), (text_metric, text)):
+    whole_values = {}
+    if task_metric in both:
+        has_groups = "group" in _items(rest, task_metric)
+        groups = merged("group", task_metric, "prompts") if has_groups else None
+        if groups is not None and share.prompt_groups is not None and tuple(groups) != share.prompt_groups:
+            raise TradeoffError(f"{rest.get('model')}: its prompt groups are not those of the share")
+        task = _task_values("".join(merged("correct", task_metric, "prompts")), groups)
+        kinds = [p[task_metric].get("by_kind") for p in parts]
+        if all(isinstance(k, dict) for k in kinds):
+            task["by_kind"] = {kind: {key: sum(k.get(kind, {}).get(key, 0) for k in kinds)
+                                      for key in ("examples", "correct")}
+                               for kind in dict.fromkeys([*kinds[0], *kinds[1]])}
+        whole_values[task_metric] = task
+    if text_metric in both:
+        with_documents = "window_document" in _items(rest, text_metric)
+        for part, indices in ((screening, screened["windows"]), (rest, remaining["windows"])):
+            expected = _renumbered([share.window_documents[i] for i in indices])
+            if with_documents and list(_items(part, text_metric)["window_document"]) != expected:
+                raise TradeoffError(f"{part.get('model')}: its windows' documents are not those of "
+                                    "the share; was it measured on the share's text?")
+        whole_values[text_metric] = _text_values(merged("window_loss", text_metric, "windows"),
+                                                 merged("window_tokens", text_metric, "windows"),
+                                                 list(share.window_documents) if with_documents else None)
+    for metric, values in whole_values.items():
         given = dict((files or {}).get(metric) or {})
         values.update(_settings(parts[1][metric]))
         values["file"] = given.get("file")
@@ -478,9 +506,11 @@ class Screening:
         prompts, windows (`int`): the share's.
         not_qualified (`Tuple[str, ...]`): the models the whole-data decision did not
             qualify, so none of them leads (:func:`run_screening`).
-        on_whole (`Tuple[str, ...]`): the models evaluated on all the selection data.
+        on_whole (`Tuple[str, ...]`): the models evaluated on all the selection prompts.
         kept_on_whole (`Tuple[str, ...]`): those of them the decision's own test there
             shows keep the task.
+        with_prompts (`Tuple[str, ...]`): the models evaluated on the share's prompts (the
+            others evaluated there have its text only).
         share_losses (`Mapping[str, List[float]]`, *optional*), share_tokens (`List[int]`,
             *optional*), share_documents (`List[int]`, *optional*): the evaluated
             candidates' window losses on the share by model, the windows' tokens and
@@ -496,6 +526,7 @@ class Screening:
     not_qualified: Tuple[str, ...] = ()
     on_whole: Tuple[str, ...] = ()
     kept_on_whole: Tuple[str, ...] = ()
+    with_prompts: Tuple[str, ...] = ()
     share_losses: Optional[Mapping[str, List[float]]] = field(default=None, repr=False, compare=False)
     share_tokens: Optional[List[int]] = field(default=None, repr=False, compare=False)
     share_documents: Optional[List[int]] = field(default=None, repr=False, compare=False)
@@ -515,20 +546,25 @@ class Screening:
         return self._with(PENDING)
 
     def waiting(self) -> List[Candidate]:
-        """Kept on the share and not evaluated on the rest yet."""
-        whole = set(self.on_whole)
-        return [c for c in self.kept() if c.model not in whole]
+        """Kept on the share (text and prompts) and not evaluated on the rest yet."""
+        whole, prompts = set(self.on_whole), set(self.with_prompts)
+        return [c for c in self.kept() if c.model in prompts and c.model not in whole]
+
+    def awaiting_prompts(self) -> List[Candidate]:
+        """Kept on the share's text, its prompts not evaluated yet."""
+        prompts = set(self.with_prompts)
+        return [c for c in self.kept() if c.model not in prompts]
 
     @property
     def finished(self) -> bool:
         """Nothing left to evaluate: every survivor (:meth:`kept`) is on everything."""
-        return not self.next_stage() and not self.rest_stage()
+        return not self.next_stage() and not self.task_stage() and not self.rest_stage()
 
     def verdict(self, model: str) -> Verdict:
         return next(v for v in self.verdicts if v.candidate.model == model)
 
     def next_stage(self) -> List[Candidate]:
-        """What to evaluate on the screening share next, in plan order: every pending
+        """What to evaluate on the screening share's text next, in plan order: every pending
         candidate off a line and the mildest pending point of each line, once no verdict
         still to come could stop the line before it (:meth:`_open_run`): its share is then
         spent whatever those verdicts say, and it may show a milder point out on repair
@@ -541,6 +577,14 @@ class Screening:
                 chosen.add(pending[0].model)
         return [c for c in self.pending() if not c.on_line or c.model in chosen]
 
+    def task_stage(self) -> List[Candidate]:
+        """What to evaluate on the screening share's prompts next, in plan order: of the
+        candidates whose text there shows them not out, the one with the lowest loss, with
+        every other the share does not show repairing clearly less than it (rule b's test,
+        as if it led); should it be shown to keep the task, it leads and they are out on
+        repair without their prompts; should it not, they are proposed again."""
+        return self._likeliest_first([c.model for c in self.awaiting_prompts()])
+
     def rest_stage(self) -> List[Candidate]:
         """What to evaluate on the rest next, in plan order. The proposals: every survivor
         off a line waiting for it and, of each line with nothing to screen this round
@@ -550,15 +594,22 @@ class Screening:
         the lowest loss on the share goes, with every other the share does not show
         repairing clearly less than it (rule b's test, as if it led): should it qualify
         on everything, it leads and they are out; should it not, they are proposed again."""
-        to_share = {c.model for c in self.next_stage()}
+        # a line still screening, or with a point awaiting its prompts, is not done
+        busy = {c.model for c in self.next_stage() + self.awaiting_prompts()}
         waiting = self.waiting()
-        proposals = {c.model for c in waiting if not c.on_line}
+        proposals = [c.model for c in waiting if not c.on_line]
         for points in _lines([v.candidate for v in self.verdicts]).values():
-            if not any(c.model in to_share for c in points):
+            if not any(c.model in busy for c in points):
                 survivors = [c for c in points if c in waiting]
                 if survivors:
-                    proposals.add(survivors[-1].model)
-        ordered = [v.candidate.model for v in self.verdicts if v.candidate.model in proposals]
+                    proposals.append(survivors[-1].model)
+        return self._likeliest_first(proposals)
+
+    def _likeliest_first(self, proposals: Collection[str]) -> List[Candidate]:
+        """Of ``proposals`` (models), the one with the lowest loss on the share (ties: plan
+        order) and every other the share does not show repairing clearly less than it, in
+        plan order: should it lead, it would put those others out on repair (rule b)."""
+        ordered = [v.candidate.model for v in self.verdicts if v.candidate.model in set(proposals)]
         if len(ordered) > 1 and self.share_losses is not None:
             losses, tokens = self.share_losses, self.share_tokens
             best = min(ordered, key=lambda m: _mean_loss(losses[m], tokens))  # ties: plan order
@@ -655,13 +706,17 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
         record = evaluated.get(candidate.model)
         if record is None:
             continue
-        task, text = _items(record, TASK_METRIC), _items(record, TEXT_METRIC)
+        text = _items(record, TEXT_METRIC)  # the text comes first: rule (b) needs no prompts
         if list(text["window_tokens"]) != list(tokens):
             raise TradeoffError(f"{candidate.model}: its windows are not the fine-tune's; screening "
                                 "records must all be measured on the same screening share")
+        losses[candidate.model] = list(text["window_loss"])
+        if TASK_METRIC not in record["metrics"]:
+            continue  # its prompts on the share are still to come (:meth:`Screening.task_stage`)
+        task = _items(record, TASK_METRIC)
         check = ni.noninferior([int(c) for c in task["correct"]], correct_ft, margin,
                                groups=prompt_groups, confidence=confidence)
-        checks[candidate.model], losses[candidate.model] = check, list(text["window_loss"])
+        checks[candidate.model] = check
         if check.verdict == ni.FAILS:
             verdicts[candidate.model] = Verdict(
                 candidate, OUT,
@@ -669,6 +724,16 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
                 f"{check.difference.estimate:+.3f}, one-sided {confidence:.2%} upper bound "
                 f"{check.upper_bound:+.3f} < -{margin:.3f} ({check.difference.n} prompts)",
                 ACCURACY, check.upper_bound)
+
+    # (a) on everything: the decision's own accuracy test on all the selection prompts does
+    # not show it keeps the task, so it cannot qualify whatever its repair (exact, no error)
+    for candidate in plan:
+        if on_whole.get(candidate.model) is False and candidate.model not in verdicts:
+            verdicts[candidate.model] = Verdict(
+                candidate, OUT,
+                "not shown to keep the task on all the selection prompts (the decision's own "
+                f"one-sided {stats.CONFIDENCE:.0%} test), so it cannot qualify whatever its repair",
+                ACCURACY, checks[candidate.model].upper_bound if candidate.model in checks else None)
 
     # (c): along each line, LINE_STOP consecutive points not shown to keep the task (out
     # on accuracy on the share, or not shown on everything) stop it. A point evaluated on
@@ -696,9 +761,9 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
                   _keeps_task(checks[c.model], evaluated[c.model], correct_ft, margin, prompt_groups))]
     leader = min(shown, key=lambda c: _mean_loss(losses[c.model], tokens)) if shown else None
     for candidate in plan:
-        if candidate.model not in checks or candidate.model in verdicts:
+        if candidate.model not in losses or candidate.model in verdicts:
             continue
-        check = checks[candidate.model]
+        check = checks.get(candidate.model)
         between = None
         if leader is not None and candidate is not leader:
             # the two-sided interval at 2c - 1 has the one-sided bounds at c
@@ -712,12 +777,14 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
                     f"loss difference {between.estimate:+.4f}, one-sided {confidence:.2%} lower "
                     f"bound {between.low:+.4f} > 0 ({between.units} windows or documents); "
                     f"holds while {leader.name} qualifies on all the selection data",
-                    REPAIR, check.upper_bound, between)
+                    REPAIR, None if check is None else check.upper_bound, between)
                 continue
         if candidate.model in on_whole:  # the decision rules on it; the share's word is moot
-            reason = ("evaluated on all the selection data, where the decision "
-                      + ("shows it keeps the task" if on_whole[candidate.model] else
-                         "does not show it keeps the task"))
+            reason = "shown to keep the task on all the selection prompts; the decision rules on it"
+        elif check is None:
+            reason = ("its text on the share does not show it out"
+                      + ("" if between is None else f" (loss vs the leader {leader.name} low end "
+                         f"{between.low:+.4f} <= 0)") + "; its prompts on the share are to come")
         else:
             reason = (f"not shown out at one-sided {confidence:.2%}: accuracy upper bound "
                       f"{check.upper_bound:+.3f} >= -{margin:.3f}"
@@ -725,14 +792,15 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
                          f"{between.low:+.4f} <= 0"))
         verdicts[candidate.model] = Verdict(
             candidate, KEEP, reason + (" (the leader)" if candidate is leader else ""),
-            None, check.upper_bound, between)
+            None, None if check is None else check.upper_bound, between)
     for candidate in plan:
         verdicts.setdefault(candidate.model, Verdict(
             candidate, PENDING, "not evaluated on the screening share yet"))
     return Screening(tuple(verdicts[c.model] for c in plan), confidence, margin, leader,
                      len(correct_ft), len(tokens), tuple(m for m in models if m in set(not_qualified)),
                      tuple(m for m in models if m in on_whole),
-                     tuple(m for m in models if on_whole.get(m)), losses, list(tokens), window_groups)
+                     tuple(m for m in models if on_whole.get(m)), tuple(m for m in models if m in checks),
+                     losses, list(tokens), window_groups)
 
 
 def _beyond(candidate: Candidate, run: List[Candidate], check: Optional[ni.NonInferiority],
@@ -778,40 +846,74 @@ class ScreeningRun:
 
     Attributes:
         screening (`Screening`): the last verdicts (its ``kept()`` were all evaluated on
-            the rest; ``not_qualified`` those the whole data did not qualify).
-        stages (`List[List[str]]`): the names evaluated on the share, stage by stage.
-        rest_rounds (`List[List[str]]`): the names evaluated on the rest, round by round
-            (each line's survivors one round at a time; more follow a rejected leader).
+            everything; ``not_qualified`` those the whole data did not qualify).
+        stages (`List[List[str]]`): the names evaluated on the share's text, stage by stage.
+        prompt_stages (`List[List[str]]`): the names evaluated on the share's prompts,
+            stage by stage (those its text did not show out, the likeliest leader first).
+        rest_rounds (`List[List[str]]`): the names evaluated on the rest's prompts, round
+            by round (each line's strongest survivor first; more follow a rejected leader).
+        text_rounds (`List[List[str]]`): the names evaluated on the rest's text, round by
+            round: those the rest's prompts showed keep the task (and, when nothing
+            qualified, those they left undecided, so the decision can say so).
         rejected_leaders (`List[str]`): the leaders that did not qualify on the whole
             selection data (or were stopped on their line there), in order.
-        on_share (`Dict[str, dict]`): every record on the share, by model.
-        rest (`Dict[str, dict]`): every record on the rest, by model.
-        whole (`Dict[str, dict]`): every candidate evaluated on the rest, its record on the
-            whole selection data (:func:`combine`), by model, in plan order: with the
-            anchors', what the decision reads.
+        on_share (`Dict[str, dict]`): every record on the share, by model (its text, and
+            its prompts where they were evaluated).
+        rest (`Dict[str, dict]`): every record on the rest, by model (its prompts, and its
+            text where it was evaluated).
+        whole (`Dict[str, dict]`): every candidate evaluated on all of the rest, its record
+            on the whole selection data (:func:`combine`), by model, in plan order: with
+            the anchors', what the decision reads.
     """
 
     screening: Screening
     stages: List[List[str]]
+    prompt_stages: List[List[str]]
     rest_rounds: List[List[str]]
+    text_rounds: List[List[str]]
     rejected_leaders: List[str]
     on_share: Dict[str, dict]
     rest: Dict[str, dict]
     whole: Dict[str, dict]
 
 
+def one_metric(record: dict, metric: str) -> dict:
+    """``record`` with only ``metric`` (what eval gives when given only that metric's file)."""
+    out = {key: value for key, value in record.items() if key not in ("metrics", "items")}
+    out["metrics"] = {metric: record["metrics"][metric]}
+    return out
+
+
+def with_part(known: Optional[dict], record: dict) -> dict:
+    """A model's record on one part of the data holding the metrics of both records (the
+    text and the prompts, evaluated apart); ``seconds`` added."""
+    if known is None:
+        return record
+    if known.get("model") != record.get("model") or set(known["metrics"]) & set(record["metrics"]):
+        raise TradeoffError(f"{record.get('model')}: two records of the same metric on one part of "
+                            "the data, or of two models")
+    out = {**known, "metrics": {**known["metrics"], **record["metrics"]}}
+    out["seconds"] = float(known.get("seconds") or 0.0) + float(record.get("seconds") or 0.0)
+    return out
+
+
 def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share: ScreeningShare, *,
-                  evaluate_share: Callable[[List[Candidate]], Mapping[str, dict]],
-                  evaluate_rest: Callable[[List[Candidate]], Mapping[str, dict]],
+                  evaluate_share: Callable[[List[Candidate], str], Mapping[str, dict]],
+                  evaluate_rest: Callable[[List[Candidate], str], Mapping[str, dict]],
                   rule: Any = None) -> ScreeningRun:
-    """Screen ``plan`` round by round until nothing is left to evaluate: each round
-    evaluates on the share what :meth:`Screening.next_stage` names and on the rest what
-    :meth:`Screening.rest_stage` names, then the decision on all the selection data says
-    which survivors keep the task and qualify there, and :func:`screen` rules again with
-    that. So a line stops where two consecutive points are not shown to keep the task,
-    before its stronger points cost anything; a leader that does not qualify on
-    everything stops leading, and what it alone showed out is kept again (module
-    docstring, rules b and c, and the order of evaluation).
+    """Screen ``plan`` round by round until nothing is left to evaluate. Each round
+    evaluates the share's text of what :meth:`Screening.next_stage` names, then the
+    share's prompts of what :meth:`Screening.task_stage` names (what the text shows out
+    on repair needs none), then the rest's prompts of what :meth:`Screening.rest_stage`
+    names, and the rest's text of those of them the decision's own accuracy test on all
+    the selection prompts shows keep the task (the others cannot qualify, whatever their
+    repair); the decision on all the selection data then says which qualify, and
+    :func:`screen` rules again with all that. So a line stops where two consecutive
+    points are not shown to keep the task, before its stronger points cost anything; a
+    leader that does not qualify on everything stops leading, and what it alone showed
+    out is kept again (module docstring, rules a to c, and the order of evaluation).
+    Should nothing qualify, the survivors the prompts left undecided get their text too:
+    the decision then tells *undecided* from *no variant qualifies* as without screening.
 
     Args:
         plan (`Sequence[Candidate]`): every candidate, in plan order.
@@ -819,7 +921,8 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
             per-item values (cut to the share here, :func:`restrict`).
         share (`ScreeningShare`): the share (:func:`share_of` the fine-tune's record).
         evaluate_share, evaluate_rest (`Callable`): evaluate these candidates on the
-            share's (the rest's) prompts and documents; their records by model.
+            share's (the rest's) prompts (``metric`` the task metric) or documents (the
+            text metric); their records, holding that metric, by model.
         rule (`Rule`, *optional*): the decision's (the repair rule at its defaults).
 
     Returns:
@@ -832,44 +935,94 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
     base_share, ft_share = (restrict(r, share, screened=True) for r in (base, finetuned))
     files = {metric: {key: finetuned["metrics"][metric].get(key) for key in ("file", "sha256")}
              for metric in (TASK_METRIC, TEXT_METRIC)}
+    # the decision's own accuracy test (points._add_intervals), on the prompts alone
+    ft_task = _items(finetuned, TASK_METRIC)
+    correct_ft = [int(c) for c in ft_task["correct"]]
+    margin = ni.margin_for(rule.min_retention, float(finetuned["metrics"][TASK_METRIC]["accuracy"]))
     on_share: Dict[str, dict] = {}
     rest: Dict[str, dict] = {}
     whole: Dict[str, dict] = {}
     stages: List[List[str]] = []
+    prompt_stages: List[List[str]] = []
     rest_rounds: List[List[str]] = []
+    text_rounds: List[List[str]] = []
     on_whole: Dict[str, bool] = {}
+    whole_checks: Dict[str, ni.NonInferiority] = {}
     not_qualified: Tuple[str, ...] = ()
     leaders: List[Candidate] = []
+    qualified_any = False
+
+    def rescreen() -> Screening:
+        result = screen(plan, base_share, ft_share, on_share, min_retention=rule.min_retention,
+                        on_whole=on_whole, not_qualified=not_qualified)
+        if result.leader is not None and result.leader not in leaders:
+            leaders.append(result.leader)
+        return result
+
+    def on_the_share(candidates: List[Candidate], metric: str, log: List[List[str]]) -> None:
+        log.append([c.name for c in candidates])
+        records = evaluate_share(candidates, metric)
+        for c in candidates:
+            on_share[c.model] = with_part(on_share.get(c.model), records[c.model])
+
+    def text_on_the_rest(candidates: List[Candidate]) -> None:
+        nonlocal whole, not_qualified, qualified_any
+        text_rounds.append([c.name for c in candidates])
+        records = evaluate_rest(candidates, TEXT_METRIC)
+        for c in candidates:  # each combined once, as its rest arrives
+            rest[c.model] = with_part(rest[c.model], records[c.model])
+            whole[c.model] = combine(on_share[c.model], rest[c.model], share, files=files)
+        whole = {c.model: whole[c.model] for c in plan if c.model in whole}  # plan order
+        decision = compute_tradeoff([base, finetuned, *whole.values()], base=base["model"],
+                                    finetuned=finetuned["model"], rule=rule)
+        points = [p for p in decision.points if p.model in whole]
+        for p in points:  # the decision's accuracy test is the one screening applied
+            if (p.noninferiority.verdict == ni.QUALIFIES) != on_whole[p.model]:
+                raise TradeoffError(f"{p.name}: the decision's accuracy test and screening's "
+                                    "disagree on the same prompts; report this")
+        qualified_any = any(p.verdict in ("ok", "selected") for p in points)
+        # without a significant forgetting nothing qualifies, whoever leads: leaders stand
+        not_qualified = (tuple(p.model for p in points if p.verdict not in ("ok", "selected"))
+                         if decision.forgetting.significant else ())
+
+    screening = rescreen()
     while True:
-        screening = screen(plan, base_share, ft_share, on_share, min_retention=rule.min_retention,
-                           on_whole=on_whole, not_qualified=not_qualified)
-        if screening.leader is not None and screening.leader not in leaders:
-            leaders.append(screening.leader)
-        to_share, to_rest = screening.next_stage(), screening.rest_stage()
-        if not to_share and not to_rest:
-            break
+        progressed = False
+        to_share = screening.next_stage()
         if to_share:
-            stages.append([c.name for c in to_share])
-            records = evaluate_share(to_share)
-            on_share.update({c.model: records[c.model] for c in to_share})
+            on_the_share(to_share, TEXT_METRIC, stages)
+            screening, progressed = rescreen(), True
+        to_prompts = screening.task_stage()
+        if to_prompts:
+            on_the_share(to_prompts, TASK_METRIC, prompt_stages)
+            screening, progressed = rescreen(), True
+        to_rest = screening.rest_stage()
         if to_rest:
             rest_rounds.append([c.name for c in to_rest])
-            records = evaluate_rest(to_rest)
-            for c in to_rest:  # each combined once, as its rest arrives
+            records = evaluate_rest(to_rest, TASK_METRIC)
+            for c in to_rest:
                 rest[c.model] = records[c.model]
-                whole[c.model] = combine(on_share[c.model], rest[c.model], share, files=files)
-            whole = {c.model: whole[c.model] for c in plan if c.model in whole}  # plan order
-            decision = compute_tradeoff([base, finetuned, *whole.values()], base=base["model"],
-                                        finetuned=finetuned["model"], rule=rule)
-            points = [p for p in decision.points if p.model in whole]
-            on_whole = {p.model: p.noninferiority is not None and p.noninferiority.verdict == ni.QUALIFIES
-                        for p in points}
-            # without a significant forgetting nothing qualifies, whoever leads: leaders stand
-            not_qualified = (tuple(p.model for p in points if p.verdict not in ("ok", "selected"))
-                             if decision.forgetting.significant else ())
+                prompts = combine(one_metric(on_share[c.model], TASK_METRIC), rest[c.model], share)
+                whole_checks[c.model] = ni.noninferior(
+                    [int(x) for x in _items(prompts, TASK_METRIC)["correct"]], correct_ft, margin,
+                    groups=ft_task.get("group"))
+                on_whole[c.model] = whole_checks[c.model].verdict == ni.QUALIFIES
+            kept = [c for c in to_rest if on_whole[c.model]]
+            if kept:
+                text_on_the_rest(kept)
+            screening, progressed = rescreen(), True
+        if not progressed:
+            break
+    undecided = [c for c in plan if c.model in whole_checks and c.model not in whole
+                 and whole_checks[c.model].verdict == ni.UNDECIDED]
+    if not qualified_any and undecided:
+        text_on_the_rest(undecided)
+        screening = rescreen()
     # leaders that failed on everything, or were stopped on their line before reaching it
-    rejected = [c.name for c in leaders if c.model in set(not_qualified) or screening.verdict(c.model).rule == LINE]
-    return ScreeningRun(screening, stages, rest_rounds, rejected, on_share, rest, whole)
+    rejected = [c.name for c in leaders if c.model in set(not_qualified) or on_whole.get(c.model) is False
+                or screening.verdict(c.model).rule == LINE]
+    return ScreeningRun(screening, stages, prompt_stages, rest_rounds, text_rounds, rejected,
+                        on_share, rest, whole)
 
 
 __all__ = [
@@ -890,10 +1043,12 @@ __all__ = [
     "ScreeningShare",
     "Verdict",
     "combine",
+    "one_metric",
     "restrict",
     "run_screening",
     "screen",
     "screened_units",
     "screening_share",
     "share_of",
+    "with_part",
 ]

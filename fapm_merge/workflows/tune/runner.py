@@ -21,11 +21,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
 from fapm_merge.evaluation.results import append_result, read_results
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.io.atomic import atomic_output_dir
 from fapm_merge.io.recipe import RECIPE_FILE
 from fapm_merge.workflows.executors import Executor, ExecutorError, RayExecutor, SerialExecutor, TaskFailure
 from fapm_merge.workflows.tradeoff import CONTRADICTED, Tradeoff, compute_tradeoff, confirm
-from fapm_merge.workflows.tradeoff.screen import SCREEN_SEED, Candidate, restrict, run_screening, share_of
+from fapm_merge.workflows.tradeoff.screen import (
+    SCREEN_SEED,
+    Candidate,
+    one_metric,
+    restrict,
+    run_screening,
+    share_of,
+    with_part,
+)
 from fapm_merge.workflows.tune.card import model_card
 from fapm_merge.workflows.tune.checks import check_anchors, check_disk, check_eval_inputs
 from fapm_merge.workflows.tune.heldout import CONFIRM_FILE, check_resolvable, split_data
@@ -48,9 +57,8 @@ from fapm_merge.workflows.tune.screening import (
     write_share_data,
 )
 from fapm_merge.workflows.tune.workdir import (
-    REST_FILE,
     RESULTS_FILE,
-    SCREENING_FILE,
+    SCREENING_FILES,
     SCREENING_REPORT,
     evaluated_models,
     fingerprint,
@@ -236,8 +244,10 @@ def _screen_variants(executor: Executor, plan: TunePlan, work: Path, settings: T
 
     The anchors are not evaluated again: their whole records cut to the share
     (:func:`~fapm_merge.workflows.tradeoff.screen.restrict`) are what eval gives on the
-    share's files, which the first variant's record checks. A rerun replays the stages
-    from ``screening.jsonl`` and ``rest.jsonl`` and evaluates only what is missing.
+    share's files, which the first variant's record checks. Each part's text and prompts
+    are evaluated apart (a record each, holding one metric), as the screening asks for
+    them (:data:`~fapm_merge.workflows.tune.workdir.SCREENING_FILES`). A rerun replays the
+    stages from those files and evaluates only what is missing.
     """
     anchors = {r["model"]: r for r in read_results(results, with_items=True)}
     base, finetuned = anchors[str(plan.base)], anchors[str(plan.finetuned)]
@@ -246,38 +256,51 @@ def _screen_variants(executor: Executor, plan: TunePlan, work: Path, settings: T
     if reason is not None:
         return reason
     data = write_share_data(work, settings, share)
-    on_share, on_rest = replace(settings, eval=data.share), replace(settings, eval=data.rest)
+    # one metric per evaluation: screening asks for a part's text and its prompts apart
+    part_settings = {(part, metric): replace(settings, eval=replace(
+                         evaluation, **{"task" if metric == TEXT_METRIC else "text": None}))
+                     for part, evaluation in (("screen", data.share), ("rest", data.rest))
+                     for metric in (TASK_METRIC, TEXT_METRIC)}
     ft_share = restrict(finetuned, share, screened=True)
     by_model = {str(variant_dir(work, v)): v for v in plan.variants}
     candidates = [Candidate.of(model, v.name, v.recipe) for model, v in by_model.items()]
     stage = functools.partial(_run_jobs, executor, work=work, plan=plan, copy_tokenizer=copy_tokenizer,
                               recipe=recipe, progress=progress)
 
-    def stored(file: Path) -> dict:
-        return ({r["model"]: r for r in read_results(file, TuneError, with_items=True) if r["model"] in by_model}
-                if file.exists() else {})
+    def stored(part: str) -> dict:
+        """The records on ``part`` a rerun finds, by model: its text's and its prompts', as one."""
+        known: dict = {}
+        for metric in (TEXT_METRIC, TASK_METRIC):
+            file = work / SCREENING_FILES[part, metric]
+            for record in read_results(file, TuneError, with_items=True) if file.exists() else []:
+                if record["model"] in by_model:
+                    known[record["model"]] = with_part(known.get(record["model"]), record)
+        return known
 
-    share_file, rest_file = work / SCREENING_FILE, work / REST_FILE
-    on_file, rest_on_file = stored(share_file), stored(rest_file)
-    found = {"screen": set(on_file), "rest": set(rest_on_file)}  # what a rerun finds done
+    on_file, rest_on_file = stored("screen"), stored("rest")
+    found = {part: {model: set(record["metrics"]) for model, record in known.items()}  # what a rerun finds done
+             for part, known in (("screen", on_file), ("rest", rest_on_file))}
     counts = {"evaluated": 0, "screen": 0, "rest": 0}
 
-    def evaluate(part: str, file: Path, known: dict, part_settings: TuneSettings, wanted: List[Candidate]) -> dict:
-        """Evaluate what a rerun does not find in ``file`` (the runs replay the same stages)."""
-        missing = [by_model[c.model] for c in wanted if c.model not in known]
-        total = len(candidates) if part == "screen" else counts[part] + len(wanted)
+    def evaluate(part: str, known: dict, wanted: List[Candidate], metric: str) -> dict:
+        """Evaluate ``metric`` on ``part`` for what a rerun does not find (the runs replay
+        the same stages)."""
+        missing = [by_model[c.model] for c in wanted
+                   if metric not in (known.get(c.model) or {}).get("metrics", {})]
+        total = counts[part] + len(wanted)
         for record in stage(part, _variant_jobs(missing, executor, work, settings),
-                            counts[part] + len(wanted) - len(missing), total, settings=part_settings, results=file):
+                            total - len(missing), total, settings=part_settings[part, metric],
+                            results=work / SCREENING_FILES[part, metric]):
             if part == "screen":
                 check_share_record(record, ft_share)
-            known[record["model"]] = record
+            known[record["model"]] = with_part(known.get(record["model"]), record)
             counts["evaluated"] += 1
         counts[part] += len(wanted)
-        return {c.model: known[c.model] for c in wanted}
+        return {c.model: one_metric(known[c.model], metric) for c in wanted}
 
     run = run_screening(candidates, base, finetuned, share, rule=settings.rule,
-                        evaluate_share=functools.partial(evaluate, "screen", share_file, on_file, on_share),
-                        evaluate_rest=functools.partial(evaluate, "rest", rest_file, rest_on_file, on_rest))
+                        evaluate_share=functools.partial(evaluate, "screen", on_file),
+                        evaluate_rest=functools.partial(evaluate, "rest", rest_on_file))
     screening = run.screening
     progress("screen", len(candidates), len(candidates),
              f"{len(run.rest)} of {len(candidates)} went on to the rest")
@@ -286,10 +309,10 @@ def _screen_variants(executor: Executor, plan: TunePlan, work: Path, settings: T
         if model not in combined:
             append_result(results, record)
     line = summary_line(screening, settings.screen_share, len(run.rest))
-    document = report(screening, settings, data, run.stages, run.on_share, run.rest,
-                      cost(finetuned), cost(ft_share), line, run.rest_rounds,
-                      run.rejected_leaders)
-    reused = len(found["screen"] & set(run.on_share)) + len(found["rest"] & set(run.rest))
+    document = report(screening, settings, data, run, cost(finetuned), cost(ft_share), line)
+    reused = sum(len(found[part].get(model, set()) & set(record["metrics"]))  # evaluations, as counted
+                 for part, records in (("screen", run.on_share), ("rest", run.rest))
+                 for model, record in records.items())
     return _Screened(counts["evaluated"], reused, document)
 
 

@@ -22,6 +22,7 @@ from fapm_merge.workflows.tradeoff.screen import (
     REPAIR,
     SCREEN_SEED,
     Screening,
+    ScreeningRun,
     ScreeningShare,
 )
 from fapm_merge.workflows.tune.plan import TuneError, TuneSettings
@@ -32,11 +33,13 @@ of their own: the held-out split replaces ``data/`` whole)."""
 
 
 def cost(record: dict) -> Dict[str, int]:
-    """What an evaluation forwarded: its prompts and its windows' predicted tokens (the
-    records hold no prompt or choice tokens; ``benchmarks/bench_screening.py`` counts with it too)."""
+    """What an evaluation forwarded: its prompts and its windows' predicted tokens, 0 for
+    a metric it did not hold (screening evaluates them apart; the records hold no prompt
+    or choice tokens; ``benchmarks/bench_screening.py`` counts with it too)."""
     metrics = record["metrics"]
-    return {"prompts": len(metrics[TASK_METRIC][PER_ITEM]["correct"]),
-            "window_tokens": sum(metrics[TEXT_METRIC][PER_ITEM]["window_tokens"])}
+    return {"prompts": len(metrics[TASK_METRIC][PER_ITEM]["correct"]) if TASK_METRIC in metrics else 0,
+            "window_tokens": (sum(metrics[TEXT_METRIC][PER_ITEM]["window_tokens"])
+                              if TEXT_METRIC in metrics else 0)}
 
 
 def _total(costs: Sequence[Mapping[str, int]]) -> Dict[str, int]:
@@ -75,15 +78,18 @@ def too_small(share: ScreeningShare) -> Optional[str]:
 
 
 def check_share_record(record: dict, expected: dict) -> None:
-    """A variant's record on the share file must hold the prompts and windows the whole
-    record's cut to the share holds (:func:`~fapm_merge.workflows.tradeoff.screen.restrict`
-    of the fine-tune's), else its verdict would compare other data (raises TuneError)."""
-    mine = record["metrics"][TEXT_METRIC][PER_ITEM]
-    theirs = expected["metrics"][TEXT_METRIC][PER_ITEM]
-    same = (len(record["metrics"][TASK_METRIC][PER_ITEM]["correct"])
-            == len(expected["metrics"][TASK_METRIC][PER_ITEM]["correct"])
-            and list(mine["window_tokens"]) == list(theirs["window_tokens"])
-            and list(mine.get("window_document") or []) == list(theirs.get("window_document") or []))
+    """A variant's record on the share's files (its prompts, its text or both) must hold
+    the prompts and windows the whole record's cut to the share holds
+    (:func:`~fapm_merge.workflows.tradeoff.screen.restrict` of the fine-tune's), else its
+    verdict would compare other data (raises TuneError)."""
+    metrics, theirs = record["metrics"], expected["metrics"]
+    same = True
+    if TASK_METRIC in metrics:
+        same = len(metrics[TASK_METRIC][PER_ITEM]["correct"]) == len(theirs[TASK_METRIC][PER_ITEM]["correct"])
+    if TEXT_METRIC in metrics:
+        mine, text = metrics[TEXT_METRIC][PER_ITEM], theirs[TEXT_METRIC][PER_ITEM]
+        same = (same and list(mine["window_tokens"]) == list(text["window_tokens"])
+                and list(mine.get("window_document") or []) == list(text.get("window_document") or []))
     if not same:
         raise TuneError(f"{record.get('model')}: evaluated on the screening share's files, it measured "
                         "other prompts or windows than the share of the whole selection data holds; "
@@ -104,13 +110,13 @@ def skipped_line(reason: str) -> str:
     return f"screening {reason}; every candidate is evaluated on all the selection data"
 
 
-def report(screening: Screening, settings: TuneSettings, data: ShareData, stages: List[List[str]],
-           share_records: Mapping[str, dict], rest_records: Mapping[str, dict],
-           anchor_cost: Mapping[str, int], share_cost: Mapping[str, int], line: str,
-           rest_rounds: List[List[str]], rejected_leaders: List[str]) -> dict:
-    """``screening.json``: the plan with each candidate's verdict and cost, the stages,
-    the level, and the evaluation screened against what every candidate on everything
-    would have forwarded (the anchors, evaluated on everything either way, counted in both)."""
+def report(screening: Screening, settings: TuneSettings, data: ShareData, run: ScreeningRun,
+           anchor_cost: Mapping[str, int], share_cost: Mapping[str, int], line: str) -> dict:
+    """``screening.json``: the plan with each candidate's verdict and cost (its text and
+    prompts on the share and on the rest, as far as they were evaluated), the stages, the
+    level, and the evaluation screened against what every candidate on everything would
+    have forwarded (the anchors, evaluated on everything either way, counted in both)."""
+    share_records, rest_records = run.on_share, run.rest
     candidates = []
     for verdict in screening.verdicts:
         model = verdict.candidate.model
@@ -125,9 +131,11 @@ def report(screening: Screening, settings: TuneSettings, data: ShareData, stages
             part: {"task": str(evaluation.task), "text": str(evaluation.text)}
             for part, evaluation in (("share", data.share), ("rest", data.rest))}},
         **screening.to_json(),
-        "stages": stages,
-        "rest_rounds": rest_rounds,
-        "rejected_leaders": rejected_leaders,
+        "stages": run.stages,
+        "prompt_stages": run.prompt_stages,
+        "rest_rounds": run.rest_rounds,
+        "text_rounds": run.text_rounds,
+        "rejected_leaders": run.rejected_leaders,
         "kept": [c.name for c in screening.kept()],
         "candidates": candidates,
         "cost": {"units": "prompts and window tokens forwarded (base and fine-tune included)",
@@ -153,11 +161,13 @@ def card_lines(document: Optional[dict]) -> List[str]:
             "held only once the leader qualified on all the selection data"
             + (f"; rejected as leader there: {', '.join(document['rejected_leaders'])}"
                if document.get("rejected_leaders") else "")
-            + "), or beyond two points of its line not shown to keep the task (each line was "
-            "screened mildest first as far as that rule allowed, and its strongest survivor went to "
-            "the rest first, the likeliest leader before the others). The survivors' "
-            "records on the rest and on the share make their records on the whole selection data, "
-            "on which the rule decided.", "",
+            + "), its accuracy not shown within the margin on all the selection prompts (then it "
+            "cannot qualify, and the rest of the text was not spent on it), or beyond two points of "
+            "its line not shown to keep the task (each line was screened mildest first as far as "
+            "that rule allowed, and its strongest survivor went to the rest first, the likeliest "
+            "leader before the others). On each part the text came first and the prompts only where "
+            "the text did not show the candidate out. The survivors' records on the rest and on the "
+            "share make their records on the whole selection data, on which the rule decided.", "",
             f"Evaluation forwarded: {spent['prompts']} prompts and {spent['window_tokens']} window "
             f"tokens, against {whole['prompts']} and {whole['window_tokens']} without screening "
             "(every verdict: `screening.json` in the work folder; `--no-screen` evaluates every "

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fapm_merge.evaluation.results import data_digest, file_digest, read_results
+from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.workflows.tradeoff.screen import SCREEN_SEED
 from fapm_merge.workflows.tune.plan import TuneError, TunePlan, TuneSettings, screening_off
 
@@ -22,8 +23,11 @@ RESULTS_FILE = "results.jsonl"
 """The records the decision reads: the anchors' and, screened, each survivor's record on
 the whole selection data (combined from its two parts)."""
 
-SCREENING_FILE, REST_FILE = "screening.jsonl", "rest.jsonl"
-"""Screened: the variants' records on the screening share, and the survivors' on the rest."""
+SCREENING_FILES = {("screen", TEXT_METRIC): "screening-text.jsonl", ("screen", TASK_METRIC): "screening-task.jsonl",
+                   ("rest", TASK_METRIC): "rest-task.jsonl", ("rest", TEXT_METRIC): "rest-text.jsonl"}
+"""Screened: the variants' records on the screening share and the survivors' on the rest,
+one file per part and metric (by ``(part, metric)``): screening evaluates a part's text
+and its prompts apart, and a results file keeps one record per model."""
 
 SCREENING_REPORT = "screening.json"
 """Screened: the plan, each variant's verdict and the evaluation it cost, the stages."""
@@ -100,4 +104,4 @@ def evaluated_models(results: Path) -> set:
                         "evaluated again) or pass --restart") from None
 
 
-__all__ = ["PLAN_FILE", "REST_FILE", "RESULTS_FILE", "SCREENING_FILE", "SCREENING_REPORT", "evaluated_models", "fingerprint", "open_work"]
+__all__ = ["PLAN_FILE", "RESULTS_FILE", "SCREENING_FILES", "SCREENING_REPORT", "evaluated_models", "fingerprint", "open_work"]
