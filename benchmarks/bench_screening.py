@@ -109,7 +109,9 @@ def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str
         "exhaustive": {"pick": _pick(exhaustive), "outcome": exhaustive.outcome,
                        "evaluated": len(plan), **exhaustive_cost},
         "screened": {"pick": _pick(screened), "outcome": screened.outcome,
-                     "evaluated_on_share": len(run.on_share), "survivors": len(run.rest),
+                     "evaluated_on_share": len(run.on_share),
+                     "prompts_on_share": sum(len(stage) for stage in run.prompt_stages),
+                     "survivors": len(run.rest), "text_on_rest": sum(len(r) for r in run.text_rounds),
                      **screened_cost},
         "agree": _pick(exhaustive) == _pick(screened),
         "screening": run.screening.to_json(),
@@ -121,7 +123,8 @@ def table(summary: dict) -> str:
     a, b = summary["exhaustive"], summary["screened"]
     rows = [("", "exhaustive", "screened"),
             ("candidates evaluated", f"{a['evaluated']} on all",
-             f"{b['evaluated_on_share']} on the share, {b['survivors']} on the rest"),
+             f"{b['evaluated_on_share']} on the share ({b['prompts_on_share']} on its prompts), "
+             f"{b['survivors']} on the rest ({b['text_on_rest']} on its text)"),
             ("prompts forwarded", f"{a['prompts']}", f"{b['prompts']} ({b['prompts'] / a['prompts']:.0%})"),
             ("window tokens forwarded", f"{a['window_tokens']}",
              f"{b['window_tokens']} ({b['window_tokens'] / a['window_tokens']:.0%})"),

@@ -359,11 +359,14 @@ def family_tables(res: Path, min_retention: float) -> str:
                 f"{sc['prompts']:,} | {sc['window_tokens']:,} |", "",
                 f"Screened and exhaustive picks {'agree' if screened['agree'] else 'DIFFER'}; the screening "
                 f"share was {screened['share']['prompts']} prompts and {screened['share']['window_tokens']:,} "
-                f"window tokens, {sc['evaluated_on_share']} candidates were screened on it and "
-                f"{sc['survivors']} evaluated on the rest in {len(screened['rest_rounds'])} rounds "
-                f"(one-sided {screened['share']['confidence']:.0%} per test"
+                f"window tokens, {sc['evaluated_on_share']} candidates were screened on its text "
+                f"({sc['prompts_on_share']} of them on its prompts too, the others out on repair by "
+                f"their text) and {sc['survivors']} evaluated on the rest's prompts in "
+                f"{len(screened['rest_rounds'])} rounds, {sc['text_on_rest']} of them on its text too "
+                "(the others not shown to keep the task on all the prompts); "
+                f"one-sided {screened['share']['confidence']:.0%} per test"
                 + (f"; leaders that did not qualify on everything: {', '.join(screened['rejected_leaders'])}"
-                   if screened["rejected_leaders"] else "") + "); against today's grid: "
+                   if screened["rejected_leaders"] else "") + "; against today's grid: "
                 f"{sc['prompts'] / grid_cost['prompts']:.2f}x its prompts, "
                 f"{sc['window_tokens'] / grid_cost['window_tokens']:.2f}x its window tokens.", ""]
         # the best qualifying point of each method (the rule's own order: largest CF cut)
