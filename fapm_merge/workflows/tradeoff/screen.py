@@ -669,12 +669,14 @@ def screen(plan: Sequence[Candidate], base: dict, finetuned: dict, evaluated: Ma
         base, finetuned (`dict`): the anchors' records on the screening share, with
             per-item values (the base is not compared with: only checked to be paired).
         evaluated (`Mapping[str, dict]`): the records on the screening share of the
-            candidates evaluated so far, by ``Candidate.model``.
+            candidates evaluated so far, by ``Candidate.model``: the text's, with the
+            prompts' once those are evaluated (a record without them may go out on
+            repair, rule b, and otherwise waits for them: :meth:`Screening.task_stage`).
         min_retention (`float`, defaults to 0.99): the repair rule's, which sets the margin.
         on_whole (`Mapping[str, bool]`, defaults to none): the candidates evaluated on all
-            the selection data (share and rest), by model: whether the decision's own
-            non-inferiority test shows there that it keeps the task (rule c; one shown
-            there may lead, rule b).
+            the selection prompts (share and rest), by model: whether the decision's own
+            non-inferiority test shows there that it keeps the task (one it does not is
+            out, rule a, and counts for rule c; one it does may lead, rule b).
         not_qualified (`Collection[str]`, defaults to none): models the decision on the
             whole selection data did not qualify; none of them may lead (rule b).
 
