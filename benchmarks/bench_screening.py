@@ -2,6 +2,7 @@
 
     python benchmarks/bench_screening.py RESULTS [--base PATH] [--finetuned PATH]
         [--min-retention 0.99] [--min-repair 0.1] [--share 0.3] [--seed 0] [--json FILE]
+        [--task FILE --tokenizer DIR]
 
 RESULTS is a results file of ``fapm-merge eval`` with its items file beside it (e.g. the
 replication's ``experiments/work/results/main.jsonl`` or a tune work folder's
@@ -22,7 +23,10 @@ agree. **Units**: the records do not hold the tokens of prompts and answer choic
 the task's cost is counted in *prompts* (each forwards its prompt with every choice, or
 decodes its answer) and the text's in *window tokens* (the predicted tokens of the
 windows, from the records). The base and the fine-tune are evaluated on everything in
-both (on the share, then on the rest, when screened).
+both (on the share, then on the rest, when screened). Given the task file the records
+were measured on (checked by its SHA-256) and the tokenizer, ``--task`` and
+``--tokenizer`` count the task's forwarded tokens too, exactly as eval forwards them
+(:func:`prompt_tokens`), and print the tokens forwarded in all, prompts and windows.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from fapm_merge.evaluation.results import PER_ITEM
+from fapm_merge.evaluation.results import PER_ITEM, file_digest
 from fapm_merge.evaluation.settings import TASK_METRIC, TEXT_METRIC
 from fapm_merge.workflows.tradeoff import Rule, compute_tradeoff, read_results
 from fapm_merge.workflows.tradeoff.rules import MIN_REPAIR, MIN_RETENTION
@@ -58,9 +62,30 @@ def _pick(result) -> Optional[str]:
     return result.selected.name if result.selected is not None else None
 
 
+def prompt_tokens(task: Path, tokenizer: str, bos: bool) -> List[int]:
+    """The tokens eval forwards for each prompt of ``task``, in file order, as
+    :func:`fapm_merge.evaluation.metrics.task_accuracy` scores it: the prompt (with BOS
+    where the records applied it) once with each answer choice, or once and then the
+    greedy answer's steps after the first, one token each."""
+    from fapm_merge.evaluation.inputs import load_task
+    from fapm_merge.evaluation.metrics import load_tokenizer
+
+    encoder = load_tokenizer(tokenizer, Path(tokenizer))
+    head = 1 if bos and encoder.bos_token_id is not None else 0
+    counts = []
+    for item in load_task(task):
+        prompt = head + len(encoder.encode(item["prompt"]))
+        if "choices" in item:
+            counts.append(sum(prompt + len(encoder.encode(choice)) for choice in item["choices"]))
+        else:
+            counts.append(prompt + max(len(encoder.encode(item["answer"])) - 1, 0))
+    return counts
+
+
 def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str] = None,
            min_retention: float = MIN_RETENTION, min_repair: float = MIN_REPAIR,
-           share: float = SCREEN_SHARE, seed: int = SCREEN_SEED) -> dict:
+           share: float = SCREEN_SHARE, seed: int = SCREEN_SEED,
+           task: Optional[Path] = None, tokenizer: Optional[str] = None) -> dict:
     """Both decisions and their cost (module docstring); a JSON-ready dict."""
     records = read_results(results)
     rule = Rule(min_retention=min_retention, min_repair=min_repair)
@@ -95,6 +120,22 @@ def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str
     _add(screened_cost, whole_cost, 2)  # the anchors, on everything either way
     for record in [*run.on_share.values(), *run.rest.values()]:  # each holds what was forwarded
         _add(screened_cost, cost(record))
+    if task is not None:  # the task's tokens: a part's prompts, each as often as it was evaluated
+        digest = ft_record["metrics"][TASK_METRIC].get("sha256")
+        if file_digest(task) != digest:
+            raise SystemExit(f"{task} is not the task file these records were measured on "
+                             f"(its SHA-256 differs from the records' {digest})")
+        per_prompt = prompt_tokens(task, tokenizer, bool((ft_record.get("settings") or {}).get("bos")))
+        if len(per_prompt) != cut.prompt_count:
+            raise SystemExit(f"{task} holds {len(per_prompt)} prompts, the records {cut.prompt_count}")
+        on_share_prompts = sum(per_prompt[i] for i in cut.part(True)[0])
+        evaluations = {"share": sum(TASK_METRIC in r["metrics"] for r in run.on_share.values()),
+                       "rest": sum(TASK_METRIC in r["metrics"] for r in run.rest.values())}
+        exhaustive_cost["task_tokens"] = len(records) * sum(per_prompt)
+        screened_cost["task_tokens"] = (2 * sum(per_prompt) + evaluations["share"] * on_share_prompts
+                                        + evaluations["rest"] * (sum(per_prompt) - on_share_prompts))
+        for side in (exhaustive_cost, screened_cost):
+            side["tokens"] = side["task_tokens"] + side["window_tokens"]
     return {
         "results": str(results),
         "units": "prompts (prompt and choice tokens are not in the records) and window tokens",
@@ -128,6 +169,10 @@ def table(summary: dict) -> str:
             ("prompts forwarded", f"{a['prompts']}", f"{b['prompts']} ({b['prompts'] / a['prompts']:.0%})"),
             ("window tokens forwarded", f"{a['window_tokens']}",
              f"{b['window_tokens']} ({b['window_tokens'] / a['window_tokens']:.0%})"),
+            *([("task tokens forwarded", f"{a['task_tokens']}",
+                f"{b['task_tokens']} ({b['task_tokens'] / a['task_tokens']:.0%})"),
+               ("tokens forwarded in all", f"{a['tokens']}", f"{b['tokens']} ({b['tokens'] / a['tokens']:.0%})")]
+              if "tokens" in a else []),
             ("pick", str(a["pick"]), str(b["pick"])),
             ("outcome", a["outcome"], b["outcome"])]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
@@ -151,10 +196,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--share", type=float, default=SCREEN_SHARE, help="the screening share")
     parser.add_argument("--seed", type=int, default=SCREEN_SEED, help="the screening share's seed")
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument("--task", type=Path, help="the task file the records were measured on: "
+                        "count its forwarded tokens too (with --tokenizer)")
+    parser.add_argument("--tokenizer", help="the tokenizer eval used (a folder), for --task")
     args = parser.parse_args(argv)
+    if (args.task is None) != (args.tokenizer is None):
+        parser.error("--task and --tokenizer go together")
     summary = replay(args.results, base=args.base, finetuned=args.finetuned,
                      min_retention=args.min_retention, min_repair=args.min_repair,
-                     share=args.share, seed=args.seed)
+                     share=args.share, seed=args.seed, task=args.task, tokenizer=args.tokenizer)
     print(table(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

@@ -401,6 +401,25 @@ def test_the_benchmark_replays_both_decisions_from_a_results_file(tmp_path):
     assert "prompts (prompt and choice tokens are not in the records)" in run.stdout
 
 
+def test_the_benchmark_counts_the_tasks_forwarded_tokens_as_eval_forwards_them(tmp_path):
+    """--task/--tokenizer: each prompt once per choice with that choice, or once with the
+    greedy answer's steps after the first; a task file other than the records' is refused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_screening
+
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"prompt": "abc", "answer": " yes"}) + "\n"
+                    + json.dumps({"prompt": "hello", "choices": [" a", " bb"], "answer": 1}) + "\n")
+    # bytes: " yes" is 4 steps, 3 after the first; the choices 2 and 3 bytes after 5
+    assert bench_screening.prompt_tokens(task, "bytes", bos=False) == [3 + 3, (5 + 2) + (5 + 3)]
+    results = tmp_path / "results.jsonl"
+    write_sweep(results)
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_screening.py"), str(results),
+                          "--min-retention", "0.9", "--task", str(task), "--tokenizer", "bytes"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode != 0 and "is not the task file these records were measured on" in run.stderr
+
+
 def test_records_of_an_older_eval_without_documents_round_trip_as_one_text():
     """Regression: tune work folders written before documents were kept have no
     ``window_document``; the replay stopped on a KeyError."""
