@@ -63,23 +63,14 @@ def _pick(result) -> Optional[str]:
 
 
 def prompt_tokens(task: Path, tokenizer: str, bos: bool) -> List[int]:
-    """The tokens eval forwards for each prompt of ``task``, in file order, as
-    :func:`fapm_merge.evaluation.metrics.task_accuracy` scores it: the prompt (with BOS
-    where the records applied it) once with each answer choice, or once and then the
-    greedy answer's steps after the first, one token each."""
+    """The tokens eval forwards for each prompt of ``task``, in file order
+    (:func:`fapm_merge.evaluation.metrics.task_inputs`, BOS where the records applied it)."""
     from fapm_merge.evaluation.inputs import load_task
-    from fapm_merge.evaluation.metrics import load_tokenizer
+    from fapm_merge.evaluation.metrics import forwarded_tokens, load_tokenizer, task_inputs
 
-    encoder = load_tokenizer(tokenizer, Path(tokenizer))
-    head = 1 if bos and encoder.bos_token_id is not None else 0
-    counts = []
-    for item in load_task(task):
-        prompt = head + len(encoder.encode(item["prompt"]))
-        if "choices" in item:
-            counts.append(sum(prompt + len(encoder.encode(choice)) for choice in item["choices"]))
-        else:
-            counts.append(prompt + max(len(encoder.encode(item["answer"])) - 1, 0))
-    return counts
+    prompts, continuations = task_inputs(load_tokenizer(tokenizer, Path(tokenizer)), load_task(task),
+                                         use_bos=bos)
+    return [forwarded_tokens(p, c) for p, c in zip(prompts, continuations)]
 
 
 def replay(results: Path, *, base: Optional[str] = None, finetuned: Optional[str] = None,

@@ -425,6 +425,25 @@ def greedy_continuation(model, prompt_ids: List[int], steps: int) -> List[int]:
     return generated
 
 
+def task_inputs(tokenizer, items: List[dict], *, use_bos: bool = True) -> Tuple[List[List[int]], List[Any]]:
+    """What :func:`task_accuracy` forwards for each example: its prompt's ids (BOS first
+    when asked and the tokenizer has one) and its continuations, the choices' ids (each
+    forwarded after the prompt) or, for an exact-match answer, the greedy steps (its
+    length in tokens: the prompt once, then one token per step after the first)."""
+    bos = _bos(tokenizer, use_bos)
+    prompts = [bos + tokenizer.encode(item["prompt"]) for item in items]
+    continuations = [[tokenizer.encode(choice) for choice in item["choices"]] if "choices" in item
+                     else len(tokenizer.encode(item["answer"])) for item in items]
+    return prompts, continuations
+
+
+def forwarded_tokens(prompt: List[int], continuation: Any) -> int:
+    """Tokens :func:`task_accuracy` forwards for one example of :func:`task_inputs`."""
+    if isinstance(continuation, int):
+        return len(prompt) + max(continuation - 1, 0)
+    return sum(len(prompt) + len(choice) for choice in continuation)
+
+
 def task_accuracy(model, tokenizer, items: List[dict], *, use_bos: bool = True) -> Dict[str, Any]:
     """Accuracy on the examples of :func:`fapm_merge.evaluation.inputs.load_task` (exact
     match or log-likelihood).
@@ -433,16 +452,13 @@ def task_accuracy(model, tokenizer, items: List[dict], *, use_bos: bool = True) 
     gains ``group``, each prompt's group (a string) in file order; without groups
     neither key is there.
     """
-    bos = _bos(tokenizer, use_bos)
     correct = {"generate": 0, "choices": 0}
     seen = {"generate": 0, "choices": 0}
     # tokenize here, in this thread: a transformers fast tokenizer used from several
     # threads at once can fail ("Already borrowed")
-    prompts = [bos + tokenizer.encode(item["prompt"]) for item in items]
+    prompts, continuations = task_inputs(tokenizer, items, use_bos=use_bos)
     if not all(prompts):
         raise EvalInputError("an empty prompt without BOS cannot be scored; add BOS or text")
-    continuations = [[tokenizer.encode(choice) for choice in item["choices"]] if "choices" in item
-                     else len(tokenizer.encode(item["answer"])) for item in items]
 
     def score(index: int):
         """The chosen choice's index, or the generated token ids."""
@@ -491,6 +507,8 @@ __all__ = [
     "mean_token_loss",
     "sequence_logprobs",
     "task_accuracy",
+    "task_inputs",
+    "forwarded_tokens",
     "document_windows",
     "text_windows",
     "tokenized_documents",

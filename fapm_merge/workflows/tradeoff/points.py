@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fapm_merge.core.rules import FAPM_LORA
 from fapm_merge.evaluation import noninferiority as ni
@@ -260,7 +260,6 @@ def _add_intervals(result: Tradeoff, records: Dict[str, dict]) -> None:
     groups = result.window_groups
     result.forgetting = stats.forgetting(ft_text["window_loss"], base_text["window_loss"], tokens,
                                          groups=groups)
-    correct_ft = [int(c) for c in ft_task["correct"]]
     discordances, effects = [], []
     for point in result.points:
         task, text = items[point.model]
@@ -270,9 +269,7 @@ def _add_intervals(result: Tradeoff, records: Dict[str, dict]) -> None:
                 text["window_loss"], base_text["window_loss"], tokens, groups=groups).map(stats.cf_percent))
         if point is ft:
             continue
-        correct = [int(c) for c in task["correct"]]
-        point.noninferiority = ni.noninferior(correct, correct_ft, result.margin,
-                                              groups=result.prompt_groups)
+        point.noninferiority = accuracy_test(task["correct"], ft_task, result.margin)
         point.accuracy_vs_ft = point.noninferiority.difference
         if point is not base:
             discordances.append(point.noninferiority.discordance)
@@ -287,7 +284,15 @@ def _add_intervals(result: Tradeoff, records: Dict[str, dict]) -> None:
         # the fine-tune against itself has no spread, so its design effect would be 1:
         # the variants' own (1 without groups) say how much the groups cost
         result.resolvable_margin = ni.resolvable_margin(
-            max(1, int(len(correct_ft) / float(np.median(effects)))), float(np.median(discordances)))
+            max(1, int(len(ft_task["correct"]) / float(np.median(effects)))), float(np.median(discordances)))
+
+
+def accuracy_test(correct: Sequence, finetuned_items: dict, margin: float) -> ni.NonInferiority:
+    """The decision's accuracy test: a variant's per-prompt outcomes (``"1"``/``"0"`` or
+    1/0) non-inferior to the fine-tune's at ``margin`` (its task metric's per-item values,
+    resampled by their ``group`` when there are groups), one-sided 95%."""
+    return ni.noninferior([int(c) for c in correct], [int(c) for c in finetuned_items["correct"]], margin,
+                          groups=list(finetuned_items["group"]) if finetuned_items.get("group") else None)
 
 
 def compute_tradeoff(

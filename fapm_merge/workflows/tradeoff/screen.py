@@ -930,16 +930,15 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
     Returns:
         `ScreeningRun`.
     """
-    from fapm_merge.workflows.tradeoff.points import compute_tradeoff
+    from fapm_merge.workflows.tradeoff.points import accuracy_test, compute_tradeoff
     from fapm_merge.workflows.tradeoff.rules import Rule
 
     rule = rule if rule is not None else Rule()
     base_share, ft_share = (restrict(r, share, screened=True) for r in (base, finetuned))
     files = {metric: {key: finetuned["metrics"][metric].get(key) for key in ("file", "sha256")}
              for metric in (TASK_METRIC, TEXT_METRIC)}
-    # the decision's own accuracy test (points._add_intervals), on the prompts alone
+    # the decision's own accuracy test, on the prompts alone
     ft_task = _items(finetuned, TASK_METRIC)
-    correct_ft = [int(c) for c in ft_task["correct"]]
     margin = ni.margin_for(rule.min_retention, float(finetuned["metrics"][TASK_METRIC]["accuracy"]))
     on_share: Dict[str, dict] = {}
     rest: Dict[str, dict] = {}
@@ -1005,9 +1004,7 @@ def run_screening(plan: Sequence[Candidate], base: dict, finetuned: dict, share:
             for c in to_rest:
                 rest[c.model] = records[c.model]
                 prompts = combine(one_metric(on_share[c.model], TASK_METRIC), rest[c.model], share)
-                whole_checks[c.model] = ni.noninferior(
-                    [int(x) for x in _items(prompts, TASK_METRIC)["correct"]], correct_ft, margin,
-                    groups=ft_task.get("group"))
+                whole_checks[c.model] = accuracy_test(_items(prompts, TASK_METRIC)["correct"], ft_task, margin)
                 on_whole[c.model] = whole_checks[c.model].verdict == ni.QUALIFIES
             kept = [c for c in to_rest if on_whole[c.model]]
             if kept:
